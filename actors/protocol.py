@@ -1,0 +1,200 @@
+"""The wire protocol: every message an actor sends, as msgspec tagged unions.
+
+One union per inbox (socket direction), one typed decoder per inbox; decoding is strict, so
+an unknown tag or a wrong type is rejected (and counted) without harming the actor.
+No pickle anywhere. Token ids travel as `list[int]`; tensors never go on the wire.
+Structs marked `array_like=True` are per-step hot messages: append fields, never reorder.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from model_runner.sampling_params import SamplingParams
+from model_runner.step_input import StepInput, StepOutput
+
+
+class _Message(msgspec.Struct, frozen=True, kw_only=True, tag=True, tag_field="msg"):
+    """Base of every message on the wire: tagged with its class name."""
+
+
+# --- api -> tokenizer -------------------------------------------------------------------
+
+
+class GenerateRequest(_Message, kw_only=True):
+    """A request as the API accepted it: a prompt text or token ids, never both."""
+
+    request_id: str
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    add_special_tokens: bool = True
+    sampling: SamplingParams
+    cache_salt: str | None = None
+    arrival_time: float
+
+
+# --- tokenizer -> scheduler, api -> scheduler, detokenizer -> scheduler -----------------
+
+
+class TokenizedRequest(_Message, kw_only=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    cache_salt: str | None = None
+    arrival_time: float
+
+
+class Abort(_Message, kw_only=True):
+    """Stop a request (index None: every sample) and free its blocks within a step."""
+
+    request_id: str
+    index: int | None = None
+    reason: str = "abort"  # "abort" (client gone, timeout) or "stop" (stop string hit)
+
+
+class ResetPrefixCache(_Message, kw_only=True):
+    """Drop every cached block that no live request holds."""
+
+
+# --- executor <-> scheduler -------------------------------------------------------------
+
+
+class ExecutorReady(_Message, kw_only=True):
+    """The model is loaded and the KV cache allocated: the scheduler may plan steps."""
+
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: list[int]
+
+
+class StepPlan(_Message, kw_only=True):
+    step: StepInput
+
+
+class StepResult(_Message, kw_only=True):
+    output: StepOutput
+
+
+class StepFailed(_Message, kw_only=True):
+    """The step raised; the scheduler fails the requests it held instead of the actor dying."""
+
+    step_id: int
+    message: str
+
+
+# --- scheduler -> detokenizer -----------------------------------------------------------
+
+
+class DetokParams(msgspec.Struct, frozen=True, kw_only=True):
+    """What the detokenizer needs of a request, sent with its first output tokens."""
+
+    request_id: str
+    n: int
+    stop: list[str]
+    include_stop_str_in_output: bool
+    skip_special_tokens: bool
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+
+class SeqOutput(msgspec.Struct, frozen=True, array_like=True):
+    """New tokens of one sample in one step; `finish_reason` set on its last entry."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | None = None  # the stop token id that ended it, if any
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+
+
+class StepTokens(_Message, kw_only=True):
+    """One message per step for all requests."""
+
+    started: list[DetokParams] = []
+    outputs: list[SeqOutput] = []
+
+
+# --- to the api -------------------------------------------------------------------------
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]]
+
+
+class TextDelta(msgspec.Struct, frozen=True, array_like=True):
+    request_id: str
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0  # total so far for this sample
+
+
+class TextDeltas(_Message, kw_only=True):
+    deltas: list[TextDelta]
+
+
+class RequestError(_Message, kw_only=True):
+    """A request refused before it produced anything, in OpenAI's error shape."""
+
+    request_id: str
+    status: int
+    message: str
+    type: str = "BadRequestError"
+    param: str | None = None
+    code: str | None = None
+    retry_after: float | None = None
+
+
+class SchedulerStats(_Message, kw_only=True):
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # live blocks / all blocks; cached-but-free blocks count as free
+    num_blocks_in_use: int
+    prefix_cache_queries: int  # tokens, cumulative
+    prefix_cache_hits: int  # tokens, cumulative
+    num_preemptions: int
+
+
+class PrefixCacheReset(_Message, kw_only=True):
+    ok: bool
+
+
+# --- to the supervisor ------------------------------------------------------------------
+
+
+class Heartbeat(_Message, kw_only=True):
+    actor: str
+    pid: int
+    time: float
+
+
+ApiInbox = Union[TextDeltas, RequestError, SchedulerStats, PrefixCacheReset]
+TokenizerInbox = Union[GenerateRequest]
+SchedulerInbox = Union[
+    TokenizedRequest, Abort, ResetPrefixCache, ExecutorReady, StepResult, StepFailed
+]
+ExecutorInbox = Union[StepPlan]
+DetokenizerInbox = Union[StepTokens]
+SupervisorInbox = Union[Heartbeat]
+
+INBOX_TYPES = {
+    "api": ApiInbox,
+    "tokenizer": TokenizerInbox,
+    "scheduler": SchedulerInbox,
+    "executor": ExecutorInbox,
+    "detokenizer": DetokenizerInbox,
+    "supervisor": SupervisorInbox,
+}

@@ -1,0 +1,1 @@
+"""Compute kernels: Triton on CUDA, torch references on the CPU (see `kernels.ops`)."""

@@ -1,0 +1,25 @@
+"""Writing new keys and values into the paged KV cache."""
+
+from __future__ import annotations
+
+import torch
+
+
+def write_kv_ref(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store key/value [num_tokens, num_kv_heads, head_dim] in place at `slot_mapping`.
+
+    A slot is `block_id * block_size + offset`; negative slots (padding) are skipped.
+    key_cache/value_cache: [num_blocks, block_size, num_kv_heads, head_dim].
+    """
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    flat_k = key_cache.view(-1, *key_cache.shape[2:])
+    flat_v = value_cache.view(-1, *value_cache.shape[2:])
+    flat_k[slots] = key[valid].to(key_cache.dtype)
+    flat_v[slots] = value[valid].to(value_cache.dtype)

@@ -1,0 +1,86 @@
+"""Unified paged attention over a mixed batch of prefill chunks and decodes.
+
+Batch layout (DESIGN.md): the query tokens of all sequences are flattened into one
+`[num_tokens, num_heads, head_dim]` tensor; sequence `i` owns rows
+`query_start_loc[i]:query_start_loc[i + 1]`, which are the *last* tokens of its context of
+`seq_lens[i]` tokens. Their K/V must already be in the paged cache (write them with
+`write_kv` first). Query token `j` of a chunk sits at position `seq_len - query_len + j` and
+attends causally to every cached position `<= ` its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def paged_attention_ref(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    *,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> torch.Tensor:
+    """Torch reference: gather each sequence's blocks, pad, masked attention, un-pad.
+
+    query: [num_tokens, num_heads, head_dim]; key_cache/value_cache:
+    [num_blocks, block_size, num_kv_heads, head_dim]; block_tables: [num_seqs, max_blocks]
+    int32; seq_lens: [num_seqs] int32; query_start_loc: [num_seqs + 1] int32.
+    `max_query_len`/`max_seq_len` are host-side bounds that spare a device sync.
+    Returns [num_tokens, num_heads, head_dim] in query's dtype.
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    num_seqs = seq_lens.shape[0]
+    query_lens = query_start_loc[1:] - query_start_loc[:-1]
+    if max_query_len is None:
+        max_query_len = int(query_lens.max())
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max())
+    num_ctx_blocks = -(-max_seq_len // block_size)
+    ctx_len = num_ctx_blocks * block_size
+    device = query.device
+
+    tables = block_tables[:, :num_ctx_blocks].long()
+    keys = key_cache[tables].reshape(num_seqs, ctx_len, num_kv_heads, head_dim)
+    values = value_cache[tables].reshape(num_seqs, ctx_len, num_kv_heads, head_dim)
+
+    # Scatter the flat query rows into a [num_seqs, max_query_len] grid.
+    token_idx = torch.arange(num_tokens, device=device)
+    seq_of_token = torch.searchsorted(query_start_loc[1:].long(), token_idx, right=True)
+    row_of_token = token_idx - query_start_loc[seq_of_token].long()
+    q_grid = query.new_zeros(num_seqs, max_query_len, num_heads, head_dim)
+    q_grid[seq_of_token, row_of_token] = query
+
+    # NOTE: padded query rows sit past the context end, so they still see >= 1 key: no NaN.
+    q_pos = (seq_lens - query_lens).long()[:, None] + torch.arange(max_query_len, device=device)
+    k_pos = torch.arange(ctx_len, device=device)
+    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (
+        k_pos[None, None, :] < seq_lens.long()[:, None, None]
+    )
+    if sliding_window is not None:
+        mask &= q_pos[:, :, None] - k_pos[None, None, :] < sliding_window
+
+    q = q_grid.transpose(1, 2)  # [seqs, heads, q, dim]
+    k = keys.transpose(1, 2)  # [seqs, kv_heads, ctx, dim]
+    v = values.transpose(1, 2)
+    if soft_cap is None:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=num_heads != num_kv_heads
+        )
+    else:
+        group = num_heads // num_kv_heads
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+        scores = soft_cap * torch.tanh(scores / soft_cap)
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(query.dtype)
+    return out.transpose(1, 2)[seq_of_token, row_of_token]

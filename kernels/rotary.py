@@ -1,0 +1,69 @@
+"""Rotary position embedding (NeoX and GPT-J layouts) and its cos/sin cache."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rope_inv_freq(rot_dim: int, base: float, rope_scaling: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies [rot_dim // 2], with Llama 3 scaling when `rope_scaling` asks."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))
+    kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
+    if kind == "llama3":
+        factor = rope_scaling["factor"]
+        low, high = rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
+        old_len = rope_scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    elif kind == "linear":
+        inv_freq = inv_freq / rope_scaling["factor"]
+    return inv_freq.float()
+
+
+def build_cos_sin_cache(
+    rot_dim: int, max_position: int, base: float, rope_scaling: dict | None = None
+) -> torch.Tensor:
+    """[max_position, rot_dim] float32: cos in the first half of each row, sin in the second."""
+    inv_freq = rope_inv_freq(rot_dim, base, rope_scaling)
+    freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
+    if is_neox:
+        x1, x2 = x.chunk(2, dim=-1)
+    else:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    if is_neox:
+        return torch.cat([o1, o2], dim=-1)
+    return torch.stack([o1, o2], dim=-1).flatten(-2)
+
+
+def rotary_embedding_ref(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate query [T, Hq, D] and key [T, Hk, D] at `positions` [T]; returns new tensors.
+
+    Only the first `rot_dim = cos_sin_cache.shape[1]` features of each head are rotated.
+    The math runs in fp32 and the results come back in the inputs' dtype.
+    """
+    rot_dim = cos_sin_cache.shape[-1]
+    cos, sin = cos_sin_cache[positions.long()].chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        rot = _rotate(x[..., :rot_dim].float(), cos, sin, is_neox).to(x.dtype)
+        return torch.cat([rot, x[..., rot_dim:]], dim=-1) if rot_dim < x.shape[-1] else rot
+
+    return apply(query), apply(key)

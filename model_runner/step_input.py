@@ -1,0 +1,63 @@
+"""What the scheduler asks of the model runner for one step, and what comes back.
+
+The scheduler sends a sequence's full data once (`NewSequence`), then only changes
+(`ScheduledChunk`). The runner keeps each sequence's token ids, block table and sampling
+state between steps until the id shows up in `finished_seq_ids`.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from model_runner.sampling_params import SamplingParams
+
+
+class NewSequence(msgspec.Struct, frozen=True, kw_only=True):
+    """A sequence the runner has not seen yet (or again, after preemption)."""
+
+    seq_id: str
+    token_ids: list[int]  # prompt, plus outputs generated before a preemption
+    num_prompt_tokens: int  # token_ids[:num_prompt_tokens] is the prompt (for penalties)
+    num_output_tokens: int = 0  # outputs already counted (min_tokens, seeded sampling)
+    block_ids: list[int]  # the block table at admission
+    num_computed_tokens: int  # leading tokens whose K/V already sit in the cache
+    sampling: SamplingParams
+    seed: int | None = None  # the sample's own seed (sampling.seed + sample index)
+
+
+class ScheduledChunk(msgspec.Struct, frozen=True, array_like=True):
+    """Compute `num_tokens` more tokens of a sequence this step.
+
+    The tokens are token_ids[num_computed : num_computed + num_tokens]; when that reaches
+    the end of token_ids the runner samples one new token and appends it.
+    Before the step, the block table is cut at `block_table_start` and `block_ids` appended
+    (a plain append, or the replacement of the last block after copy-on-write).
+    """
+
+    seq_id: str
+    num_tokens: int
+    block_table_start: int
+    block_ids: list[int]
+
+
+class StepInput(msgspec.Struct, frozen=True, kw_only=True):
+    step_id: int
+    new_sequences: list[NewSequence] = []
+    chunks: list[ScheduledChunk] = []  # every sequence computed this step, new ones too
+    finished_seq_ids: list[str] = []  # drop their state before the step (finished/preempted)
+    block_copies: list[tuple[int, int]] = []  # (src, dst) block copies before the forward
+
+
+class SampledToken(msgspec.Struct, frozen=True, array_like=True):
+    """One new token of one sequence; logprobs only when the request asked for them."""
+
+    seq_id: str
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+class StepOutput(msgspec.Struct, frozen=True, kw_only=True):
+    step_id: int
+    sampled: list[SampledToken] = []
+    execute_seconds: float = 0.0
