@@ -168,6 +168,15 @@ class SchedulerStats(_Message, kw_only=True):
     num_preemptions: int
 
 
+class EngineReady(_Message, kw_only=True):
+    """The engine can take requests: sent once by the scheduler when the executor is ready."""
+
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    vocab_size: int
+
+
 class PrefixCacheReset(_Message, kw_only=True):
     ok: bool
 
@@ -181,7 +190,7 @@ class Heartbeat(_Message, kw_only=True):
     time: float
 
 
-ApiInbox = Union[TextDeltas, RequestError, SchedulerStats, PrefixCacheReset]
+ApiInbox = Union[TextDeltas, RequestError, SchedulerStats, EngineReady, PrefixCacheReset]
 TokenizerInbox = Union[GenerateRequest]
 SchedulerInbox = Union[
     TokenizedRequest, Abort, ResetPrefixCache, ExecutorReady, StepResult, StepFailed

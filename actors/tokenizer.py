@@ -1,0 +1,57 @@
+"""The tokenizer actor: prompt text -> token ids, off the HTTP process's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+
+from actors.actor import Actor
+from actors.protocol import GenerateRequest, RequestError, TokenizedRequest
+from actors.transport import Transport
+
+
+class TokenizerActor(Actor):
+    name = "tokenizer"
+
+    def __init__(self, transport: Transport, tokenizer_loader) -> None:
+        super().__init__(transport)
+        self.load_tokenizer = tokenizer_loader
+        self.tokenizer = None
+        self.scheduler = transport.outbox("scheduler")
+        self.api = transport.outbox("api")
+
+    async def start(self) -> None:
+        self.tokenizer = await asyncio.to_thread(self.load_tokenizer)
+
+    async def handle(self, msg: msgspec.Struct) -> None:
+        match msg:
+            case GenerateRequest():
+                self.tokenize(msg)
+
+    def tokenize(self, req: GenerateRequest) -> None:
+        ids = req.prompt_token_ids
+        if ids is None:
+            ids = self.tokenizer(req.prompt or "", add_special_tokens=req.add_special_tokens)[
+                "input_ids"
+            ]
+        if not ids:
+            self.api.send(
+                RequestError(
+                    request_id=req.request_id,
+                    status=400,
+                    message="The prompt is empty after tokenization.",
+                    param="prompt",
+                    code="empty_prompt",
+                )
+            )
+            return
+        self.scheduler.send(
+            TokenizedRequest(
+                request_id=req.request_id,
+                prompt_token_ids=list(ids),
+                sampling=req.sampling,
+                cache_salt=req.cache_salt,
+                arrival_time=req.arrival_time,
+            )
+        )

@@ -1,0 +1,178 @@
+"""Transports: how actors' messages travel. ZeroMQ between processes, queues within one.
+
+Every actor owns one inbox, named after it, that decodes exactly its own tagged union
+(`actors.protocol.INBOX_TYPES`). Senders hold an outbox per destination. Decoding is strict:
+a message of the wrong shape is dropped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from actors.protocol import INBOX_TYPES
+
+log = logging.getLogger(__name__)
+_encoder = msgspec.msgpack.Encoder()
+
+
+class Inbox(ABC):
+    """The receiving end of one actor's mailbox."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.decoder = msgspec.msgpack.Decoder(INBOX_TYPES[name])
+        self.rejected = 0  # messages that failed strict decoding
+
+    def decode(self, data: bytes) -> msgspec.Struct | None:
+        try:
+            return self.decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            self.rejected += 1
+            log.warning("%s inbox rejected a message: %s", self.name, e)
+            return None
+
+    async def recv(self) -> msgspec.Struct:
+        """The next well-formed message; malformed ones are skipped."""
+        while True:
+            msg = self.decode(await self.recv_bytes())
+            if msg is not None:
+                return msg
+
+    @abstractmethod
+    async def recv_bytes(self) -> bytes: ...
+
+    def close(self) -> None:
+        """Release the inbox's resources."""
+
+
+class Outbox(ABC):
+    """The sending end towards one actor; `send` never blocks the event loop."""
+
+    def send(self, msg: msgspec.Struct) -> None:
+        self.send_bytes(_encoder.encode(msg))
+
+    @abstractmethod
+    def send_bytes(self, data: bytes) -> None: ...
+
+
+class Transport(ABC):
+    @abstractmethod
+    def inbox(self, name: str) -> Inbox: ...
+
+    @abstractmethod
+    def outbox(self, name: str) -> Outbox: ...
+
+    def close(self) -> None:
+        """Close every socket this transport opened."""
+
+
+# --- ZeroMQ -----------------------------------------------------------------------------
+
+
+def make_run_dir(base: str | None = None) -> Path:
+    """A private (0700) directory for the ipc:// sockets of one server instance."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="tokenmill-", dir=base))
+    os.chmod(path, 0o700)
+    return path
+
+
+class _ZmqInbox(Inbox):
+    def __init__(self, name: str, socket: zmq.asyncio.Socket) -> None:
+        super().__init__(name)
+        self.socket = socket
+
+    async def recv_bytes(self) -> bytes:
+        return await self.socket.recv(copy=True)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class _ZmqOutbox(Outbox):
+    def __init__(self, socket: zmq.Socket) -> None:
+        self.socket = socket
+
+    def send_bytes(self, data: bytes) -> None:
+        # NOTE: PUSH queues while the peer is not yet connected; SNDHWM 0 = never block.
+        self.socket.send(data, copy=False)
+
+
+class ZmqTransport(Transport):
+    """PUSH/PULL over `ipc://<run_dir>/<actor>.sock`; never TCP."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.async_ctx = zmq.asyncio.Context()
+        self.sync_ctx = zmq.Context()
+        self.sockets: list[zmq.Socket] = []
+
+    def address(self, name: str) -> str:
+        return f"ipc://{self.run_dir / name}.sock"
+
+    def inbox(self, name: str) -> Inbox:
+        sock = self.async_ctx.socket(zmq.PULL)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.bind(self.address(name))
+        self.sockets.append(sock)
+        return _ZmqInbox(name, sock)
+
+    def outbox(self, name: str) -> Outbox:
+        sock = self.sync_ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.address(name))
+        self.sockets.append(sock)
+        return _ZmqOutbox(sock)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close(linger=0)
+        self.sockets.clear()
+
+
+# --- in-process -------------------------------------------------------------------------
+
+
+class _QueueInbox(Inbox):
+    def __init__(self, name: str, queue: asyncio.Queue[bytes]) -> None:
+        super().__init__(name)
+        self.queue = queue
+
+    async def recv_bytes(self) -> bytes:
+        return await self.queue.get()
+
+
+class _QueueOutbox(Outbox):
+    def __init__(self, transport: InProcessTransport, name: str) -> None:
+        self.transport, self.name = transport, name
+
+    def send_bytes(self, data: bytes) -> None:
+        # NOTE: bytes, not objects, cross the queue, so in-process runs test the same codec.
+        self.transport.queue_of(self.name).put_nowait(data)
+
+
+class InProcessTransport(Transport):
+    """Every actor in one event loop (tests, the offline `LLM`): asyncio queues of bytes."""
+
+    def __init__(self) -> None:
+        self.queues: dict[str, asyncio.Queue[bytes]] = {}
+
+    def queue_of(self, name: str) -> asyncio.Queue[bytes]:
+        """The queue behind `name`'s inbox, made on first use by either end."""
+        return self.queues.setdefault(name, asyncio.Queue())
+
+    def inbox(self, name: str) -> Inbox:
+        return _QueueInbox(name, self.queue_of(name))
+
+    def outbox(self, name: str) -> Outbox:
+        return _QueueOutbox(self, name)

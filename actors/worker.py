@@ -1,0 +1,52 @@
+"""Entry point of one actor process: `python -m actors.worker --actors a,b ...`.
+
+The supervisor starts it with the engine config as JSON on the command line (no pickle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+import msgspec
+
+from actors.actor import send_heartbeats
+from actors.transport import ZmqTransport
+from actors.wiring import build_actor
+
+
+async def run_actors(actor_names: list[str], run_dir: str, config) -> None:
+    transport = ZmqTransport(run_dir)
+    actors = [build_actor(name, transport, config) for name in actor_names]
+    tasks = [asyncio.create_task(a.run(), name=a.name) for a in actors]
+    tasks.append(asyncio.create_task(send_heartbeats(transport, actor_names)))
+    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    for task in done:
+        task.result()  # re-raise: a crashed actor ends its process, the supervisor reports it
+
+
+def main(argv: list[str] | None = None) -> None:
+    from model_runner.config import EngineConfig
+
+    parser = argparse.ArgumentParser(prog="tokenmill-worker")
+    parser.add_argument("--process", required=True)
+    parser.add_argument("--actors", required=True)
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--config", required=True, help="EngineConfig as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s {args.process} %(levelname)s %(name)s: %(message)s"
+    )
+    config = msgspec.json.decode(args.config, type=EngineConfig)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    runner(run_actors(args.actors.split(","), args.run_dir, config))
+
+
+if __name__ == "__main__":
+    main()

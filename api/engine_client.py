@@ -1,0 +1,219 @@
+"""The API's handle on the engine: starts the actors, routes requests and their deltas."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from actors.protocol import (
+    Abort,
+    EngineReady,
+    GenerateRequest,
+    PrefixCacheReset,
+    RequestError,
+    ResetPrefixCache,
+    SchedulerStats,
+    TextDelta,
+    TextDeltas,
+)
+from actors.supervisor import Supervisor
+from actors.transport import InProcessTransport, Transport, ZmqTransport, make_run_dir
+from actors.wiring import DEFAULT_PLACEMENT, build_actor, tokenizer_loader
+from api.errors import EngineRequestError
+from model_runner.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineClient:
+    """Owns the actor system of one server (processes, or tasks when `in_process`).
+
+    `generate` yields TextDeltas for one request; leaving the iterator before every sample
+    finished (client gone, error, cancellation) aborts the request in the scheduler.
+    """
+
+    def __init__(self, config, in_process: bool = False) -> None:
+        self.config = config
+        self.in_process = in_process
+        self.transport: Transport | None = None
+        self.supervisor: Supervisor | None = None
+        self.actor_tasks: list[asyncio.Task] = []
+        self.tasks: list[asyncio.Task] = []
+        self.streams: dict[str, asyncio.Queue] = {}
+        self.stats: SchedulerStats | None = None
+        self.info: EngineReady | None = None
+        self.ready = asyncio.Event()
+        self.reset_waiters: list[asyncio.Future] = []
+        self.tokenizer = None
+        self.model_name = ""
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    async def start(self, timeout: float = 900.0) -> None:
+        from model_runner.model_source import resolve_model
+
+        source = resolve_model(self.config)
+        self.model_name = self.config.served_model_name or source.name
+        self.tokenizer = await asyncio.to_thread(tokenizer_loader(self.config))
+        if self.in_process:
+            self.transport = InProcessTransport()
+            actors = [build_actor(n, self.transport, self.config) for n in _all_actors()]
+            self.actor_tasks = [asyncio.create_task(a.run(), name=a.name) for a in actors]
+        else:
+            self.transport = ZmqTransport(make_run_dir())
+            self.supervisor = Supervisor(self.config, self.transport)
+            self.supervisor.start()
+            self.tasks.append(asyncio.create_task(self.supervisor.watch()))
+        self.inbox = self.transport.inbox("api")
+        self.to_tokenizer = self.transport.outbox("tokenizer")
+        self.to_scheduler = self.transport.outbox("scheduler")
+        self.tasks.append(asyncio.create_task(self._dispatch()))
+        self.tasks.append(asyncio.create_task(self._watch_health()))
+        await self._wait_ready(timeout)
+
+    async def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready.is_set():
+            problems = self.problems()
+            if problems:
+                await self.shutdown()
+                raise RuntimeError("engine failed to start: " + "; ".join(problems))
+            if time.monotonic() > deadline:
+                await self.shutdown()
+                raise TimeoutError(f"engine not ready after {timeout:.0f} s")
+            try:
+                await asyncio.wait_for(self.ready.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+
+    async def shutdown(self) -> None:
+        for task in self.tasks + self.actor_tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, *self.actor_tasks, return_exceptions=True)
+        self.tasks, self.actor_tasks = [], []
+        if self.supervisor is not None:
+            await asyncio.to_thread(self.supervisor.shutdown)
+            self.supervisor = None
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- health -------------------------------------------------------------------------
+
+    def problems(self) -> list[str]:
+        if self.supervisor is not None:
+            return self.supervisor.problems()
+        return [
+            f"actor {t.get_name()} stopped: {t.exception()!r}"
+            for t in self.actor_tasks
+            if t.done() and not t.cancelled()
+        ]
+
+    def health(self) -> tuple[bool, str]:
+        problems = self.problems()
+        if problems:
+            return False, "; ".join(problems)
+        if not self.ready.is_set():
+            return False, "starting"
+        return True, "ok"
+
+    async def _watch_health(self) -> None:
+        """Fail every open request when an actor dies, instead of leaving it hanging."""
+        while True:
+            await asyncio.sleep(1.0)
+            problems = self.problems()
+            if problems and self.streams:
+                error = RequestError(
+                    request_id="", status=503, message="engine failure: " + "; ".join(problems),
+                    type="ServiceUnavailableError", code="engine_dead",
+                )  # fmt: skip
+                for queue in self.streams.values():
+                    queue.put_nowait(error)
+
+    # --- traffic ------------------------------------------------------------------------
+
+    @property
+    def max_model_len(self) -> int:
+        return self.info.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.info.vocab_size
+
+    async def _dispatch(self) -> None:
+        while True:
+            msg = await self.inbox.recv()
+            match msg:
+                case TextDeltas(deltas=deltas):
+                    for delta in deltas:
+                        if (queue := self.streams.get(delta.request_id)) is not None:
+                            queue.put_nowait(delta)
+                case RequestError(request_id=rid):
+                    if (queue := self.streams.get(rid)) is not None:
+                        queue.put_nowait(msg)
+                case SchedulerStats():
+                    self.stats = msg
+                case EngineReady():
+                    self.info = msg
+                    self.ready.set()
+                case PrefixCacheReset(ok=ok):
+                    waiters, self.reset_waiters = self.reset_waiters, []
+                    for fut in waiters:
+                        if not fut.done():
+                            fut.set_result(ok)
+
+    async def generate(
+        self,
+        request_id: str,
+        *,
+        prompt: str | None = None,
+        prompt_token_ids: list[int] | None = None,
+        sampling: SamplingParams,
+        add_special_tokens: bool = True,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[TextDelta]:
+        if request_id in self.streams:
+            raise ValueError(f"duplicate request id {request_id}")
+        queue: asyncio.Queue = asyncio.Queue()
+        self.streams[request_id] = queue
+        self.to_tokenizer.send(
+            GenerateRequest(
+                request_id=request_id,
+                prompt=prompt,
+                prompt_token_ids=prompt_token_ids,
+                add_special_tokens=add_special_tokens,
+                sampling=sampling,
+                cache_salt=cache_salt,
+                arrival_time=time.time(),
+            )
+        )
+        unfinished = sampling.n
+        try:
+            while unfinished:
+                item = await queue.get()
+                if isinstance(item, RequestError):
+                    raise EngineRequestError(
+                        status=item.status, message=item.message, type=item.type,
+                        param=item.param, code=item.code, retry_after=item.retry_after,
+                    )  # fmt: skip
+                if item.finish_reason is not None:
+                    unfinished -= 1
+                yield item
+        finally:
+            del self.streams[request_id]
+            if unfinished:
+                self.to_scheduler.send(Abort(request_id=request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self.to_scheduler.send(Abort(request_id=request_id))
+
+    async def reset_prefix_cache(self) -> bool:
+        fut = asyncio.get_running_loop().create_future()
+        self.reset_waiters.append(fut)
+        self.to_scheduler.send(ResetPrefixCache())
+        return await asyncio.wait_for(fut, 30.0)
+
+
+def _all_actors() -> list[str]:
+    return [name for names in DEFAULT_PLACEMENT.values() for name in names]
