@@ -108,8 +108,9 @@ class SchedulerActor(Actor):
     def plan_next_step(self) -> None:
         if self.policy is None or self.step_in_flight:
             return
-        self.emit(self.policy.take_finished_aborts())
         step = self.policy.schedule()
+        # NOTE: after schedule(): it may itself finish a sequence that can never grow.
+        self.emit(self.policy.take_finished_aborts())
         if step is not None:
             self.executor.send(StepPlan(step=step))
             self.step_in_flight = True

@@ -1,0 +1,410 @@
+"""The scheduling policy: continuous batching over a paged KV cache, pure Python.
+
+One step is in flight at a time: `schedule()` plans it, the runner executes it, `update()`
+takes its sampled tokens. Each step first continues the running sequences in order (decodes,
+then the rest of chunked prefills), then admits waiting ones (FCFS) into what is left of
+the token budget. When blocks run out, the newest running sequence is preempted by
+recompute (it frees its blocks and goes back to the front of the waiting queue).
+
+Samples of n > 1: sample 0 prefills the prompt; when the prompt is computed the others fork
+from it, sharing all its blocks, and recompute only the last prompt token (each draws its
+own first token); writes into shared blocks are copied on write (`StepInput.block_copies`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from actors.protocol import DetokParams, SchedulerStats, SeqOutput, StepTokens, TokenizedRequest
+from actors.scheduler.admission import check_admission, effective_max_tokens
+from actors.scheduler.block_manager import Allocation, BlockManager
+from actors.scheduler.errors import AdmissionError
+from actors.scheduler.finishing import check_stop, detok_params
+from actors.scheduler.prefix_hash import extend_block_keys, extra_keys
+from actors.scheduler.sequence import Request, SeqStatus, Sequence
+from model_runner.step_input import NewSequence, ScheduledChunk, StepInput, StepOutput
+
+WAITING, RUNNING = SeqStatus.WAITING, SeqStatus.RUNNING
+FORK_PENDING, FINISHED = SeqStatus.FORK_PENDING, SeqStatus.FINISHED
+
+
+class _Plan:
+    """A step being planned."""
+
+    __slots__ = ("budget", "scheduled", "new_seqs", "chunks", "copies")
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.scheduled: list[tuple[Sequence, int]] = []
+        self.new_seqs: list[NewSequence] = []
+        self.chunks: list[ScheduledChunk] = []
+        self.copies: list[tuple[int, int]] = []
+
+
+class Scheduler:
+    """Plans steps and tracks requests; see the module docstring.
+
+    `config` is duck-typed: max_num_seqs, max_num_batched_tokens, enable_prefix_caching
+    and max_waiting are read from it; the KV geometry and max_model_len come from the runner.
+    """
+
+    def __init__(
+        self,
+        config,
+        num_blocks: int,
+        block_size: int,
+        max_model_len: int,
+        eos_token_ids: list[int],
+    ) -> None:
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_waiting = getattr(config, "max_waiting", 1024)
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        caching = getattr(config, "enable_prefix_caching", True)
+        self.blocks = BlockManager(num_blocks, block_size, caching)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # NOTE: oldest first; preemption pops the newest
+        self._requests: dict[str, Request] = {}
+        self._seqs: dict[str, Sequence] = {}
+        self._in_flight: tuple[int, list[tuple[Sequence, int]]] | None = None
+        self._next_step_id = 0
+        self._finished_ids: list[str] = []  # for the next StepInput.finished_seq_ids
+        self._started: list[DetokParams] = []
+        self._outputs: list[SeqOutput] = []
+        self._queries = 0
+        self._hits = 0
+        self._preemptions = 0
+
+    # --- requests --------------------------------------------------------------------
+
+    def add_request(self, req: TokenizedRequest) -> None:
+        """Queue a request; raise AdmissionError for what can never fit or a full queue."""
+        rid, sp = req.request_id, req.sampling
+        n = max(1, sp.n)
+        seq_ids = [rid] if n == 1 else [f"{rid}#{i}" for i in range(n)]
+        if rid in self._requests or any(s in self._seqs for s in seq_ids):
+            raise AdmissionError(
+                400, f"Request id {rid!r} is already in use.", code="duplicate_request_id"
+            )
+        prompt_len = len(req.prompt_token_ids)
+        check_admission(
+            prompt_len,
+            sp.max_tokens,
+            max_model_len=self.max_model_len,
+            num_blocks=self.blocks.num_blocks,
+            block_size=self.block_size,
+            num_waiting=len(self.waiting),
+            max_waiting=self.max_waiting,
+        )
+        extra = extra_keys(req.cache_salt, getattr(req, "lora_name", None))
+        max_tokens = effective_max_tokens(sp.max_tokens, prompt_len, self.max_model_len)
+        request = Request(rid, list(req.prompt_token_ids), sp, max_tokens, extra)
+        for i, seq_id in enumerate(seq_ids):
+            seq = Sequence(seq_id, request, i, WAITING if i == 0 else FORK_PENDING)
+            request.seqs.append(seq)
+            self._seqs[seq_id] = seq
+        leader = request.seqs[0]
+        leader.forks = request.seqs[1:]
+        for child in leader.forks:
+            child.fork_parent = leader
+        request.num_live = n
+        self._requests[rid] = request
+        self.waiting.append(leader)
+
+    def abort(self, request_id: str, index: int | None = None, reason: str = "abort") -> None:
+        """Finish a request's samples (index None: all); their blocks are freed at once, or
+        when the in-flight step returns. Reported as SeqOutput(finish_reason=reason) by the
+        next StepTokens, except for reason "stop" (the detokenizer asked: it knows)."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return
+        targets = [s for s in request.seqs if s.status is not FINISHED and index in (None, s.index)]
+        # NOTE: fork-pending samples first, so a dying leader promotes no heir needlessly.
+        targets.sort(key=lambda s: s.status is not FORK_PENDING)
+        for seq in targets:
+            self._retire(seq)
+            if reason != "stop":
+                self._emit_finish(seq, reason)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- steps -----------------------------------------------------------------------
+
+    def schedule(self) -> StepInput | None:
+        """Plan the next step; None when there is nothing to compute."""
+        if self._in_flight is not None:
+            raise RuntimeError("a step is already in flight: update() or fail_step() first")
+        plan = _Plan(self.max_num_batched_tokens)
+        preempted = self._schedule_running(plan)
+        if not preempted or not plan.chunks:
+            self._schedule_waiting(plan)
+        if not plan.chunks:
+            # NOTE: only when nothing is left: a lone sequence always runs or finishes.
+            assert not self.has_unfinished
+            return None
+        step_id = self._next_step_id
+        self._next_step_id += 1
+        for seq, _ in plan.scheduled:
+            seq.in_flight = True
+        self._in_flight = (step_id, plan.scheduled)
+        finished, self._finished_ids = self._finished_ids, []
+        return StepInput(
+            step_id=step_id,
+            new_sequences=plan.new_seqs,
+            chunks=plan.chunks,
+            finished_seq_ids=finished,
+            block_copies=plan.copies,
+        )
+
+    def update(self, output: StepOutput) -> StepTokens:
+        """Take the in-flight step's result: advance, fork, append tokens, finish, free."""
+        if self._in_flight is None or self._in_flight[0] != output.step_id:
+            raise ValueError(f"step {output.step_id} is not the step in flight")
+        scheduled = self._in_flight[1]
+        self._in_flight = None
+        for seq, num_tokens in scheduled:
+            seq.in_flight = False
+            if seq.status is FINISHED:  # aborted while the step ran
+                self.blocks.free(seq.seq_id)
+                continue
+            seq.num_computed += num_tokens
+            self._cache_computed(seq, num_tokens)
+            if seq.forks and seq.num_computed >= seq.prompt_len:
+                self._fork(seq)
+        any_finished = False
+        for sampled in output.sampled:
+            seq = self._seqs.get(sampled.seq_id)
+            if seq is not None and seq.status is RUNNING:
+                any_finished |= self._append_token(seq, sampled)
+        if any_finished:
+            self.running = [s for s in self.running if s.status is RUNNING]
+        return self.take_finished_aborts()
+
+    def fail_step(self, step_id: int) -> StepTokens:
+        """The step raised: finish each of its sequences (and their pending forks) "error"."""
+        if self._in_flight is None or self._in_flight[0] != step_id:
+            return self.take_finished_aborts()
+        scheduled = self._in_flight[1]
+        self._in_flight = None
+        for seq, _ in scheduled:
+            seq.in_flight = False
+        for seq, _ in scheduled:
+            if seq.status is FINISHED:
+                self.blocks.free(seq.seq_id)
+                continue
+            for victim in [*seq.forks, seq]:
+                self._retire(victim)
+                self._emit_finish(victim, "error")
+        return self.take_finished_aborts()
+
+    def take_finished_aborts(self) -> StepTokens:
+        """Outputs not yet sent: aborts, errors, and anything finished outside update()."""
+        tokens = StepTokens(started=self._started, outputs=self._outputs)
+        self._started, self._outputs = [], []
+        return tokens
+
+    # --- stats and cache -------------------------------------------------------------
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.blocks.usage,
+            num_blocks_in_use=self.blocks.num_used_blocks,
+            prefix_cache_queries=self._queries,
+            prefix_cache_hits=self._hits,
+            num_preemptions=self._preemptions,
+        )
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached block not in use; blocks in use are no longer shared."""
+        self.blocks.reset_prefix_cache()
+        return True
+
+    # --- planning --------------------------------------------------------------------
+
+    def _schedule_running(self, plan: _Plan) -> bool:
+        """Continue running sequences in order; returns whether any was preempted."""
+        preempted = False
+        i = 0
+        while i < len(self.running) and plan.budget > 0 and len(plan.scheduled) < self.max_num_seqs:
+            seq = self.running[i]
+            num_tokens = min(seq.num_tokens - seq.num_computed, plan.budget)
+            alloc = self.blocks.allocate(seq.seq_id, seq.num_computed, num_tokens)
+            while alloc is None and len(self.running) - 1 > i:
+                self._preempt(self.running.pop())
+                preempted = True
+                alloc = self.blocks.allocate(seq.seq_id, seq.num_computed, num_tokens)
+            if alloc is None:
+                self.running.pop()  # NOTE: seq is the newest left
+                if i == 0:  # it holds every used block and still cannot grow
+                    self._retire(seq, unlink=False)
+                    self._emit_finish(seq, "length")
+                else:
+                    self._preempt(seq)
+                    preempted = True
+                break
+            self._add_to_plan(plan, seq, num_tokens, alloc)
+            i += 1
+        return preempted
+
+    def _schedule_waiting(self, plan: _Plan) -> None:
+        """Admit waiting sequences (FCFS) while budget, seats and blocks last."""
+        # NOTE: samples that will fork from a running sequence hold their seats already.
+        seats = self.max_num_seqs - len(self.running) - sum(len(s.forks) for s in self.running)
+        while self.waiting and plan.budget > 0 and len(plan.scheduled) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if self.running and 1 + len(seq.forks) > seats:
+                break
+            hits = self._lookup(seq)
+            num_computed = len(hits) * self.block_size
+            num_tokens = min(seq.num_tokens - num_computed, plan.budget)
+            alloc = self.blocks.allocate(seq.seq_id, num_computed, num_tokens, hits)
+            if alloc is None:
+                if self.running:
+                    break
+                self.waiting.popleft()  # NOTE: cannot fit even alone; never deadlock
+                self._retire(seq, unlink=False)
+                self._emit_finish(seq, "length")
+                continue
+            self.waiting.popleft()
+            seats -= 1 + len(seq.forks)
+            seq.status = RUNNING
+            seq.num_computed = num_computed
+            self.running.append(seq)
+            self._count_prefix_query(seq, num_computed)
+            self._add_to_plan(plan, seq, num_tokens, alloc)
+
+    def _add_to_plan(self, plan: _Plan, seq: Sequence, num_tokens: int, alloc: Allocation):
+        start = alloc.block_table_start
+        if not seq.on_runner:
+            plan.new_seqs.append(
+                NewSequence(
+                    seq_id=seq.seq_id,
+                    token_ids=list(seq.token_ids),
+                    num_prompt_tokens=seq.prompt_len,
+                    num_output_tokens=seq.num_output_tokens,
+                    block_ids=self.blocks.block_table(seq.seq_id)[:start],
+                    num_computed_tokens=seq.num_computed,
+                    sampling=seq.request.sampling,
+                    seed=seq.seed,
+                )
+            )
+            seq.on_runner = True
+        plan.chunks.append(ScheduledChunk(seq.seq_id, num_tokens, start, alloc.block_ids))
+        plan.copies.extend(alloc.copies)
+        plan.scheduled.append((seq, num_tokens))
+        plan.budget -= num_tokens
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute later: free the blocks, back to the front of the waiting queue."""
+        self.blocks.free(seq.seq_id)
+        seq.num_computed = 0
+        seq.status = WAITING
+        if seq.on_runner:
+            self._finished_ids.append(seq.seq_id)
+            seq.on_runner = False
+        self.waiting.appendleft(seq)
+        self._preemptions += 1
+
+    def _lookup(self, seq: Sequence) -> list[int]:
+        if not self.blocks.enable_prefix_caching:
+            return []
+        num_full = seq.num_tokens // self.block_size
+        extend_block_keys(
+            seq.block_keys, seq.token_ids, self.block_size, seq.request.extra_key, num_full
+        )
+        return self.blocks.find_cached_prefix(seq.block_keys, seq.num_tokens)
+
+    def _count_prefix_query(self, seq: Sequence, hit_tokens: int) -> None:
+        request = seq.request
+        if request.counted or not self.blocks.enable_prefix_caching:
+            return
+        request.counted = True
+        request.num_cached_tokens = hit_tokens
+        self._queries += seq.num_tokens
+        self._hits += hit_tokens
+
+    # --- results ---------------------------------------------------------------------
+
+    def _cache_computed(self, seq: Sequence, num_new: int) -> None:
+        """Register the blocks this step filled (full and computed)."""
+        num_full = seq.num_computed // self.block_size
+        if (
+            not self.blocks.enable_prefix_caching
+            or num_full == (seq.num_computed - num_new) // self.block_size
+        ):
+            return
+        if num_full > len(seq.block_keys):
+            extend_block_keys(
+                seq.block_keys, seq.token_ids, self.block_size, seq.request.extra_key, num_full
+            )
+        self.blocks.cache_full_blocks(seq.seq_id, seq.block_keys, num_full)
+
+    def _fork(self, parent: Sequence) -> None:
+        """Sample 0's prompt is computed: its pending samples share all its blocks."""
+        for child in parent.forks:
+            self.blocks.fork(parent.seq_id, child.seq_id)
+            child.num_computed = child.prompt_len - 1
+            child.block_keys = parent.block_keys[: child.prompt_len // self.block_size]
+            child.status = RUNNING
+            child.fork_parent = None
+            self.running.append(child)
+        parent.forks = []
+
+    def _append_token(self, seq: Sequence, sampled) -> bool:
+        """Append one sampled token and emit it; returns whether the sequence finished."""
+        token = sampled.token_id
+        seq.token_ids.append(token)
+        request = seq.request
+        if not request.started:
+            self._started.append(detok_params(request))
+        reason, stop_reason = check_stop(seq, token, self.eos_token_ids, self.max_model_len)
+        logprobs = None
+        if sampled.logprob is not None:
+            logprobs = [(token, sampled.logprob, list(sampled.top_logprobs or ()))]
+        self._outputs.append(
+            SeqOutput(request.request_id, seq.index, [token], reason, stop_reason, logprobs)
+        )
+        if reason is None:
+            return False
+        self._retire(seq, unlink=False)
+        return True
+
+    def _emit_finish(self, seq: Sequence, reason: str) -> None:
+        if not seq.request.started:
+            self._started.append(detok_params(seq.request))
+        self._outputs.append(SeqOutput(seq.request.request_id, seq.index, [], reason))
+
+    def _retire(self, seq: Sequence, unlink: bool = True) -> None:
+        """Mark finished, unlink from its queue, free its blocks (after the step in flight),
+        tell the runner, and hand pending forks to an heir if it never forked them."""
+        if unlink:
+            if seq.status is WAITING:
+                self.waiting.remove(seq)
+            elif seq.status is RUNNING:
+                self.running.remove(seq)
+            elif seq.status is FORK_PENDING:
+                seq.fork_parent.forks.remove(seq)
+        seq.status = FINISHED
+        if seq.forks:
+            heir, *rest = seq.forks
+            heir.forks, heir.fork_parent, heir.status = rest, None, WAITING
+            for child in rest:
+                child.fork_parent = heir
+            seq.forks = []
+            self.waiting.appendleft(heir)
+        if not seq.in_flight:
+            self.blocks.free(seq.seq_id)
+        if seq.on_runner:
+            self._finished_ids.append(seq.seq_id)
+            seq.on_runner = False
+        del self._seqs[seq.seq_id]
+        request = seq.request
+        request.num_live -= 1
+        if request.num_live == 0:
+            del self._requests[request.request_id]

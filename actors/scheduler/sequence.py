@@ -1,0 +1,102 @@
+"""Request and sequence state as the scheduler tracks it (token ids, progress, status)."""
+
+from __future__ import annotations
+
+import enum
+
+from model_runner.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # in the waiting queue, holds no blocks
+    RUNNING = "running"  # holds blocks; computed a bit more each step it is scheduled
+    FORK_PENDING = "fork_pending"  # a sample of n > 1 waiting for sample 0's prompt
+    FINISHED = "finished"
+
+
+class Request:
+    """One TokenizedRequest: its n samples share the prompt (and its KV blocks)."""
+
+    __slots__ = (
+        "request_id",
+        "sampling",
+        "prompt_token_ids",
+        "max_tokens",
+        "extra_key",
+        "stop_token_ids",
+        "seqs",
+        "num_live",
+        "started",
+        "num_cached_tokens",
+        "counted",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        max_tokens: int,
+        extra_key: bytes,
+    ) -> None:
+        self.request_id = request_id
+        self.sampling = sampling
+        self.prompt_token_ids = prompt_token_ids
+        self.max_tokens = max_tokens  # effective: never None
+        self.extra_key = extra_key  # prefix-cache extra keys (cache_salt, LoRA name)
+        self.stop_token_ids = frozenset(sampling.stop_token_ids)
+        self.seqs: list[Sequence] = []
+        self.num_live = 0
+        self.started = False  # DetokParams sent
+        self.num_cached_tokens = 0  # prefix-cache hit tokens of the first admission
+        self.counted = False  # prefix-cache query counted in the stats
+
+
+class Sequence:
+    """One sample of a request: its token ids and how far their K/V are computed."""
+
+    __slots__ = (
+        "seq_id",
+        "request",
+        "index",
+        "token_ids",
+        "prompt_len",
+        "seed",
+        "status",
+        "num_computed",
+        "block_keys",
+        "forks",
+        "fork_parent",
+        "on_runner",
+        "in_flight",
+    )
+
+    def __init__(self, seq_id: str, request: Request, index: int, status: SeqStatus) -> None:
+        self.seq_id = seq_id
+        self.request = request
+        self.index = index
+        self.token_ids = list(request.prompt_token_ids)
+        self.prompt_len = len(self.token_ids)
+        seed = request.sampling.seed
+        self.seed = None if seed is None else seed + index
+        self.status = status
+        self.num_computed = 0
+        self.block_keys: list[bytes] = []  # prefix-cache keys of its full blocks, as known
+        self.forks: list[Sequence] = []  # samples that fork from this one after its prompt
+        self.fork_parent: Sequence | None = None
+        self.on_runner = False  # the runner holds its state (sent as NewSequence)
+        self.in_flight = False  # part of the step now executing
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.seq_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed})"
+        )

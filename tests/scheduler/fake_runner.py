@@ -1,0 +1,171 @@
+"""A stand-in for the model runner that checks every step against a simulated KV cache.
+
+Each KV slot holds the token id written there. A step applies finished_seq_ids, new
+sequences, block copies (all read before any is written) and block-table deltas, writes the
+chunks' tokens, then checks that every slot each sequence attends to holds its own token:
+that catches wrong prefix hits, missing or wrong copy-on-write, and writes into blocks that
+another sequence reads. A chunk reaching the end of its tokens samples one new token.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from actors.protocol import TokenizedRequest
+from actors.scheduler.scheduler import Scheduler
+from model_runner.sampling_params import SamplingParams
+from model_runner.step_input import SampledToken, StepInput, StepOutput
+
+
+class _RunnerSeq:
+    def __init__(self, token_ids: list[int], table: list[int], num_computed: int) -> None:
+        self.token_ids = token_ids
+        self.table = table
+        self.num_computed = num_computed
+
+
+class FakeRunner:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        next_token: Callable[[str, list[int]], int] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.block_size = block_size
+        self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
+        self.seqs: dict[str, _RunnerSeq] = {}
+        rng = random.Random(seed)
+        self.next_token = next_token or (lambda seq_id, tokens: rng.randrange(1, 50))
+
+    def fail(self, step: StepInput) -> None:
+        """A step that raised in the forward, after taking in the sequence changes."""
+        self._take_sequences(step)
+
+    def _take_sequences(self, step: StepInput) -> None:
+        for seq_id in step.finished_seq_ids:
+            del self.seqs[seq_id]
+        for new in step.new_sequences:
+            assert new.seq_id not in self.seqs, f"{new.seq_id} sent twice"
+            self.seqs[new.seq_id] = _RunnerSeq(
+                list(new.token_ids), list(new.block_ids), new.num_computed_tokens
+            )
+
+    def execute(self, step: StepInput) -> StepOutput:
+        bs = self.block_size
+        self._take_sequences(step)
+        sources = {src: list(self.kv[src]) for src, _ in step.block_copies}
+        for src, dst in step.block_copies:
+            self.kv[dst] = list(sources[src])
+        written: dict[tuple[int, int], str] = {}
+        for chunk in step.chunks:
+            seq = self.seqs[chunk.seq_id]
+            del seq.table[chunk.block_table_start :]
+            seq.table.extend(chunk.block_ids)
+            end = seq.num_computed + chunk.num_tokens
+            assert 0 < chunk.num_tokens and end <= len(seq.token_ids)
+            assert len(seq.table) == -(-end // bs), "table does not cover the computed tokens"
+            for pos in range(seq.num_computed, end):
+                slot = (seq.table[pos // bs], pos % bs)
+                assert slot not in written, f"{chunk.seq_id} and {written[slot]} write {slot}"
+                written[slot] = chunk.seq_id
+                self.kv[slot[0]][slot[1]] = seq.token_ids[pos]
+        sampled = []
+        for chunk in step.chunks:
+            seq = self.seqs[chunk.seq_id]
+            end = seq.num_computed + chunk.num_tokens
+            for pos in range(end):
+                got = self.kv[seq.table[pos // bs]][pos % bs]
+                assert got == seq.token_ids[pos], f"{chunk.seq_id} reads {got} at {pos}"
+            seq.num_computed = end
+            if end == len(seq.token_ids):
+                token = self.next_token(chunk.seq_id, seq.token_ids)
+                seq.token_ids.append(token)
+                sampled.append(SampledToken(chunk.seq_id, token))
+        return StepOutput(step_id=step.step_id, sampled=sampled)
+
+
+class Config:
+    """Duck-typed engine config: the fields the scheduler reads."""
+
+    def __init__(self, **overrides) -> None:
+        self.max_num_seqs = 8
+        self.max_num_batched_tokens = 64
+        self.enable_prefix_caching = True
+        self.max_waiting = 1024
+        self.__dict__.update(overrides)
+
+
+def make_scheduler(
+    num_blocks: int = 16, block_size: int = 4, max_model_len: int = 64, eos=(0,), **config
+) -> Scheduler:
+    return Scheduler(Config(**config), num_blocks, block_size, max_model_len, list(eos))
+
+
+def request(
+    request_id: str, prompt: list[int], cache_salt: str | None = None, **sampling
+) -> TokenizedRequest:
+    sampling.setdefault("max_tokens", 8)
+    return TokenizedRequest(
+        request_id=request_id,
+        prompt_token_ids=list(prompt),
+        sampling=SamplingParams(**sampling),
+        cache_salt=cache_salt,
+        arrival_time=0.0,
+    )
+
+
+def counter_tokens(start: int = 100) -> Callable[[str, list[int]], int]:
+    """Deterministic sampled tokens: start, start + 1, ... across all sequences."""
+    state = [start]
+
+    def next_token(seq_id: str, tokens: list[int]) -> int:
+        state[0] += 1
+        return state[0] - 1
+
+    return next_token
+
+
+class Driver:
+    """schedule -> FakeRunner.execute -> update, checking invariants after each step."""
+
+    def __init__(self, sched: Scheduler, runner: FakeRunner | None = None) -> None:
+        self.sched = sched
+        bm = sched.blocks
+        self.runner = runner or FakeRunner(bm.num_blocks, bm.block_size, counter_tokens())
+        self.outputs = []
+
+    def step(self):
+        """One step; returns (StepInput, StepTokens) or None when nothing was scheduled."""
+        step = self.sched.schedule()
+        if step is None:
+            self.outputs.extend(self.sched.take_finished_aborts().outputs)
+            return None
+        tokens = self.sched.update(self.runner.execute(step))
+        self.outputs.extend(tokens.outputs)
+        self.check()
+        return step, tokens
+
+    def run(self, max_steps: int = 1000) -> int:
+        for n in range(max_steps):
+            if self.step() is None:
+                return n
+        raise AssertionError("did not finish")
+
+    def check(self) -> None:
+        bm = self.sched.blocks
+        bm.check_invariants()
+        for seq in self.sched.running:
+            if not seq.on_runner:  # forked this step, sent with the next one
+                continue
+            mine = self.runner.seqs[seq.seq_id]
+            assert mine.table == bm.block_table(seq.seq_id)
+            assert mine.num_computed == seq.num_computed
+            assert mine.token_ids == seq.token_ids
+
+    def tokens_of(self, request_id: str, index: int = 0) -> list[int]:
+        return [
+            t for o in self.outputs if (o.request_id, o.index) == (request_id, index)
+            for t in o.token_ids
+        ]  # fmt: skip
