@@ -1,0 +1,194 @@
+"""`tokenmill serve [MODEL]`: vLLM's flag names, hypercorn under uvloop, graceful shutdown."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+log = logging.getLogger("tokenmill")
+
+DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
+LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description="LLM inference server.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    commands = parser.add_subparsers(dest="command")
+    serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible API")
+    serve.add_argument(
+        "model_tag",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="a .gguf file or an HF folder (default: embedded SmolLM2-135M)",
+    )
+    serve.add_argument("--model", default=None, help="same as MODEL")
+    _add_server_args(serve)
+    _add_engine_args(serve)
+    return parser
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("TOKENMILL_API_KEY"),
+        help="require `Authorization: Bearer KEY` on /v1/* (env TOKENMILL_API_KEY)",
+    )
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--max-logprobs", type=int, default=20)
+    p.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error", "critical")
+    )
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument(
+        "--kv-cache-memory",
+        type=float,
+        default=None,
+        help="KV-cache size in GiB on the CPU (default 2)",
+    )
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--enable-prefix-caching", default=True, action=argparse.BooleanOptionalAction)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=1024,
+        help="waiting-queue bound; beyond it requests get 503 + Retry-After",
+    )
+    p.add_argument("--hf-config-path", default=None, help="config for --load-format dummy")
+
+
+def engine_config(args: argparse.Namespace):
+    """The frozen EngineConfig of parsed `serve` arguments."""
+    from model_runner.config import EngineConfig
+
+    if args.model_tag and args.model and args.model_tag != args.model:
+        raise SystemExit(f"error: MODEL {args.model_tag!r} and --model {args.model!r} differ")
+    dtype = {"float": "float32", "half": "float16"}.get(args.dtype, args.dtype)
+    return EngineConfig(
+        model=args.model_tag or args.model,
+        load_format=args.load_format,
+        dtype=dtype,
+        device=args.device,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching,
+        seed=args.seed,
+        max_logprobs=args.max_logprobs,
+        enforce_eager=args.enforce_eager,
+        served_model_name=args.served_model_name,
+        max_waiting=args.max_waiting,
+        hf_config_path=args.hf_config_path,
+    )
+
+
+def server_config(args: argparse.Namespace):
+    from api.server import ServerConfig
+
+    return ServerConfig(
+        host=args.host, port=args.port, api_key=args.api_key or None, max_logprobs=args.max_logprobs
+    )
+
+
+def bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve_app(app, server_cfg, stop: asyncio.Event) -> None:
+    """Serve a Quart app on hypercorn until `stop` is set (open requests get 5 s to finish)."""
+    from hypercorn.asyncio import serve as hypercorn_serve
+    from hypercorn.config import Config
+
+    hconfig = Config()
+    hconfig.bind = [bind_address(server_cfg.host, server_cfg.port)]
+    hconfig.accesslog = None
+    hconfig.graceful_timeout = 5.0
+    await hypercorn_serve(app, hconfig, shutdown_trigger=stop.wait)
+
+
+async def serve(engine_cfg, server_cfg) -> None:
+    """Start the engine, serve until SIGTERM/SIGINT, then shut the engine down."""
+    from api.engine_client import EngineClient
+    from api.server import create_app
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    engine = EngineClient(engine_cfg)
+    try:
+        if not await _start_unless_stopped(engine, stop):
+            return
+        address = bind_address(server_cfg.host, server_cfg.port)
+        log.info("serving %s on http://%s", engine.model_name, address)
+        await serve_app(create_app(engine, server_cfg), server_cfg, stop)
+    finally:
+        log.info("shutting down")
+        await engine.shutdown()
+
+
+async def _start_unless_stopped(engine, stop: asyncio.Event) -> bool:
+    """Start the engine; a signal while the model loads cancels the start."""
+    start = asyncio.create_task(engine.start())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([start, stopped], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not start.done():
+        start.cancel()
+        await asyncio.gather(start, return_exceptions=True)
+        return False
+    start.result()
+    return True
+
+
+def run(coro) -> None:
+    try:
+        import uvloop
+    except ImportError:  # not on Windows; plain asyncio works too
+        asyncio.run(coro)
+        return
+    uvloop.run(coro)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point (`tokenmill`)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from api.server import tokenmill_version
+
+        print(tokenmill_version())
+        return 0
+    if args.command != "serve":
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    run(serve(engine_config(args), server_config(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

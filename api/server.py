@@ -1,0 +1,144 @@
+"""The Quart app: OpenAI-compatible routes, the API key check, errors in OpenAI's shape.
+
+`create_app(engine, config)` takes a started engine (an `EngineClient`, or anything with its
+interface) and serves it; the CLI runs the app on hypercorn under uvloop.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from quart import Quart, Response, request
+from werkzeug.exceptions import HTTPException
+
+from api.errors import ApiError, error_body
+from api.metrics import ServingMetrics
+from api.serving import OpenAIServing, json_response
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP-side settings. `max_logprobs` mirrors the engine's `--max-logprobs`."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_logprobs: int = 20
+    max_n: int = 128
+    max_stop: int = 16
+    max_prompts: int = 256
+
+
+def tokenmill_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tokenmill")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+def needs_api_key(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/") or path == "/reset_prefix_cache"
+
+
+def create_app(engine, config: ServerConfig | None = None) -> Quart:
+    """The app serving `engine`; every app has its own metrics registry."""
+    config = config or ServerConfig()
+    app = Quart("tokenmill")
+    # NOTE: streamed responses last as long as generation does; no response timeout.
+    app.config.update(RESPONSE_TIMEOUT=None, MAX_CONTENT_LENGTH=MAX_BODY_BYTES)
+    metrics = ServingMetrics(engine)
+    serving = OpenAIServing(engine, config, metrics)
+    app.extensions["tokenmill"] = serving
+    _register_errors(app)
+    if config.api_key:
+        _register_api_key(app, config.api_key)
+    _register_routes(app, engine, serving, metrics)
+    return app
+
+
+def _register_api_key(app: Quart, api_key: str) -> None:
+    expected = f"Bearer {api_key}".encode()
+
+    @app.before_request
+    async def check_api_key():
+        if not needs_api_key(request.path):
+            return None
+        given = request.headers.get("Authorization", "").encode()
+        if hmac.compare_digest(given, expected):
+            return None
+        body = error_body("Invalid or missing API key.", 401, code="invalid_api_key")
+        return json_response(body, 401, {"WWW-Authenticate": "Bearer"})
+
+
+def _register_errors(app: Quart) -> None:
+    @app.errorhandler(ApiError)
+    async def api_error(e: ApiError):
+        return json_response(e.body(), e.status, e.headers())
+
+    @app.errorhandler(HTTPException)
+    async def http_error(e: HTTPException):
+        status = e.code or 500
+        return json_response(error_body(e.description or e.name, status), status)
+
+    @app.errorhandler(Exception)
+    async def internal_error(e: Exception):
+        log.exception("request failed: %s %s", request.method, request.path)
+        return json_response(error_body(f"Internal server error: {type(e).__name__}", 500), 500)
+
+
+def _register_routes(app: Quart, engine, serving: OpenAIServing, metrics: ServingMetrics) -> None:
+    @app.post("/v1/chat/completions")
+    async def chat_completions():
+        return await serving.chat(await request.get_data())
+
+    @app.post("/v1/completions")
+    async def completions():
+        return await serving.completions(await request.get_data())
+
+    @app.get("/v1/models")
+    async def models():
+        return json_response(serving.models())
+
+    @app.get("/v1/models/<path:model>")
+    async def model(model: str):
+        cards = [c for c in serving.models()["data"] if c["id"] == model]
+        if not cards:
+            raise ApiError(404, f"The model `{model}` does not exist.", param="model")
+        return json_response(cards[0])
+
+    @app.post("/tokenize")
+    async def tokenize():
+        return await serving.tokenize(await request.get_data())
+
+    @app.post("/detokenize")
+    async def detokenize():
+        return await serving.detokenize(await request.get_data())
+
+    @app.get("/health")
+    async def health():
+        ok, message = engine.health()
+        if ok:
+            return Response(b"", 200)
+        return json_response(error_body(f"Engine unhealthy: {message}", 503), 503)
+
+    @app.get("/version")
+    async def version():
+        return json_response({"version": tokenmill_version()})
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), 200, content_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        ok = await engine.reset_prefix_cache()
+        return json_response({"success": bool(ok)})

@@ -1,0 +1,267 @@
+"""The OpenAI endpoints' logic: request body in, JSON or an SSE stream out.
+
+Order of work per request: decode (400 on a type error) -> model name (404) -> ranges and
+prompt checks (400) -> chat template -> engine. Nothing reaches the engine before every
+check passed. A streamed response waits for the engine's first delta before its headers go
+out, so a refusal by the engine still answers with its own 4xx/503 status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import msgspec
+from quart import Response
+from quart.wrappers.response import ResponseBody
+
+from api.chat_template import render_chat
+from api.errors import ApiError, bad_request, error_body
+from api.metrics import RequestTracker, ServingMetrics
+from api.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from api.responses import ChatStreamer, CompletionStreamer, chat_response, completion_response
+from api.streaming import Accumulator, DeltaStream
+from api.validation import (
+    Limits,
+    chat_sampling_params,
+    check_model,
+    check_token_ids,
+    completion_prompts,
+    completion_sampling_params,
+    decode_body,
+)
+
+log = logging.getLogger(__name__)
+
+_encode = msgspec.json.Encoder().encode
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+INLINE_TOKENIZE_CHARS = 20_000  # longer texts are tokenized off the event loop
+
+
+def json_response(body: dict, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(_encode(body), status, headers, content_type="application/json")
+
+
+def sse(chunk: dict) -> bytes:
+    return b"data: " + _encode(chunk) + b"\n\n"
+
+
+class SSEBody(ResponseBody):
+    """The SSE body; closing it (even unstarted) closes the engine streams, aborting them."""
+
+    def __init__(self, events: AsyncIterator[bytes], stream: DeltaStream) -> None:
+        self.events = events
+        self.stream = stream
+
+    async def __aenter__(self) -> SSEBody:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        try:
+            await self.events.aclose()
+        finally:
+            await self.stream.aclose()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self.events
+
+
+async def sse_events(
+    stream: DeltaStream, streamer, tracker: RequestTracker
+) -> AsyncIterator[bytes]:
+    """Chunks, then the usage chunk if asked, then `data: [DONE]`; errors become an event."""
+    try:
+        for chunk in streamer.start():
+            yield sse(chunk)
+        async for src, delta in stream.events():
+            for chunk in streamer.on_delta(src, delta):
+                yield sse(chunk)
+        for chunk in streamer.finish():
+            yield sse(chunk)
+    except ApiError as e:
+        yield sse(e.body())
+    except Exception:
+        log.exception("streamed request failed")
+        yield sse(error_body("Internal error while streaming.", 500))
+    finally:
+        await stream.aclose()
+        tracker.finish(streamer.acc)
+    yield b"data: [DONE]\n\n"
+
+
+def _usage_options(req) -> dict:
+    opts = req.stream_options
+    return {
+        "include_usage": bool(opts and opts.include_usage),
+        "continuous_usage": bool(opts and opts.continuous_usage_stats),
+    }
+
+
+class OpenAIServing:
+    """Chat, completions, tokenize and detokenize against one engine."""
+
+    def __init__(self, engine, config, metrics: ServingMetrics) -> None:
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics
+        self.created = int(time.time())
+        self._limits: Limits | None = None
+
+    @property
+    def limits(self) -> Limits:
+        if self._limits is None:  # NOTE: the engine knows its numbers only once started
+            c = self.config
+            self._limits = Limits(
+                vocab_size=self.engine.vocab_size,
+                max_model_len=self.engine.max_model_len,
+                max_logprobs=c.max_logprobs,
+                max_n=c.max_n,
+                max_stop=c.max_stop,
+                max_prompts=c.max_prompts,
+            )
+        return self._limits
+
+    def models(self) -> dict:
+        name = self.engine.model_name
+        card = {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "tokenmill",
+            "root": name,
+            "parent": None,
+            "max_model_len": self.engine.max_model_len,
+            "permission": [],
+        }
+        return {"object": "list", "data": [card]}
+
+    async def chat(self, body: bytes) -> Response:
+        req = decode_body(body, ChatCompletionRequest)
+        check_model(req.model, self.engine.model_name)
+        sampling = chat_sampling_params(req, self.limits)
+        prompt = render_chat(
+            self.engine.tokenizer,
+            req.messages,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+            tools=req.tools,
+            documents=req.documents,
+            chat_template_kwargs=req.chat_template_kwargs,
+        )
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        it = self.engine.generate(
+            request_id,
+            prompt=prompt,
+            sampling=sampling,
+            add_special_tokens=req.add_special_tokens,
+            cache_salt=req.cache_salt,
+        )
+        acc = Accumulator(1, sampling.n)
+        created, model = int(time.time()), self.engine.model_name
+        if req.stream:
+            streamer = ChatStreamer(
+                request_id, created, model, acc, logprobs=req.logprobs, **_usage_options(req)
+            )
+            return await self._stream([it], streamer)
+        await self._collect([it], acc)
+        return json_response(chat_response(request_id, created, model, acc, req.logprobs))
+
+    async def completions(self, body: bytes) -> Response:
+        req = decode_body(body, CompletionRequest)
+        check_model(req.model, self.engine.model_name)
+        sampling = completion_sampling_params(req, self.limits)
+        prompts = completion_prompts(req, self.limits)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        iterators = [
+            self.engine.generate(
+                request_id if len(prompts) == 1 else f"{request_id}-{i}",
+                prompt=p if isinstance(p, str) else None,
+                prompt_token_ids=None if isinstance(p, str) else p,
+                sampling=sampling,
+                add_special_tokens=req.add_special_tokens,
+                cache_salt=req.cache_salt,
+            )
+            for i, p in enumerate(prompts)
+        ]
+        echo = None
+        if req.echo:
+            echo = [p if isinstance(p, str) else self.engine.tokenizer.decode(p) for p in prompts]
+        acc = Accumulator(len(prompts), sampling.n)
+        created, model = int(time.time()), self.engine.model_name
+        logprobs = req.logprobs is not None
+        if req.stream:
+            streamer = CompletionStreamer(
+                request_id, created, model, acc, logprobs=logprobs, echo=echo, **_usage_options(req)
+            )
+            return await self._stream(iterators, streamer)
+        await self._collect(iterators, acc)
+        body = completion_response(request_id, created, model, acc, logprobs, echo)
+        return json_response(body)
+
+    async def _collect(self, iterators: list, acc: Accumulator) -> None:
+        """Run the engine requests to the end; a disconnect cancels this and aborts them."""
+        tracker = self.metrics.track()
+        stream = DeltaStream(iterators, tracker.on_delta)
+        await stream.open()
+        try:
+            async for src, delta in stream.events():
+                acc.add(src, delta)
+        finally:
+            await stream.aclose()
+            tracker.finish(acc)
+
+    async def _stream(self, iterators: list, streamer) -> Response:
+        tracker = self.metrics.track()
+        stream = DeltaStream(iterators, tracker.on_delta)
+        await stream.open()  # NOTE: before the headers, so a refusal keeps its status
+        body = SSEBody(sse_events(stream, streamer, tracker), stream)
+        response = Response(body, 200, SSE_HEADERS, content_type="text/event-stream")
+        response.timeout = None
+        return response
+
+    async def tokenize(self, body: bytes) -> Response:
+        req = decode_body(body, TokenizeRequest)
+        check_model(req.model, self.engine.model_name)
+        if (req.prompt is None) == (req.messages is None):
+            raise bad_request("Give exactly one of `prompt` and `messages`.", "prompt")
+        tokenizer = self.engine.tokenizer
+        if req.messages is not None:
+            text = render_chat(
+                tokenizer,
+                req.messages,
+                add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                tools=req.tools,
+                chat_template_kwargs=req.chat_template_kwargs,
+            )
+            special = bool(req.add_special_tokens)
+        else:
+            text = req.prompt
+            special = req.add_special_tokens is not False
+        if len(text) > INLINE_TOKENIZE_CHARS:
+            ids = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=special)
+        else:
+            ids = tokenizer.encode(text, add_special_tokens=special)
+        strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return json_response(
+            {
+                "count": len(ids),
+                "max_model_len": self.engine.max_model_len,
+                "tokens": ids,
+                "token_strs": strs,
+            }
+        )
+
+    async def detokenize(self, body: bytes) -> Response:
+        req = decode_body(body, DetokenizeRequest)
+        check_model(req.model, self.engine.model_name)
+        ids = check_token_ids(req.tokens, self.limits, "tokens")
+        return json_response({"prompt": self.engine.tokenizer.decode(ids)})

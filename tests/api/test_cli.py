@@ -1,0 +1,73 @@
+"""The `tokenmill serve` command line: vLLM's flag names into EngineConfig and ServerConfig."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from api.cli import bind_address, build_parser, engine_config, main, server_config
+from model_runner.config import EngineConfig
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_defaults_are_engine_defaults():
+    args = parse()
+    assert engine_config(args) == EngineConfig()
+    cfg = server_config(args)
+    assert (cfg.host, cfg.port, cfg.api_key, cfg.max_logprobs) == ("127.0.0.1", 8000, None, 20)
+
+
+def test_flags_reach_the_configs():
+    args = parse("/models/x.gguf", "--host", "0.0.0.0", "--port", "9001",
+                 "--max-model-len", "2048", "--max-num-seqs", "8",
+                 "--max-num-batched-tokens", "512", "--block-size", "32", "--dtype", "half",
+                 "--load-format", "gguf", "--kv-cache-memory", "0.25",
+                 "--gpu-memory-utilization", "0.5", "--served-model-name", "smol",
+                 "--seed", "7", "--max-logprobs", "5", "--api-key", "k",
+                 "--enforce-eager", "--no-enable-prefix-caching", "--device", "cpu")  # fmt: skip
+    assert engine_config(args) == EngineConfig(
+        model="/models/x.gguf", load_format="gguf", dtype="float16", device="cpu",
+        block_size=32, max_model_len=2048, max_num_seqs=8, max_num_batched_tokens=512,
+        kv_cache_memory=0.25, gpu_memory_utilization=0.5, enable_prefix_caching=False,
+        seed=7, max_logprobs=5, enforce_eager=True, served_model_name="smol",
+    )  # fmt: skip
+    cfg = server_config(args)
+    assert (cfg.host, cfg.port, cfg.api_key, cfg.max_logprobs) == ("0.0.0.0", 9001, "k", 5)
+
+
+def test_model_flag_and_positional():
+    assert engine_config(parse("--model", "m.gguf")).model == "m.gguf"
+    assert engine_config(parse("--enable-prefix-caching")).enable_prefix_caching is True
+    with pytest.raises(SystemExit):
+        engine_config(parse("a.gguf", "--model", "b.gguf"))
+    with pytest.raises(SystemExit):
+        parse("--dtype", "int3")
+
+
+def test_api_key_from_environment(monkeypatch):
+    monkeypatch.setenv("TOKENMILL_API_KEY", "from-env")
+    assert server_config(parse()).api_key == "from-env"
+
+
+def test_bind_address():
+    assert bind_address("127.0.0.1", 8000) == "127.0.0.1:8000"
+    assert bind_address("::1", 8000) == "[::1]:8000"
+
+
+def test_version_and_help(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main([]) == 2
+
+
+def test_python_dash_m_api():
+    out = subprocess.run([sys.executable, "-m", "api", "serve", "--help"], capture_output=True,
+                         text=True, timeout=60, check=True)  # fmt: skip
+    for flag in ("--max-model-len", "--kv-cache-memory", "--no-enable-prefix-caching",
+                 "--served-model-name", "--api-key"):  # fmt: skip
+        assert flag in out.stdout

@@ -1,0 +1,99 @@
+"""The app on a real hypercorn socket (fake engine): SSE over the wire, disconnect -> abort."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from api.cli import serve_app
+from api.server import ServerConfig, create_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest_asyncio.fixture(loop_scope="function")  # NOTE: the test's own loop
+async def base_url(engine):
+    cfg = ServerConfig(port=free_port())
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve_app(create_app(engine, cfg), cfg, stop))
+    url = f"http://127.0.0.1:{cfg.port}"
+    async with httpx.AsyncClient() as client:
+        for _ in range(200):
+            try:
+                await client.get(url + "/health")
+                break
+            except httpx.ConnectError:
+                await asyncio.sleep(0.02)
+    yield url
+    stop.set()
+    await asyncio.wait_for(task, 10)
+
+
+async def test_stream_over_socket_then_disconnect(base_url, engine):
+    engine.delay = 0.02
+    body = {"prompt": "Hi", "max_tokens": 10, "stream": True}
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
+        async with client.stream("POST", "/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            assert "content-length" not in resp.headers
+            seen = 0
+            async for line in resp.aiter_lines():
+                if line.startswith("data: {"):
+                    seen += 1
+                if seen == 2:
+                    break
+        for _ in range(250):
+            if engine.aborted:
+                break
+            await asyncio.sleep(0.02)
+        assert engine.aborted == [engine.calls[0]["request_id"]]
+        # the server still answers, streamed to the end with [DONE]
+        async with client.stream("POST", "/v1/completions", json=body) as resp:
+            lines = [line async for line in resp.aiter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and len(lines) == 11
+
+
+async def test_refusal_status_over_socket(base_url):
+    body = {"prompt": "word " * 600, "stream": True}
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
+        resp = await client.post("/v1/completions", json=body)
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == "max_tokens"
+
+
+async def test_openai_sdk_parses_every_shape(base_url, tokenizer):
+    import openai
+
+    from tests.api.fake_engine import FakeEngine
+
+    expected = tokenizer.decode(tokenizer.encode(FakeEngine.OUTPUT, add_special_tokens=False)[:5])
+    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0)
+    [model] = (await client.models.list()).data
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = await client.chat.completions.create(model=model.id, messages=messages, max_tokens=5)
+    assert chat.choices[0].message.content == expected
+    assert chat.usage.prompt_tokens_details.cached_tokens == 0
+    stream = await client.chat.completions.create(
+        model=model.id, messages=messages, max_tokens=5, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == 5
+    comp = await client.completions.create(model=model.id, prompt="Hi", max_tokens=5, n=2)
+    assert [c.text for c in comp.choices] == [expected, expected]
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.completions.create(model=model.id, prompt="Hi", temperature=9)
+    assert err.value.status_code == 400
+    with pytest.raises(openai.NotFoundError):
+        await client.completions.create(model="nope", prompt="Hi")
+    await client.close()
