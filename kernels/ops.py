@@ -3,6 +3,7 @@
 Each op runs the Triton kernel when its tensors live on CUDA and the torch reference
 otherwise. `TOKENMILL_KERNELS=torch` forces the references everywhere, and
 `TOKENMILL_KERNELS=triton` forces Triton (on the CPU that needs `TRITON_INTERPRET=1`).
+The Triton modules are imported on first use, so the CPU path never loads them.
 """
 
 from __future__ import annotations
@@ -28,9 +29,86 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
-paged_attention = paged_attention_ref
-write_kv = write_kv_ref
-rms_norm = rms_norm_ref
-fused_add_rms_norm = fused_add_rms_norm_ref
-rotary_embedding = rotary_embedding_ref
-silu_and_mul = silu_and_mul_ref
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    *,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> torch.Tensor:
+    """Unified paged attention; see `kernels.paged_attention.paged_attention_ref`."""
+    if use_triton(query):
+        from kernels.paged_attention_triton import paged_attention_triton as impl
+    else:
+        impl = paged_attention_ref
+    return impl(
+        query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
+        max_query_len=max_query_len, max_seq_len=max_seq_len,
+        sliding_window=sliding_window, soft_cap=soft_cap,
+    )  # fmt: skip
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store K/V in the paged cache at `slot_mapping`; see `kernels.kv_cache.write_kv_ref`."""
+    if use_triton(key):
+        from kernels.kv_cache_triton import write_kv_triton as impl
+    else:
+        impl = write_kv_ref
+    impl(key, value, key_cache, value_cache, slot_mapping)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim; see `kernels.layernorm.rms_norm_ref`."""
+    if use_triton(x):
+        from kernels.layernorm_triton import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_ref(x, weight, eps)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual); see `kernels.layernorm.fused_add_rms_norm_ref`."""
+    if use_triton(x):
+        from kernels.layernorm_triton import fused_add_rms_norm_triton
+
+        return fused_add_rms_norm_triton(x, residual, weight, eps)
+    return fused_add_rms_norm_ref(x, residual, weight, eps)
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of query and key; see `kernels.rotary.rotary_embedding_ref`."""
+    if use_triton(query):
+        from kernels.rotary_triton import rotary_embedding_triton
+
+        return rotary_embedding_triton(positions, query, key, cos_sin_cache, is_neox)
+    return rotary_embedding_ref(positions, query, key, cos_sin_cache, is_neox)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of x = [gate | up]; see `kernels.activation.silu_and_mul_ref`."""
+    if use_triton(x):
+        from kernels.activation_triton import silu_and_mul_triton
+
+        return silu_and_mul_triton(x)
+    return silu_and_mul_ref(x)
