@@ -1,0 +1,73 @@
+"""The engine's frozen configuration, built once by the CLI and passed everywhere."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every engine setting; field names follow vLLM's CLI flags."""
+
+    model: str | None = None  # None: the embedded SmolLM2 GGUF; else a .gguf file or an HF folder
+    load_format: str = "auto"  # auto | gguf | safetensors | dummy
+    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    block_size: int = 16
+    max_model_len: int | None = None  # None: min(model's max positions, 8192)
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    kv_cache_memory: float | None = None  # GiB on CPU (default 2 GiB there)
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    max_logprobs: int = 20
+    enforce_eager: bool = False
+    served_model_name: str | None = None
+    max_waiting: int = 1024  # waiting-queue bound: beyond it, 503 + Retry-After
+    hf_config_path: str | None = None  # for load_format=dummy: a config.json path or folder
+
+
+DEFAULT_CPU_KV_CACHE_GIB = 2.0
+DEFAULT_MAX_MODEL_LEN_CAP = 8192
+
+
+def resolve_device(config: EngineConfig) -> torch.device:
+    """`auto` picks CUDA when it is available, else the CPU."""
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def resolve_dtype(config: EngineConfig, device: torch.device | None = None) -> torch.dtype:
+    """`auto` is float32 on the CPU and bfloat16 on CUDA."""
+    if config.dtype == "auto":
+        device = device or resolve_device(config)
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[config.dtype]
+    except KeyError:
+        choices = ", ".join(_DTYPES)
+        raise ValueError(f"unknown dtype {config.dtype!r}; one of auto, {choices}") from None
+
+
+def resolve_max_model_len(config: EngineConfig, max_position_embeddings: int) -> int:
+    """The configured max_model_len, or the model's limit capped at 8192."""
+    if config.max_model_len is not None:
+        if config.max_model_len > max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds the model's "
+                f"max_position_embeddings {max_position_embeddings}"
+            )
+        return config.max_model_len
+    return min(max_position_embeddings, DEFAULT_MAX_MODEL_LEN_CAP)

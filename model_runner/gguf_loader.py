@@ -1,0 +1,135 @@
+"""Reading a GGUF file: the model config from its metadata and dequantized weights."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from model_runner.model_source import SUPPORTED_ARCHITECTURES, ModelConfig, ModelSourceError
+
+# llama.cpp tensor name (after "blk.N.") -> the Hugging Face name (after "model.layers.N.").
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def open_gguf(path: Path):
+    """A memory-mapped gguf.GGUFReader (parsing the metadata takes a few seconds)."""
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _rope_scaling(reader, arch: str) -> dict | None:
+    kind = _field(reader, f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    scaling = {"rope_type": kind, "factor": float(_field(reader, f"{arch}.rope.scaling.factor", 1))}
+    original = _field(reader, f"{arch}.rope.scaling.original_context_length")
+    if original is not None:
+        scaling["original_max_position_embeddings"] = int(original)
+    return scaling
+
+
+def model_config_from_gguf(reader) -> ModelConfig:
+    """The ModelConfig from GGUF metadata (`<arch>.*` keys and `tokenizer.ggml.*`)."""
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelSourceError(f"unsupported GGUF architecture {arch!r}")
+    names = {t.name for t in reader.tensors}
+    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    num_heads = int(_field(reader, f"{arch}.attention.head_count"))
+    num_kv_heads = _field(reader, f"{arch}.attention.head_count_kv", num_heads)
+    if isinstance(num_kv_heads, list):
+        num_kv_heads = num_kv_heads[0]
+    vocab = _field(reader, f"{arch}.vocab_size")
+    if vocab is None:
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    eos = [
+        _field(reader, "tokenizer.ggml.eos_token_id"),
+        _field(reader, "tokenizer.ggml.eot_token_id"),
+    ]
+    return ModelConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        num_layers=int(_field(reader, f"{arch}.block_count")),
+        num_heads=num_heads,
+        num_kv_heads=int(num_kv_heads),
+        head_dim=int(_field(reader, f"{arch}.attention.key_length", hidden // num_heads)),
+        intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=_rope_scaling(reader, arch),
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
+        tie_word_embeddings="output.weight" not in names,
+        eos_token_ids=tuple(dict.fromkeys(int(t) for t in eos if t is not None)),
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        architecture=arch,
+        attention_bias="blk.0.attn_q.bias" in names,
+    )
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The Hugging Face parameter name of a llama.cpp tensor name, or None if unknown."""
+    match = _LAYER_RE.fullmatch(gguf_name)
+    if match:
+        layer, part, kind = match.groups()
+        if part not in _LAYER_NAMES:
+            return None
+        return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+    base, _, kind = gguf_name.rpartition(".")
+    return f"{_GLOBAL_NAMES[base]}.{kind}" if base in _GLOBAL_NAMES else None
+
+
+def unpermute_rotary(weights: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's row permutation of attn_q/attn_k (its interleaved rotary layout).
+
+    NOTE: the exact inverse of convert_hf_to_gguf's `permute` (as transformers undoes it):
+    rows of each head are stored as [dim/2, 2] pairs and go back to [2, dim/2] halves.
+    """
+    dim = weights.shape[0] // num_heads // 2
+    w = weights.reshape(num_heads, dim, 2, *weights.shape[1:])
+    return w.swapaxes(2, 1).reshape(weights.shape)
+
+
+def iter_gguf_weights(reader, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (Hugging Face name, float32 array) for every tensor the model uses."""
+    from gguf import dequantize
+
+    permuted = config.architecture in ("llama", "mistral")
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name)
+        if name is None:
+            continue
+        weights = dequantize(tensor.data, tensor.tensor_type)
+        if permuted and ".self_attn.q_proj." in name:
+            weights = unpermute_rotary(weights, config.num_heads)
+        elif permuted and ".self_attn.k_proj." in name:
+            weights = unpermute_rotary(weights, config.num_kv_heads)
+        yield name, weights
+
+
+def gguf_tensor_count(reader) -> int:
+    return len(reader.tensors)

@@ -1,0 +1,145 @@
+"""The runner's per-sequence state and the flat tensors of one step.
+
+NOTE: this runs every step for up to max_num_seqs sequences; everything is built with
+Python lists and one `torch.tensor` call per tensor, never per-token tensor ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model_runner.attention import AttentionMetadata
+from model_runner.sampling_params import SamplingParams
+from model_runner.step_input import NewSequence, StepInput
+
+
+class SequenceState:
+    """What the runner remembers of one sequence between steps."""
+
+    __slots__ = (
+        "seq_id",
+        "token_ids",
+        "num_prompt_tokens",
+        "num_output_tokens",
+        "num_computed",
+        "block_table",
+        "sampling",
+        "seed",
+        "generator",
+        "prompt_token_set",
+        "output_counts",
+    )
+
+    def __init__(self, new: NewSequence):
+        self.seq_id = new.seq_id
+        self.token_ids: list[int] = list(new.token_ids)
+        self.num_prompt_tokens = new.num_prompt_tokens
+        self.num_output_tokens = new.num_output_tokens
+        self.num_computed = new.num_computed_tokens
+        self.block_table: list[int] = list(new.block_ids)
+        self.sampling: SamplingParams = new.sampling
+        self.seed = new.seed if new.seed is not None else new.sampling.seed
+        self.generator: torch.Generator | None = None  # made on first seeded random draw
+        self.prompt_token_set: frozenset[int] | None = None  # made when penalties need it
+        self.output_counts: dict[int, int] | None = None  # made when penalties need it
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    def append(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        self.num_output_tokens += 1
+        if self.output_counts is not None:
+            self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
+
+    def penalty_state(self) -> tuple[frozenset[int], dict[int, int]]:
+        """(distinct prompt tokens, output token counts), built once, then kept up to date."""
+        if self.prompt_token_set is None:
+            self.prompt_token_set = frozenset(self.token_ids[: self.num_prompt_tokens])
+        if self.output_counts is None:
+            self.output_counts = {}
+            for token in self.output_token_ids:
+                self.output_counts[token] = self.output_counts.get(token, 0) + 1
+        return self.prompt_token_set, self.output_counts
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInputs:
+    """The flat tensors of one forward, plus which sequences get a sampled token."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [R] int64: rows of the sampled tokens
+    sample_seqs: list[SequenceState]  # R sequences, in the order of logits_indices
+
+
+def apply_state_updates(seqs: dict[str, SequenceState], step: StepInput) -> None:
+    """Drop finished sequences, add new ones, and apply each chunk's block-table change."""
+    for seq_id in step.finished_seq_ids:
+        seqs.pop(seq_id, None)
+    for new in step.new_sequences:
+        seqs[new.seq_id] = SequenceState(new)
+    for chunk in step.chunks:
+        table = seqs[chunk.seq_id].block_table
+        if chunk.block_table_start < len(table):
+            del table[chunk.block_table_start :]
+        table.extend(chunk.block_ids)
+
+
+def build_model_inputs(
+    seqs: dict[str, SequenceState], step: StepInput, block_size: int, device: torch.device
+) -> ModelInputs:
+    """Flatten the step's chunks into one batch; advances each sequence's num_computed."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    seq_lens: list[int] = []
+    query_start_loc = [0]
+    tables: list[list[int]] = []
+    logits_indices: list[int] = []
+    sample_seqs: list[SequenceState] = []
+    max_query_len = 0
+    for chunk in step.chunks:
+        seq = seqs[chunk.seq_id]
+        start, num = seq.num_computed, chunk.num_tokens
+        end = start + num
+        table = seq.block_table
+        if num == 1:
+            input_ids.append(seq.token_ids[start])
+            positions.append(start)
+            slots.append(table[start // block_size] * block_size + start % block_size)
+        else:
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(
+                table[p // block_size] * block_size + p % block_size for p in range(start, end)
+            )
+        seq_lens.append(end)
+        query_start_loc.append(query_start_loc[-1] + num)
+        tables.append(table[: -(-end // block_size)])
+        max_query_len = max(max_query_len, num)
+        seq.num_computed = end
+        if end == len(seq.token_ids):
+            logits_indices.append(query_start_loc[-1] - 1)
+            sample_seqs.append(seq)
+    width = max(len(t) for t in tables)
+    padded = [t + [0] * (width - len(t)) for t in tables]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
+        max_query_len=max_query_len,
+        max_seq_len=max(seq_lens),
+    )
+    return ModelInputs(
+        input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        meta=meta,
+        logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=device),
+        sample_seqs=sample_seqs,
+    )

@@ -1,0 +1,130 @@
+"""The model runner: owns the model, the KV cache and every sequence's state; runs steps."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from model_runner.attention import AttentionMetadata
+from model_runner.config import EngineConfig, resolve_device, resolve_dtype, resolve_max_model_len
+from model_runner.gguf_loader import model_config_from_gguf, open_gguf
+from model_runner.input_batch import (
+    SequenceState,
+    apply_state_updates,
+    build_model_inputs,
+)
+from model_runner.kv_cache import KVCache, num_blocks_for_cpu, num_blocks_for_cuda
+from model_runner.loader import load_model
+from model_runner.model_source import ModelConfig, ModelSource, model_config_from_hf, resolve_model
+from model_runner.sampler import Sampler
+from model_runner.step_input import StepInput, StepOutput
+
+
+def load_model_config(source: ModelSource, gguf_reader=None) -> ModelConfig:
+    """The ModelConfig of a resolved source (GGUF metadata or config.json)."""
+    if source.config_path.suffix == ".gguf":
+        reader = gguf_reader if gguf_reader is not None else open_gguf(source.config_path)
+        return model_config_from_gguf(reader)
+    return model_config_from_hf(source.config_path)
+
+
+class ModelRunner:
+    """Loads the model (with a progress bar), allocates the KV cache, executes steps.
+
+    NOT thread-safe: one `execute` at a time.
+    """
+
+    def __init__(self, config: EngineConfig, progress: bool = True):
+        self.config = config
+        self.device = resolve_device(config)
+        self.dtype = resolve_dtype(config, self.device)
+        self.source = resolve_model(config)
+        self.model_name = self.source.name
+        reader = open_gguf(self.source.path) if self.source.format == "gguf" else None
+        self.model_config = load_model_config(self.source, reader)
+        self.max_model_len = resolve_max_model_len(
+            config, self.model_config.max_position_embeddings
+        )
+        self.block_size = config.block_size
+        self.vocab_size = self.model_config.vocab_size
+        self.eos_token_ids = list(self.model_config.eos_token_ids)
+        self.model = load_model(
+            self.source,
+            self.model_config,
+            self.dtype,
+            self.device,
+            self.max_model_len,
+            seed=config.seed,
+            progress=progress,
+            gguf_reader=reader,
+        )
+        self.num_blocks = self._size_kv_cache()
+        self.kv_cache = KVCache(
+            self.model_config, self.num_blocks, self.block_size, self.dtype, self.device
+        )
+        self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.seed)
+        self._seqs: dict[str, SequenceState] = {}
+
+    def _size_kv_cache(self) -> int:
+        cfg, mc = self.config, self.model_config
+        if self.device.type != "cuda":
+            return num_blocks_for_cpu(cfg, mc, self.dtype, self.max_model_len)
+        self._profile_run()
+        return num_blocks_for_cuda(cfg, mc, self.dtype, self.max_model_len, self.device)
+
+    @torch.inference_mode()
+    def _profile_run(self) -> None:
+        """One forward at the largest batch, so that the peak activation memory is known."""
+        num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        num_blocks = math.ceil(num_tokens / self.block_size)
+        cache = KVCache(self.model_config, num_blocks, self.block_size, self.dtype, self.device)
+
+        def ints(values, dtype=torch.int32):
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, device=self.device),
+            block_tables=ints([list(range(num_blocks))]),
+            seq_lens=ints([num_tokens]),
+            query_start_loc=ints([0, num_tokens]),
+            max_query_len=num_tokens,
+            max_seq_len=num_tokens,
+        )
+        rows = min(self.config.max_num_seqs, num_tokens)
+        input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        positions = torch.arange(num_tokens, device=self.device)
+        logits_indices = torch.arange(rows, device=self.device)
+        logits = self.model(input_ids, positions, cache.layers, meta, logits_indices)
+        torch.softmax(logits, dim=-1).sort(dim=-1)
+        torch.cuda.synchronize(self.device)
+        del cache, logits
+        torch.cuda.empty_cache()
+
+    @property
+    def num_active_sequences(self) -> int:
+        return len(self._seqs)
+
+    def execute(self, step: StepInput) -> StepOutput:
+        """Apply the step's state changes, run the forward, sample, append the new tokens."""
+        start = time.perf_counter()
+        apply_state_updates(self._seqs, step)
+        self.kv_cache.copy_blocks(step.block_copies)
+        if not step.chunks:
+            return StepOutput(step_id=step.step_id, execute_seconds=time.perf_counter() - start)
+        with torch.inference_mode():
+            inputs = build_model_inputs(self._seqs, step, self.block_size, self.device)
+            logits = self.model(
+                inputs.input_ids,
+                inputs.positions,
+                self.kv_cache.layers,
+                inputs.meta,
+                inputs.logits_indices,
+            )
+            sampled = self.sampler(logits, inputs.sample_seqs)
+        for seq, token in zip(inputs.sample_seqs, sampled, strict=True):
+            seq.append(token.token_id)
+        return StepOutput(
+            step_id=step.step_id, sampled=sampled, execute_seconds=time.perf_counter() - start
+        )
