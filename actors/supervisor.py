@@ -19,7 +19,8 @@ from actors.wiring import DEFAULT_PLACEMENT
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_TIMEOUT_S = 15.0
+HEARTBEAT_TIMEOUT_S = 30.0
+STARTUP_GRACE_S = 600.0  # imports + model load on a busy 2-core machine, before the first beat
 
 
 class Supervisor:
@@ -63,8 +64,11 @@ class Supervisor:
                 found.append(f"process {process} ({', '.join(actors)}) exited with code {code}")
                 continue
             for actor in actors:
-                last = self.last_beat.get(actor, self.started_at)
-                if now - last > HEARTBEAT_TIMEOUT_S:
+                last = self.last_beat.get(actor)
+                if last is None:
+                    if now - self.started_at > STARTUP_GRACE_S:
+                        found.append(f"actor {actor} never sent a heartbeat")
+                elif now - last > HEARTBEAT_TIMEOUT_S:
                     found.append(f"actor {actor} sent no heartbeat for {now - last:.0f} s")
         return found
 
