@@ -51,6 +51,8 @@ def paged_attention_ref(
     tables = block_tables[:, :num_ctx_blocks].long()
     keys = key_cache[tables].reshape(num_seqs, ctx_len, num_kv_heads, head_dim)
     values = value_cache[tables].reshape(num_seqs, ctx_len, num_kv_heads, head_dim)
+    if max_query_len == 1 and num_tokens == num_seqs and soft_cap is None:
+        return _decode_attention(query, keys, values, seq_lens, scale, sliding_window)
 
     # Scatter the flat query rows into a [num_seqs, max_query_len] grid.
     token_idx = torch.arange(num_tokens, device=device)
@@ -84,3 +86,35 @@ def paged_attention_ref(
         scores = scores.masked_fill(~mask[:, None], float("-inf"))
         out = torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(query.dtype)
     return out.transpose(1, 2)[seq_of_token, row_of_token]
+
+
+def _decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """One query token per sequence: two batched matmuls, fp32 softmax, GQA by grouping.
+
+    NOTE: CPU SDPA with a mask is slow for a single query row (bf16 above all); this path
+    computes the same function. keys/values: [seqs, ctx, kv_heads, dim].
+    """
+    num_seqs, num_heads, head_dim = query.shape
+    num_kv_heads, ctx_len = keys.shape[2], keys.shape[1]
+    group = num_heads // num_kv_heads
+    # NOTE: the matmuls run in the cache dtype (fp32 accumulation inside); softmax in fp32.
+    q = query.view(num_seqs, num_kv_heads, group, head_dim)
+    k = keys.permute(0, 2, 3, 1)  # [seqs, kv_heads, dim, ctx]
+    v = values.transpose(1, 2)  # [seqs, kv_heads, ctx, dim]
+    scores = torch.matmul(q, k).float() * scale  # [seqs, kv_heads, group, ctx]
+    k_pos = torch.arange(ctx_len, device=query.device)
+    lens = seq_lens.long()[:, None]
+    visible = k_pos[None, :] < lens
+    if sliding_window is not None:
+        visible &= (lens - 1) - k_pos[None, :] < sliding_window
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v)  # [seqs, kv_heads, group, dim]
+    return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
