@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -95,10 +94,10 @@ def test_gguf_names_map_to_hf_names():
 def test_gguf_tokenizer_is_cached(gguf_path, hf_tokenizer):
     source = resolve_model(EngineConfig())
     first = load_tokenizer(source)
-    assert (_tokenizer_cache_dir(gguf_path) / "tokenizer_config.json").is_file()
-    start = time.perf_counter()
+    cache_dir = _tokenizer_cache_dir(gguf_path)
+    assert (cache_dir / "tokenizer_config.json").is_file()
     cached = load_tokenizer(source)
-    assert time.perf_counter() - start < 3.0  # the GGUF conversion alone takes ~5 s
+    assert cached.name_or_path == str(cache_dir)  # read back, not converted again (~5 s)
     text = "Hello, world! <|im_start|>user\nÇa va? 12345"
     expected = hf_tokenizer(text)["input_ids"]
     assert first(text)["input_ids"] == expected and cached(text)["input_ids"] == expected
