@@ -34,7 +34,7 @@ class Actor(ABC):
         self.inbox = transport.inbox(self.name)
         self.handler_errors = 0
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 (an optional hook)
         """Async set-up before the first message (load a model, say)."""
 
     @abstractmethod

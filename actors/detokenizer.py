@@ -114,6 +114,6 @@ class DetokenizerActor(Actor):
         entries = []
         for token_id, logprob, top in out.logprobs:
             texts = token_texts(self.tokenizer, [token_id] + [t for t, _ in top])
-            top_entries = [(t, s, lp) for (t, lp), s in zip(top, texts[1:])]
+            top_entries = [(t, s, lp) for (t, lp), s in zip(top, texts[1:], strict=True)]
             entries.append(TokenLogprob(token_id, texts[0], logprob, top_entries))
         return entries

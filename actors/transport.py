@@ -49,7 +49,7 @@ class Inbox(ABC):
     @abstractmethod
     async def recv_bytes(self) -> bytes: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (an optional hook)
         """Release the inbox's resources."""
 
 
@@ -70,7 +70,7 @@ class Transport(ABC):
     @abstractmethod
     def outbox(self, name: str) -> Outbox: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (an optional hook)
         """Close every socket this transport opened."""
 
 
@@ -94,7 +94,7 @@ class _ZmqInbox(Inbox):
     async def recv_bytes(self) -> bytes:
         return await self.socket.recv(copy=True)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (an optional hook)
         self.socket.close(linger=0)
 
 
@@ -134,7 +134,7 @@ class ZmqTransport(Transport):
         self.sockets.append(sock)
         return _ZmqOutbox(sock)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (an optional hook)
         for sock in self.sockets:
             sock.close(linger=0)
         self.sockets.clear()

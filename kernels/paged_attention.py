@@ -48,10 +48,15 @@ def paged_attention_ref(
     ctx_len = num_ctx_blocks * block_size
     device = query.device
 
-    tables = block_tables[:, :num_ctx_blocks].long()
-    keys = key_cache[tables].reshape(num_seqs, ctx_len, num_kv_heads, head_dim)
-    values = value_cache[tables].reshape(num_seqs, ctx_len, num_kv_heads, head_dim)
+    # NOTE: index_select over whole blocks is a plain row copy, faster than fancy indexing.
+    flat_tables = block_tables[:, :num_ctx_blocks].reshape(-1).long()
+    keys, values = (
+        cache.index_select(0, flat_tables).view(num_seqs, ctx_len, num_kv_heads, head_dim)
+        for cache in (key_cache, value_cache)
+    )
     if max_query_len == 1 and num_tokens == num_seqs and soft_cap is None:
+        # One head-major copy for the decode matmuls (a ctx-minor permute copies slowly).
+        keys, values = keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous()
         return _decode_attention(query, keys, values, seq_lens, scale, sliding_window)
 
     # Scatter the flat query rows into a [num_seqs, max_query_len] grid.
@@ -99,22 +104,19 @@ def _decode_attention(
     """One query token per sequence: two batched matmuls, fp32 softmax, GQA by grouping.
 
     NOTE: CPU SDPA with a mask is slow for a single query row (bf16 above all); this path
-    computes the same function. keys/values: [seqs, ctx, kv_heads, dim].
+    computes the same function. keys/values: [seqs, kv_heads, ctx, dim], contiguous.
     """
     num_seqs, num_heads, head_dim = query.shape
-    num_kv_heads, ctx_len = keys.shape[2], keys.shape[1]
-    group = num_heads // num_kv_heads
+    num_kv_heads, ctx_len = keys.shape[1], keys.shape[2]
     # NOTE: the matmuls run in the cache dtype (fp32 accumulation inside); softmax in fp32.
-    q = query.view(num_seqs, num_kv_heads, group, head_dim)
-    k = keys.permute(0, 2, 3, 1)  # [seqs, kv_heads, dim, ctx]
-    v = values.transpose(1, 2)  # [seqs, kv_heads, ctx, dim]
-    scores = torch.matmul(q, k).float() * scale  # [seqs, kv_heads, group, ctx]
+    q = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # [s, kv, group, ctx]
     k_pos = torch.arange(ctx_len, device=query.device)
     lens = seq_lens.long()[:, None]
-    visible = k_pos[None, :] < lens
+    hidden = k_pos[None, :] >= lens
     if sliding_window is not None:
-        visible &= (lens - 1) - k_pos[None, :] < sliding_window
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v)  # [seqs, kv_heads, group, dim]
-    return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
+        hidden |= (lens - 1) - k_pos[None, :] >= sliding_window
+    scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    out = torch.matmul(probs, values)  # [seqs, kv_heads, group, dim]
+    return out.view(num_seqs, num_heads, head_dim).to(query.dtype)

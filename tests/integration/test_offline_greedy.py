@@ -30,7 +30,7 @@ def test_batched_greedy_matches_hf(llm, hf_greedy):
 def test_alone_equals_among_sixteen(llm, hf_greedy):
     prompts = (GREEDY_PROMPTS * 2)[:16]
     together = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
-    for prompt, ids in zip(prompts, together):
+    for prompt, ids in zip(prompts, together, strict=True):
         alone = llm.generate([prompt], GREEDY)[0].outputs[0].token_ids
         assert alone == ids == hf_greedy[prompt], prompt
 
