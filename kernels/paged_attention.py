@@ -39,14 +39,12 @@ def paged_attention_ref(
     num_tokens, num_heads, head_dim = query.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     num_seqs = seq_lens.shape[0]
-    query_lens = query_start_loc[1:] - query_start_loc[:-1]
     if max_query_len is None:
-        max_query_len = int(query_lens.max())
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())
     num_ctx_blocks = -(-max_seq_len // block_size)
     ctx_len = num_ctx_blocks * block_size
-    device = query.device
 
     # NOTE: index_select over whole blocks is a plain row copy, faster than fancy indexing.
     flat_tables = block_tables[:, :num_ctx_blocks].reshape(-1).long()
@@ -59,7 +57,38 @@ def paged_attention_ref(
         keys, values = keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous()
         return _decode_attention(query, keys, values, seq_lens, scale, sliding_window)
 
-    # Scatter the flat query rows into a [num_seqs, max_query_len] grid.
+    return _chunked_attention(
+        query,
+        keys,
+        values,
+        seq_lens,
+        query_start_loc,
+        max_query_len,
+        scale,
+        sliding_window,
+        soft_cap,
+    )
+
+
+def _chunked_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+) -> torch.Tensor:
+    """Query chunks of any length: pad them into a grid, causal masked attention, un-pad.
+
+    keys/values: [seqs, ctx, kv_heads, dim], the gathered context of each sequence.
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    num_seqs, ctx_len, num_kv_heads = keys.shape[:3]
+    device = query.device
+    query_lens = query_start_loc[1:] - query_start_loc[:-1]
     token_idx = torch.arange(num_tokens, device=device)
     seq_of_token = torch.searchsorted(query_start_loc[1:].long(), token_idx, right=True)
     row_of_token = token_idx - query_start_loc[seq_of_token].long()
@@ -78,19 +107,31 @@ def paged_attention_ref(
     q = q_grid.transpose(1, 2)  # [seqs, heads, q, dim]
     k = keys.transpose(1, 2)  # [seqs, kv_heads, ctx, dim]
     v = values.transpose(1, 2)
-    if soft_cap is None:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=num_heads != num_kv_heads
-        )
-    else:
-        group = num_heads // num_kv_heads
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-        scores = soft_cap * torch.tanh(scores / soft_cap)
-        scores = scores.masked_fill(~mask[:, None], float("-inf"))
-        out = torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(query.dtype)
+    out = _masked_attention(q, k, v, mask[:, None], scale, soft_cap)
     return out.transpose(1, 2)[seq_of_token, row_of_token]
+
+
+def _masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    soft_cap: float | None,
+) -> torch.Tensor:
+    """SDPA with GQA, or explicit fp32 scores when a logits soft-cap applies."""
+    num_heads, num_kv_heads = q.shape[1], k.shape[1]
+    if soft_cap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scale, enable_gqa=num_heads != num_kv_heads
+        )
+    group = num_heads // num_kv_heads
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = soft_cap * torch.tanh(scores / soft_cap)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
 
 
 def _decode_attention(

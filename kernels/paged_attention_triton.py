@@ -108,42 +108,11 @@ def _attend_tile(
 
 
 @triton.jit
-def _paged_attention_kernel(
-    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    s_mul, cap_mul, sliding_window, num_seqs, num_heads, q_len_lo, q_len_hi,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+def _tile_range(
+    first_pos, seq_len, sliding_window, split, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr,
 ):  # fmt: skip
-    q_block_global = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    seq = _find_seq_idx(query_start_loc_ptr, q_block_global, num_seqs, BLOCK_Q)
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    q_block = q_block_global - (q_start // BLOCK_Q + seq)
-    if (q_len <= q_len_lo) | (q_len > q_len_hi) | (q_block * BLOCK_Q >= q_len):
-        return
-    seq_len = tl.load(seq_lens_ptr + seq)
-    ctx_len = seq_len - q_len
-
-    rows = tl.arange(0, BLOCK_M)
-    tok = q_block * BLOCK_Q + rows // GROUP_PAD
-    head = kv_head * GROUP + rows % GROUP_PAD
-    row_valid = (tok < q_len) & (rows % GROUP_PAD < GROUP)
-    q_pos = ctx_len + tok
-    d = tl.arange(0, HEAD_DIM_PAD)
-    d_valid = d < HEAD_DIM
-    q_offs = (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh
-    io_mask = row_valid[:, None] & d_valid[None, :]
-    q = tl.load(q_ptr + q_offs + d[None, :], mask=io_mask, other=0.0)
-
-    first_pos = ctx_len + q_block * BLOCK_Q
+    """KV tiles [lo, hi) one q-block of this split visits; [lo, mid) need no causal mask."""
     last_pos = tl.minimum(seq_len, first_pos + BLOCK_Q) - 1
     tile_lo = 0
     if USE_WINDOW:
@@ -157,9 +126,67 @@ def _paged_attention_kernel(
     tile_mid = tile_lo
     if not USE_WINDOW:
         tile_mid = tl.maximum(tl.minimum((first_pos + 1) // TILE_N, tile_hi), tile_lo)
+    return tile_lo, tile_mid, tile_hi
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+
+@triton.jit
+def _store_result(
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, m_i, l_i, acc, token, head, d, row_valid,
+    io_mask, split, num_heads, stride_ot, stride_oh, HEAD_DIM_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):  # fmt: skip
+    """The normalised output, or (split-KV) the unnormalised partial with its max and sum."""
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        o_offs = token[:, None] * stride_ot + head[:, None] * stride_oh
+        tl.store(out_ptr + o_offs + d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:
+        part = (token * num_heads + head) * NUM_SPLITS + split
+        tl.store(part_m_ptr + part, m_i, mask=row_valid)
+        tl.store(part_l_ptr + part, l_i, mask=row_valid)
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :], acc, mask=io_mask)
+
+
+@triton.jit
+def _paged_attention_kernel(
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    s_mul, cap_mul, sliding_window, num_seqs, num_heads, q_len_lo, q_len_hi,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    q_block_global = tl.program_id(0)
+    kv_head, split = tl.program_id(1), tl.program_id(2)
+    seq = _find_seq_idx(query_start_loc_ptr, q_block_global, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_block = q_block_global - (q_start // BLOCK_Q + seq)
+    if (q_len <= q_len_lo) | (q_len > q_len_hi) | (q_block * BLOCK_Q >= q_len):
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_len = seq_len - q_len
+    rows = tl.arange(0, BLOCK_M)
+    tok = q_block * BLOCK_Q + rows // GROUP_PAD
+    head = kv_head * GROUP + rows % GROUP_PAD
+    row_valid = (tok < q_len) & (rows % GROUP_PAD < GROUP)
+    q_pos = ctx_len + tok
+    d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = d < HEAD_DIM
+    q_offs = (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh
+    io_mask = row_valid[:, None] & d_valid[None, :]
+    q = tl.load(q_ptr + q_offs + d[None, :], mask=io_mask, other=0.0)
+
+    tile_lo, tile_mid, tile_hi = _tile_range(
+        ctx_len + q_block * BLOCK_Q, seq_len, sliding_window, split,
+        BLOCK_Q, TILE_N, NUM_SPLITS, USE_WINDOW,
+    )  # fmt: skip
+
+    m_i, l_i = tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for tile in range(tile_lo, tile_mid):
@@ -176,16 +203,11 @@ def _paged_attention_kernel(
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             BLOCK_SIZE, TILE_N, True, USE_WINDOW, USE_SOFT_CAP, DOT_PRECISION, UPCAST,
         )  # fmt: skip
-
-    if NUM_SPLITS == 1:
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        o_offs = (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
-        tl.store(out_ptr + o_offs + d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
-    else:
-        part = ((q_start + tok).to(tl.int64) * num_heads + head) * NUM_SPLITS + split
-        tl.store(part_m_ptr + part, m_i, mask=row_valid)
-        tl.store(part_l_ptr + part, l_i, mask=row_valid)
-        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM_PAD + d[None, :], acc, mask=io_mask)
+    _store_result(
+        out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, m_i, l_i, acc, (q_start + tok).to(tl.int64),
+        head, d, row_valid, io_mask, split, num_heads, stride_ot, stride_oh, HEAD_DIM_PAD,
+        NUM_SPLITS,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -291,6 +313,13 @@ def _split_buffers(out: torch.Tensor, num_splits: int, head_dim_pad: int) -> tup
     )
 
 
+def _score_multipliers(scale: float, soft_cap: float | None) -> tuple[float, float]:
+    """(s_mul, cap_mul) for scores in base 2: s * s_mul, or cap_mul * tanh(s * s_mul)."""
+    if soft_cap is None:
+        return scale * _LOG2E, 0.0
+    return scale / soft_cap, soft_cap * _LOG2E
+
+
 def paged_attention_triton(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -335,13 +364,9 @@ def paged_attention_triton(
             max_seq_len = int(seq_lens.max())
         num_splits = _auto_num_splits(query, seq_lens.shape[0] * num_kv_heads, max_seq_len)
 
-    if soft_cap is None:
-        s_mul, cap_mul = scale * _LOG2E, 0.0
-    else:
-        s_mul, cap_mul = scale / soft_cap, soft_cap * _LOG2E
     window = sliding_window if sliding_window is not None else 0
     args = (query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
-    args += (s_mul, cap_mul, window)
+    args += (*_score_multipliers(scale, soft_cap), window)
     parts = _split_buffers(out, num_splits, meta["HEAD_DIM_PAD"])
     launch = functools.partial(_launch_class, args, parts, query, key_cache, meta=meta)
     no_limit = 2**31 - 1
@@ -351,10 +376,16 @@ def paged_attention_triton(
         launch((0, decode_q), decode_cfg, num_splits=num_splits)
         launch((decode_q, no_limit), prefill_cfg, num_splits=num_splits)
     if num_splits > 1:
-        _reduce_splits_kernel[(num_tokens, num_kv_heads)](
-            out, *parts[1:], num_heads, out.stride(0), out.stride(1),
-            GROUP=meta["GROUP"], GROUP_PAD=meta["GROUP_PAD"], NUM_SPLITS=num_splits,
-            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=meta["HEAD_DIM"],
-            HEAD_DIM_PAD=meta["HEAD_DIM_PAD"],
-        )  # fmt: skip
+        _reduce_splits(parts, num_kv_heads, meta, num_splits)
     return out
+
+
+def _reduce_splits(parts: tuple, num_kv_heads: int, meta: dict, num_splits: int) -> None:
+    """Merge the split-KV partials into `parts[0]`, the output."""
+    out = parts[0]
+    _reduce_splits_kernel[(out.shape[0], num_kv_heads)](
+        out, *parts[1:], out.shape[1], out.stride(0), out.stride(1),
+        GROUP=meta["GROUP"], GROUP_PAD=meta["GROUP_PAD"], NUM_SPLITS=num_splits,
+        SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=meta["HEAD_DIM"],
+        HEAD_DIM_PAD=meta["HEAD_DIM_PAD"],
+    )  # fmt: skip

@@ -20,25 +20,13 @@ from actors.scheduler.admission import check_admission, effective_max_tokens
 from actors.scheduler.block_manager import Allocation, BlockManager
 from actors.scheduler.errors import AdmissionError
 from actors.scheduler.finishing import check_stop, detok_params
-from actors.scheduler.prefix_hash import extend_block_keys, extra_keys
+from actors.scheduler.plan import Plan
+from actors.scheduler.prefix_hash import extra_keys
 from actors.scheduler.sequence import Request, SeqStatus, Sequence
 from model_runner.step_input import NewSequence, ScheduledChunk, StepInput, StepOutput
 
 WAITING, RUNNING = SeqStatus.WAITING, SeqStatus.RUNNING
 FORK_PENDING, FINISHED = SeqStatus.FORK_PENDING, SeqStatus.FINISHED
-
-
-class _Plan:
-    """A step being planned."""
-
-    __slots__ = ("budget", "scheduled", "new_seqs", "chunks", "copies")
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.scheduled: list[tuple[Sequence, int]] = []
-        self.new_seqs: list[NewSequence] = []
-        self.chunks: list[ScheduledChunk] = []
-        self.copies: list[tuple[int, int]] = []
 
 
 class Scheduler:
@@ -138,7 +126,7 @@ class Scheduler:
         """Plan the next step; None when there is nothing to compute."""
         if self._in_flight is not None:
             raise RuntimeError("a step is already in flight: update() or fail_step() first")
-        plan = _Plan(self.max_num_batched_tokens)
+        plan = Plan(self.max_num_batched_tokens)
         preempted = self._schedule_running(plan)
         if not preempted or not plan.chunks:
             self._schedule_waiting(plan)
@@ -227,7 +215,7 @@ class Scheduler:
 
     # --- planning --------------------------------------------------------------------
 
-    def _schedule_running(self, plan: _Plan) -> bool:
+    def _schedule_running(self, plan: Plan) -> bool:
         """Continue running sequences in order; returns whether any was preempted."""
         preempted = False
         i = 0
@@ -252,7 +240,7 @@ class Scheduler:
             i += 1
         return preempted
 
-    def _schedule_waiting(self, plan: _Plan) -> None:
+    def _schedule_waiting(self, plan: Plan) -> None:
         """Admit waiting sequences (FCFS) while budget, seats and blocks last."""
         # NOTE: samples that will fork from a running sequence hold their seats already.
         seats = self.max_num_seqs - len(self.running) - sum(len(s.forks) for s in self.running)
@@ -279,7 +267,7 @@ class Scheduler:
             self._count_prefix_query(seq, num_computed)
             self._add_to_plan(plan, seq, num_tokens, alloc)
 
-    def _add_to_plan(self, plan: _Plan, seq: Sequence, num_tokens: int, alloc: Allocation):
+    def _add_to_plan(self, plan: Plan, seq: Sequence, num_tokens: int, alloc: Allocation):
         start = alloc.block_table_start
         if not seq.on_runner:
             plan.new_seqs.append(
@@ -314,11 +302,8 @@ class Scheduler:
     def _lookup(self, seq: Sequence) -> list[int]:
         if not self.blocks.enable_prefix_caching:
             return []
-        num_full = seq.num_tokens // self.block_size
-        extend_block_keys(
-            seq.block_keys, seq.token_ids, self.block_size, seq.request.extra_key, num_full
-        )
-        return self.blocks.find_cached_prefix(seq.block_keys, seq.num_tokens)
+        keys = seq.full_block_keys(self.block_size, seq.num_tokens // self.block_size)
+        return self.blocks.find_cached_prefix(keys, seq.num_tokens)
 
     def _count_prefix_query(self, seq: Sequence, hit_tokens: int) -> None:
         request = seq.request
@@ -339,11 +324,8 @@ class Scheduler:
             or num_full == (seq.num_computed - num_new) // self.block_size
         ):
             return
-        if num_full > len(seq.block_keys):
-            extend_block_keys(
-                seq.block_keys, seq.token_ids, self.block_size, seq.request.extra_key, num_full
-            )
-        self.blocks.cache_full_blocks(seq.seq_id, seq.block_keys, num_full)
+        keys = seq.full_block_keys(self.block_size, num_full)
+        self.blocks.cache_full_blocks(seq.seq_id, keys, num_full)
 
     def _fork(self, parent: Sequence) -> None:
         """Sample 0's prompt is computed: its pending samples share all its blocks."""

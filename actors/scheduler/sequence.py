@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 
+from actors.scheduler.prefix_hash import extend_block_keys
 from model_runner.sampling_params import SamplingParams
 
 
@@ -94,6 +95,12 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.prompt_len
+
+    def full_block_keys(self, block_size: int, num_full: int) -> list[bytes]:
+        """Prefix-cache keys of its first `num_full` full blocks (computed once, kept)."""
+        return extend_block_keys(
+            self.block_keys, self.token_ids, block_size, self.request.extra_key, num_full
+        )
 
     def __repr__(self) -> str:
         return (
