@@ -65,7 +65,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enable-prefix-caching", default=True, action=argparse.BooleanOptionalAction)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="vLLM compatibility; CUDA graphs are not built yet, so steps are always eager",
+    )
     p.add_argument(
         "--max-waiting",
         type=int,
