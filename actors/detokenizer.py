@@ -70,6 +70,7 @@ class DetokenizerActor(Actor):
                 skip_special_tokens=p.skip_special_tokens,
                 stop=p.stop,
                 include_stop_str_in_output=p.include_stop_str_in_output,
+                prompt_token_ids=p.prompt_tail,
             )
             sample = req.samples[out.index] = _Sample(p, decoder)
         return sample

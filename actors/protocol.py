@@ -99,6 +99,7 @@ class DetokParams(msgspec.Struct, frozen=True, kw_only=True):
     skip_special_tokens: bool
     num_prompt_tokens: int
     num_cached_tokens: int
+    prompt_tail: list[int]  # the prompt's last ids: context for the first output token's text
 
 
 class SeqOutput(msgspec.Struct, frozen=True, array_like=True):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Set
 
+from actors.detokenize import PROMPT_CONTEXT_TOKENS
 from actors.protocol import DetokParams
 from actors.scheduler.sequence import Request, Sequence
 
@@ -38,4 +39,5 @@ def detok_params(request: Request) -> DetokParams:
         skip_special_tokens=sp.skip_special_tokens,
         num_prompt_tokens=len(request.prompt_token_ids),
         num_cached_tokens=request.num_cached_tokens,
+        prompt_tail=list(request.prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]),
     )

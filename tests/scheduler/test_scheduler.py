@@ -55,6 +55,7 @@ def test_chunked_prefill_splits_a_prompt_under_the_token_budget():
             skip_special_tokens=True,
             num_prompt_tokens=20,
             num_cached_tokens=0,
+            prompt_tail=[16, 17, 18, 19, 20],
         )
     ]
     assert tokens.outputs == [SeqOutput("a", 0, [100])]
