@@ -120,3 +120,20 @@ def test_dummy_weights_are_seeded(tmp_path):
     assert torch.equal(a["norm"], torch.ones(64))
     assert runners[0].model_config.vocab_size == 128
     assert len(generate(runners[0], PROMPTS[:1], params)[0]) == 6
+
+
+def test_cpu_float32_linear_weights_are_stored_transposed(tmp_path):
+    import transformers
+
+    transformers.LlamaConfig(**COMMON).save_pretrained(tmp_path)
+    config = EngineConfig(
+        load_format="dummy", hf_config_path=str(tmp_path), dtype="float32", kv_cache_memory=0.001
+    )
+    model = ModelRunner(config, progress=False).model
+    layer = model.layers[0]
+    for weight in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+        assert weight.t().is_contiguous() and not weight.is_contiguous()
+    assert model.lm_head.t().is_contiguous()
+    x = torch.randn(32, layer.down_proj.shape[1])
+    expected = x @ layer.down_proj.contiguous().t()
+    assert torch.allclose(torch.nn.functional.linear(x, layer.down_proj), expected, atol=1e-5)
