@@ -94,7 +94,7 @@ class _ZmqInbox(Inbox):
     async def recv_bytes(self) -> bytes:
         return await self.socket.recv(copy=True)
 
-    def close(self) -> None:  # noqa: B027 (an optional hook)
+    def close(self) -> None:
         self.socket.close(linger=0)
 
 
@@ -134,7 +134,7 @@ class ZmqTransport(Transport):
         self.sockets.append(sock)
         return _ZmqOutbox(sock)
 
-    def close(self) -> None:  # noqa: B027 (an optional hook)
+    def close(self) -> None:
         for sock in self.sockets:
             sock.close(linger=0)
         self.sockets.clear()
