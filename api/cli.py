@@ -71,6 +71,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="vLLM compatibility; CUDA graphs are not built yet, so steps are always eager",
     )
     p.add_argument(
+        "--cpu-packed-batch",
+        type=int,
+        default=32,
+        help="CPU float32: keep MKL-packed weights for steps of this many rows (capped at "
+        "--max-num-seqs; steps of more than half as many rows are padded to it); 0: off",
+    )
+    p.add_argument(
         "--max-waiting",
         type=int,
         default=1024,
@@ -101,6 +108,7 @@ def engine_config(args: argparse.Namespace):
         seed=args.seed,
         max_logprobs=args.max_logprobs,
         enforce_eager=args.enforce_eager,
+        cpu_packed_batch=args.cpu_packed_batch,
         served_model_name=args.served_model_name,
         max_waiting=args.max_waiting,
         hf_config_path=args.hf_config_path,

@@ -15,6 +15,7 @@ import torch
 from kernels.activation import silu_and_mul_ref
 from kernels.kv_cache import write_kv_ref
 from kernels.layernorm import fused_add_rms_norm_ref, rms_norm_ref
+from kernels.linear import linear as linear  # re-exported: the model's one linear op
 from kernels.paged_attention import paged_attention_ref
 from kernels.rotary import rotary_embedding_ref
 

@@ -63,18 +63,18 @@ class LlamaDecoderLayer(nn.Module):
                 hidden, residual, self.input_layernorm, self.eps
             )
         num_tokens = hidden.shape[0]
-        qkv = F.linear(hidden, self.qkv_proj, self.qkv_bias)
+        qkv = ops.linear(hidden, self.qkv_proj, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = ops.rotary_embedding(positions, q, k, cos_sin, True)
         attn = paged_attention(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
-        hidden = F.linear(attn.reshape(num_tokens, self.q_size), self.o_proj)
+        hidden = ops.linear(attn.reshape(num_tokens, self.q_size), self.o_proj)
         hidden, residual = ops.fused_add_rms_norm(
             hidden, residual, self.post_attention_layernorm, self.eps
         )
-        hidden = F.linear(ops.silu_and_mul(F.linear(hidden, self.gate_up_proj)), self.down_proj)
+        hidden = ops.linear(ops.silu_and_mul(ops.linear(hidden, self.gate_up_proj)), self.down_proj)
         return hidden, residual
 
 
@@ -118,7 +118,7 @@ class LlamaForCausalLM(nn.Module):
         hidden = hidden[logits_indices]
         residual = residual[logits_indices]
         hidden, _ = ops.fused_add_rms_norm(hidden, residual, self.norm, self.config.rms_norm_eps)
-        return F.linear(hidden, self.lm_head).float()
+        return ops.linear(hidden, self.lm_head).float()
 
     def weight_slot(self, hf_name: str) -> tuple[torch.Tensor, int, int] | None:
         """Where a Hugging Face weight goes: (parameter, row start, row end), None if unused."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -9,9 +10,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from kernels.linear import (
+    PACKED_ATTR,
+    mkl_packing_available,
+    pack_linear_weight,
+    packed_matches_plain,
+)
 from model_runner.gguf_loader import iter_gguf_weights, open_gguf
 from model_runner.llama import LlamaForCausalLM
 from model_runner.model_source import ModelConfig, ModelSource, ModelSourceError
+
+log = logging.getLogger(__name__)
 
 
 def load_model(
@@ -24,8 +33,13 @@ def load_model(
     seed: int = 0,
     progress: bool = True,
     gguf_reader=None,
+    packed_batch: int = 0,
 ) -> LlamaForCausalLM:
-    """Build the model on `device` in `dtype` and load (or, for dummy, draw) its weights."""
+    """Build the model on `device` in `dtype` and load (or, for dummy, draw) its weights.
+
+    On the CPU in float32, `packed_batch` >= MIN_PACKED_BATCH also keeps MKL-packed weights
+    for steps of that many rows (`kernels.linear`).
+    """
     model = LlamaForCausalLM(config, dtype, device, max_position)
     if source.format == "dummy":
         init_dummy_weights(model, seed, progress)
@@ -39,6 +53,8 @@ def load_model(
         raise ModelSourceError(f"unknown format {source.format!r}")
     if device.type == "cpu" and dtype == torch.float32:
         store_linear_weights_column_major(model)
+        if packed_batch >= MIN_PACKED_BATCH:
+            pack_linear_weights(model, packed_batch)
     return model.eval()
 
 
@@ -60,6 +76,58 @@ def store_linear_weights_column_major(model: LlamaForCausalLM) -> None:
             weight = getattr(module, name, None)
             if isinstance(weight, torch.nn.Parameter) and weight.is_contiguous():
                 weight.data = weight.data.t().contiguous().t()
+
+
+# Below 8 rows MKL's packed GEMM is no faster than the plain one.
+MIN_PACKED_BATCH = 8
+
+
+def linear_weights(model: LlamaForCausalLM) -> Iterator[torch.Tensor]:
+    """Each distinct linear weight once (a tied LM head is the embedding, seen once)."""
+    seen: set[int] = set()
+    for module in model.modules():
+        for name in LINEAR_WEIGHTS:
+            weight = getattr(module, name, None)
+            if isinstance(weight, torch.nn.Parameter) and id(weight) not in seen:
+                seen.add(id(weight))
+                yield weight
+
+
+def pack_linear_weights(model: LlamaForCausalLM, batch: int) -> bool:
+    """Attach MKL-packed copies of every linear weight for `batch`-row steps.
+
+    Skipped (False) without MKL, or when the copies (about 1.3x the weights) would take
+    more than half of the memory still available. A self-check against `F.linear` turns
+    packing off again should this MKL's packed GEMM disagree.
+    """
+    weights = list(linear_weights(model))
+    need = int(1.3 * sum(w.numel() * w.element_size() for w in weights))
+    if not mkl_packing_available():
+        log.info("MKL packed GEMM unavailable: plain float32 GEMMs")
+        return False
+    if need > available_memory_bytes() // 2:
+        log.warning("packed GEMM weights (%.1f GiB) skipped: too little free memory", need / 2**30)
+        return False
+    for weight in weights:
+        pack_linear_weight(weight, batch)
+    if not packed_matches_plain(weights[0]):
+        log.warning("MKL packed GEMM disagrees with F.linear here: packing turned off")
+        for weight in weights:
+            delattr(weight, PACKED_ATTR)
+        return False
+    return True
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux); a large number where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
 
 
 def count_safetensors(files: list[Path]) -> int:

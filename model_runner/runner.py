@@ -59,6 +59,7 @@ class ModelRunner:
             seed=config.seed,
             progress=progress,
             gguf_reader=reader,
+            packed_batch=min(config.cpu_packed_batch, config.max_num_seqs),
         )
         self.num_blocks = self._size_kv_cache()
         self.kv_cache = KVCache(
