@@ -17,9 +17,14 @@ def write_kv_ref(
     A slot is `block_id * block_size + offset`; negative slots (padding) are skipped.
     key_cache/value_cache: [num_blocks, block_size, num_kv_heads, head_dim].
     """
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid].long()
     flat_k = key_cache.view(-1, *key_cache.shape[2:])
     flat_v = value_cache.view(-1, *value_cache.shape[2:])
+    valid = slot_mapping >= 0
+    if bool(valid.all()):  # the usual case: one row copy per token, no masking
+        slots = slot_mapping.long()
+        flat_k.index_copy_(0, slots, key.to(key_cache.dtype))
+        flat_v.index_copy_(0, slots, value.to(value_cache.dtype))
+        return
+    slots = slot_mapping[valid].long()
     flat_k[slots] = key[valid].to(key_cache.dtype)
     flat_v[slots] = value[valid].to(value_cache.dtype)

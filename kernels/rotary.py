@@ -60,10 +60,14 @@ def rotary_embedding_ref(
     """
     rot_dim = cos_sin_cache.shape[-1]
     cos, sin = cos_sin_cache[positions.long()].chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-
-    def apply(x: torch.Tensor) -> torch.Tensor:
-        rot = _rotate(x[..., :rot_dim].float(), cos, sin, is_neox).to(x.dtype)
-        return torch.cat([rot, x[..., rot_dim:]], dim=-1) if rot_dim < x.shape[-1] else rot
-
-    return apply(query), apply(key)
+    num_q_heads = query.shape[1]
+    # One rotation of query and key heads together: half the small ops of two.
+    both = torch.cat([query[..., :rot_dim], key[..., :rot_dim]], dim=1).float()
+    rot = _rotate(both, cos[:, None, :], sin[:, None, :], is_neox)
+    rot_q, rot_k = rot[:, :num_q_heads].to(query.dtype), rot[:, num_q_heads:].to(key.dtype)
+    if rot_dim == query.shape[-1]:
+        return rot_q, rot_k
+    return (
+        torch.cat([rot_q, query[..., rot_dim:]], dim=-1),
+        torch.cat([rot_k, key[..., rot_dim:]], dim=-1),
+    )
