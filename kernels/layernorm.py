@@ -7,9 +7,9 @@ import torch
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim, computed in fp32, returned in x's dtype."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * weight.float()).to(x.dtype)
+    xf = x.float()  # NOTE: x itself in fp32, so only fresh tensors are updated in place
+    inv_rms = xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+    return (xf * inv_rms).mul_(weight.float()).to(x.dtype)
 
 
 def fused_add_rms_norm_ref(
