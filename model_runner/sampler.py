@@ -18,6 +18,7 @@ from model_runner.sampling_ops import (
     apply_min_p,
     apply_penalties,
     draw,
+    greedy_argmax,
     sample_top_k_top_p,
 )
 from model_runner.sampling_params import SamplingParams
@@ -67,7 +68,7 @@ class Sampler:
         if not seqs:
             return []
         if all(_plain_greedy(s) for s in seqs):
-            tokens = logits.argmax(dim=-1).tolist()
+            tokens = greedy_argmax(logits).tolist()
             return [SampledToken(s.seq_id, t) for s, t in zip(seqs, tokens, strict=True)]
         want = [s.sampling.logprobs is not None for s in seqs]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want) else None
@@ -134,10 +135,10 @@ class Sampler:
     def _pick(self, logits: torch.Tensor, seqs: list[SequenceState]) -> torch.Tensor:
         greedy = [s.sampling.greedy for s in seqs]
         if all(greedy):
-            return logits.argmax(dim=-1)
+            return greedy_argmax(logits)
         if not any(greedy):
             return self._sample(logits, seqs)
-        tokens = logits.argmax(dim=-1)
+        tokens = greedy_argmax(logits)
         rows = [i for i, g in enumerate(greedy) if not g]
         tokens[rows] = self._sample(logits[rows], [seqs[i] for i in rows])
         return tokens

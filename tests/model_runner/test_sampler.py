@@ -12,6 +12,7 @@ from model_runner.sampler import Sampler, token_seed
 from model_runner.sampling_ops import (
     apply_min_p,
     draw,
+    greedy_argmax,
     sample_top_k_top_p,
     top_k_top_p_candidates,
 )
@@ -258,3 +259,17 @@ def test_penalty_counts_follow_appended_tokens():
     sampler._apply_penalties(logits, [seq])
     # repetition halves tokens 1, 3, 4 (to 0.5); frequency subtracts 1x / 2x their counts
     assert logits[0].tolist() == [1, -0.5, 1, -1.5, 0.5, 1, 1, 1]
+
+
+@pytest.mark.parametrize("vocab", [100, 2048, 3000, 49152])
+def test_greedy_argmax_equals_argmax_with_ties_and_tails(vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(12, vocab, generator=gen)
+    top = logits.max() + 1
+    logits[0, [5, vocab - 1]] = top  # tie between the first block and the tail: first wins
+    logits[1, vocab - 1] = top  # the tail alone
+    logits[2, [vocab // 2, vocab // 2 + 1]] = top  # tie inside one block
+    logits[3] = 0.0  # all equal: index 0
+    logits[4, -(vocab % 1024 or 1) :] = -1e9  # a tail far below
+    assert torch.equal(greedy_argmax(logits), logits.argmax(dim=-1))
+    assert greedy_argmax(logits)[0].item() == 5
