@@ -74,8 +74,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--cpu-packed-batch",
         type=int,
         default=32,
-        help="CPU float32: keep MKL-packed weights for steps of this many rows (capped at "
-        "--max-num-seqs; steps of more than half as many rows are padded to it); 0: off",
+        help="CPU: pre-packed GEMM weights for steps of this many rows, capped at "
+        "--max-num-seqs (float32: MKL, steps of more than half as many rows padded up; "
+        "bfloat16: oneDNN, any rows); 0: off",
     )
     p.add_argument(
         "--max-waiting",

@@ -1,10 +1,12 @@
-"""Linear layers, with MKL-packed weights for one decode batch size on the CPU.
+"""Linear layers, with weights pre-packed for the CPU's GEMM libraries.
 
-At batch 32 a float32 GEMM on the CPU spends much of its time packing the weight into
-MKL's internal panels, on every call. `pack_linear_weight` does that once at load time for
-one batch size (as torch.compile's CPU freezing pass does for a static batch); `linear`
-then uses the packed copy when a step's rows equal that size, or pads rows up to it when
-there are more than half as many. Every other shape takes the plain `F.linear`.
+At decode batch sizes a CPU GEMM spends much of its time re-packing the weight into the
+library's internal panels, on every call. `pack_linear_weight` does that once at load time
+(as torch.compile's CPU freezing pass does for static shapes):
+
+- float32: MKL's packed GEMM, valid for inputs of exactly `batch` rows; `linear` pads a step
+  of more than half as many rows up to it, and leaves every other shape to `F.linear`.
+- bfloat16: oneDNN's blocked weight layout (`batch` is only its layout hint), for any rows.
 """
 
 from __future__ import annotations
@@ -15,47 +17,63 @@ import torch
 import torch.nn.functional as F
 
 # Set on a weight Parameter by `pack_linear_weight` (as vLLM sets loader attributes).
-PACKED_ATTR = "mkl_packed"
+PACKED_ATTR = "cpu_packed"
 
 
 @dataclass(frozen=True, slots=True)
 class PackedWeight:
-    """MKL's packed copy of a [out, in] weight, valid for inputs of exactly `batch` rows."""
+    """A library-packed copy of a [out, in] weight: MKL's (exact `batch`) or oneDNN's."""
 
+    kind: str  # "mkl" | "onednn"
     batch: int
     data: torch.Tensor
 
 
-def mkl_packing_available() -> bool:
-    """Whether this torch build has MKL's packed float32 GEMM (x86 builds do)."""
-    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+def packing_available(dtype: torch.dtype) -> bool:
+    """Whether this torch build can pack `dtype` weights (x86 builds can)."""
+    if dtype == torch.float32:
+        return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+    if dtype == torch.bfloat16:
+        return torch.backends.mkldnn.is_available() and hasattr(
+            torch.ops.mkldnn, "_linear_pointwise"
+        )
+    return False
 
 
 @torch.no_grad()
 def pack_linear_weight(weight: torch.Tensor, batch: int) -> None:
-    """Attach MKL's packed copy of a CPU float32 `weight` for `batch`-row inputs."""
-    packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach().contiguous(), batch)
-    setattr(weight, PACKED_ATTR, PackedWeight(batch, packed))
+    """Attach the packed copy of a CPU float32 or bfloat16 `weight` (see the module)."""
+    dense = weight.detach().contiguous()  # NOTE: fp32 weights are stored transposed
+    if weight.dtype == torch.float32:
+        packed = PackedWeight("mkl", batch, torch.ops.mkl._mkl_reorder_linear_weight(dense, batch))
+    else:
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+        packed = PackedWeight("onednn", batch, reorder(dense, batch))
+    setattr(weight, PACKED_ATTR, packed)
 
 
 def packed_matches_plain(weight: torch.Tensor) -> bool:
-    """Self-check of a packed weight against `F.linear` on random rows (a bad MKL is off)."""
+    """Self-check of a packed weight against `F.linear` on random rows (a bad library is off)."""
     packed: PackedWeight = getattr(weight, PACKED_ATTR)
-    x = torch.randn(packed.batch, weight.shape[1], dtype=weight.dtype)
-    expected = F.linear(x, weight)
-    got = torch.ops.mkl._mkl_linear(x, packed.data, weight, None, packed.batch)
-    return torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+    x = torch.randn(packed.batch, weight.shape[1]).to(weight.dtype)
+    expected = F.linear(x, weight).float()
+    tol = 1e-4 if weight.dtype == torch.float32 else 2e-2
+    return torch.allclose(linear(x, weight).float(), expected, rtol=tol, atol=tol)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """`F.linear` of 2-D `x`, through the packed weight when its batch fits (see module)."""
+    """`F.linear` of 2-D `x`, through the packed weight where it applies (see the module)."""
     packed: PackedWeight | None = getattr(weight, PACKED_ATTR, None)
-    rows = x.shape[0]
-    if packed is None or not packed.batch // 2 < rows <= packed.batch:
+    if packed is None:
         return F.linear(x, weight, bias)
-    # NOTE: MKL reads x as dense rows (lda = in_features), so x must be contiguous.
+    # NOTE: the libraries read x as dense rows (lda = in_features): x must be contiguous.
+    if packed.kind == "onednn":
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.data, bias, "none", [], "")
+    rows = x.shape[0]
     if rows == packed.batch:
         return torch.ops.mkl._mkl_linear(x.contiguous(), packed.data, weight, bias, rows)
+    if not packed.batch // 2 < rows < packed.batch:
+        return F.linear(x, weight, bias)
     # Zero rows pad the batch; their outputs are computed and dropped.
     padded = F.pad(x, (0, 0, 0, packed.batch - rows))
     return torch.ops.mkl._mkl_linear(padded, packed.data, weight, bias, packed.batch)[:rows]

@@ -33,7 +33,7 @@ class EngineConfig:
     seed: int = 0
     max_logprobs: int = 20
     enforce_eager: bool = False
-    cpu_packed_batch: int = 32  # CPU float32: MKL-packed weights for decode steps of this many rows
+    cpu_packed_batch: int = 32  # CPU: packed GEMM weights for steps of this many rows (0: off)
     served_model_name: str | None = None
     max_waiting: int = 1024  # waiting-queue bound: beyond it, 503 + Retry-After
     hf_config_path: str | None = None  # for load_format=dummy: a config.json path or folder

@@ -12,9 +12,9 @@ from tqdm.auto import tqdm
 
 from kernels.linear import (
     PACKED_ATTR,
-    mkl_packing_available,
     pack_linear_weight,
     packed_matches_plain,
+    packing_available,
 )
 from model_runner.gguf_loader import iter_gguf_weights, open_gguf
 from model_runner.llama import LlamaForCausalLM
@@ -37,8 +37,8 @@ def load_model(
 ) -> LlamaForCausalLM:
     """Build the model on `device` in `dtype` and load (or, for dummy, draw) its weights.
 
-    On the CPU in float32, `packed_batch` >= MIN_PACKED_BATCH also keeps MKL-packed weights
-    for steps of that many rows (`kernels.linear`).
+    On the CPU in float32 or bfloat16, `packed_batch` >= MIN_PACKED_BATCH also keeps packed
+    weights for steps of that many rows (`kernels.linear`).
     """
     model = LlamaForCausalLM(config, dtype, device, max_position)
     if source.format == "dummy":
@@ -53,8 +53,8 @@ def load_model(
         raise ModelSourceError(f"unknown format {source.format!r}")
     if device.type == "cpu" and dtype == torch.float32:
         store_linear_weights_column_major(model)
-        if packed_batch >= MIN_PACKED_BATCH:
-            pack_linear_weights(model, packed_batch)
+    if device.type == "cpu" and packed_batch >= MIN_PACKED_BATCH:
+        pack_linear_weights(model, packed_batch)
     return model.eval()
 
 
@@ -78,7 +78,7 @@ def store_linear_weights_column_major(model: LlamaForCausalLM) -> None:
                 weight.data = weight.data.t().contiguous().t()
 
 
-# Below 8 rows MKL's packed GEMM is no faster than the plain one.
+# Below 8 rows packed GEMMs are no faster than plain ones.
 MIN_PACKED_BATCH = 8
 
 
@@ -94,16 +94,16 @@ def linear_weights(model: LlamaForCausalLM) -> Iterator[torch.Tensor]:
 
 
 def pack_linear_weights(model: LlamaForCausalLM, batch: int) -> bool:
-    """Attach MKL-packed copies of every linear weight for `batch`-row steps.
+    """Attach packed copies of every linear weight for `batch`-row steps (kernels.linear).
 
-    Skipped (False) without MKL, or when the copies (about 1.3x the weights) would take
-    more than half of the memory still available. A self-check against `F.linear` turns
-    packing off again should this MKL's packed GEMM disagree.
+    Skipped (False) for a dtype no library packs, or when the copies (about 1.3x the
+    weights) would take more than half of the memory still available. A self-check against
+    `F.linear` turns packing off again should the library disagree.
     """
     weights = list(linear_weights(model))
     need = int(1.3 * sum(w.numel() * w.element_size() for w in weights))
-    if not mkl_packing_available():
-        log.info("MKL packed GEMM unavailable: plain float32 GEMMs")
+    if not packing_available(weights[0].dtype):
+        log.info("no packed GEMM for %s here: plain GEMMs", weights[0].dtype)
         return False
     if need > available_memory_bytes() // 2:
         log.warning("packed GEMM weights (%.1f GiB) skipped: too little free memory", need / 2**30)
@@ -111,7 +111,7 @@ def pack_linear_weights(model: LlamaForCausalLM, batch: int) -> bool:
     for weight in weights:
         pack_linear_weight(weight, batch)
     if not packed_matches_plain(weights[0]):
-        log.warning("MKL packed GEMM disagrees with F.linear here: packing turned off")
+        log.warning("the packed GEMM disagrees with F.linear here: packing turned off")
         for weight in weights:
             delattr(weight, PACKED_ATTR)
         return False

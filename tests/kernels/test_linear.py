@@ -1,4 +1,4 @@
-"""`kernels.linear`: MKL-packed float32 weights give F.linear's products at every row count."""
+"""`kernels.linear`: packed CPU weights give F.linear's products at every row count."""
 
 from __future__ import annotations
 
@@ -10,44 +10,54 @@ from kernels.linear import (
     PACKED_ATTR,
     PackedWeight,
     linear,
-    mkl_packing_available,
     pack_linear_weight,
     packed_matches_plain,
+    packing_available,
 )
 
-pytestmark = pytest.mark.skipif(not mkl_packing_available(), reason="torch built without MKL")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture
-def packed_weight() -> torch.Tensor:
+def _packed(dtype: torch.dtype, batch: int = 16) -> torch.Tensor:
+    if not packing_available(dtype):
+        pytest.skip(f"this torch build packs no {dtype} weights")
     torch.manual_seed(0)
-    weight = torch.nn.Parameter(torch.randn(96, 64) * 0.1, requires_grad=False)
-    pack_linear_weight(weight, 16)
+    weight = torch.nn.Parameter((torch.randn(96, 64) * 0.1).to(dtype), requires_grad=False)
+    pack_linear_weight(weight, batch)
     return weight
 
 
-def test_packing_attaches_the_batch_it_was_packed_for(packed_weight):
-    packed = getattr(packed_weight, PACKED_ATTR)
-    assert isinstance(packed, PackedWeight) and packed.batch == 16
-    assert packed_matches_plain(packed_weight)
+@pytest.mark.parametrize(("dtype", "kind"), [(torch.float32, "mkl"), (torch.bfloat16, "onednn")])
+def test_packing_attaches_the_library_and_batch(dtype, kind):
+    weight = _packed(dtype)
+    packed = getattr(weight, PACKED_ATTR)
+    assert isinstance(packed, PackedWeight)
+    assert (packed.kind, packed.batch) == (kind, 16)
+    assert packed_matches_plain(weight)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 8, 9, 15, 16, 17, 40])
-def test_linear_equals_f_linear_at_every_row_count(packed_weight, rows):
-    x = torch.randn(rows, 64)
-    bias = torch.randn(96)
-    out = linear(x, packed_weight, bias)
-    assert out.shape == (rows, 96)
-    torch.testing.assert_close(out, F.linear(x, packed_weight, bias), rtol=1e-5, atol=1e-5)
+def test_linear_equals_f_linear_at_every_row_count(dtype, rows):
+    weight = _packed(dtype)
+    x = torch.randn(rows, 64).to(dtype)
+    bias = torch.randn(96).to(dtype)
+    out = linear(x, weight, bias)
+    assert out.shape == (rows, 96) and out.dtype == dtype
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=tol, atol=tol)
 
 
-def test_non_contiguous_rows_are_read_densely(packed_weight):
-    wide = torch.randn(16, 128)
-    x = wide[:, ::2]  # a strided view: MKL would misread it as dense rows
-    torch.testing.assert_close(linear(x, packed_weight), F.linear(x, packed_weight))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_rows_are_read_densely(dtype):
+    weight = _packed(dtype)
+    x = torch.randn(16, 128).to(dtype)[:, ::2]  # strided: read as dense rows it would be wrong
+    tol = TOL[dtype]
+    torch.testing.assert_close(linear(x, weight), F.linear(x, weight), rtol=tol, atol=tol)
 
 
-def test_packed_path_is_taken_only_between_half_and_full_batch(packed_weight, monkeypatch):
+def test_mkl_packed_path_is_taken_only_between_half_and_full_batch(monkeypatch):
+    weight = _packed(torch.float32)
     calls = []
     real = torch.ops.mkl._mkl_linear
 
@@ -59,7 +69,7 @@ def test_packed_path_is_taken_only_between_half_and_full_batch(packed_weight, mo
 
     monkeypatch.setattr(torch.ops, "mkl", Spy)
     for rows in (4, 8, 9, 16, 17):
-        linear(torch.randn(rows, 64), packed_weight)
+        linear(torch.randn(rows, 64), weight)
     assert calls == [16, 16]  # 9 rows padded to 16, then 16; 4, 8 and 17 take F.linear
 
 

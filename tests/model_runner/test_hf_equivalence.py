@@ -5,7 +5,9 @@ This also verifies the GGUF q/k un-permutation: without it, not one prompt would
 
 from __future__ import annotations
 
-from kernels.linear import PACKED_ATTR, mkl_packing_available
+import torch
+
+from kernels.linear import PACKED_ATTR, packing_available
 from model_runner.sampling_params import SamplingParams
 from tests.model_runner.driver import GREEDY, Driver, DriverSeq, generate
 
@@ -39,7 +41,7 @@ def test_greedy_at_the_packed_gemm_batch_matches_hf(runner, reference_cases):
     # 32 sequences: decode steps of 17-32 rows run the MKL-packed weights (padded below 32).
     assert runner.config.cpu_packed_batch == 32
     qkv = runner.model.layers[0].qkv_proj
-    assert hasattr(qkv, PACKED_ATTR) == mkl_packing_available()
+    assert hasattr(qkv, PACKED_ATTR) == packing_available(torch.float32)
     cases = (reference_cases * 4)[:32]
     outputs = generate(runner, [ids for ids, _ in cases])
     _assert_all_equal(outputs, cases)
