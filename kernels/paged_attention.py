@@ -53,7 +53,8 @@ def paged_attention_ref(
         for cache in (key_cache, value_cache)
     )
     if max_query_len == 1 and num_tokens == num_seqs and soft_cap is None:
-        return _decode_attention(query, keys, values, seq_lens, scale, sliding_window)
+        visible = decode_visible_mask(seq_lens, ctx_len, sliding_window)
+        return decode_attention(query, keys, values, visible, scale)
 
     return _chunked_attention(
         query,
@@ -132,33 +133,40 @@ def _masked_attention(
     return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
 
 
-def _decode_attention(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    sliding_window: int | None,
+def decode_visible_mask(
+    seq_lens: torch.Tensor, ctx_len: int, sliding_window: int | None
 ) -> torch.Tensor:
-    """One query token per sequence, as SDPA over `[seqs, kv_heads, group, dim]` queries.
-
-    keys/values: [seqs, ctx, kv_heads, dim] as gathered. NOTE: a KV head's query heads are
-    adjacent (head // group), so folding the group into SDPA's query length gives GQA with
-    no repeat; SDPA reads the `[seqs, kv_heads, ctx, dim]` transposed view in place (no
-    head-major copy). 2-4x faster on the CPU than per-head matmuls, bf16 above all.
-    """
-    num_seqs, num_heads, head_dim = query.shape
-    ctx_len, num_kv_heads = keys.shape[1], keys.shape[2]
-    k_pos = torch.arange(ctx_len, device=query.device)
+    """[seqs, 1, 1, ctx_len] bool: which context positions the one new token attends to."""
+    k_pos = torch.arange(ctx_len, device=seq_lens.device)
     lens = seq_lens.long()[:, None]
     visible = k_pos[None, :] < lens
     if sliding_window is not None:
         visible &= (lens - 1) - k_pos[None, :] < sliding_window
+    return visible[:, None, None, :]
+
+
+def decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    visible: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence over each sequence's contiguous context.
+
+    query: [seqs, heads, dim]; keys/values: [seqs, ctx, kv_heads, dim], any row stride;
+    visible: `decode_visible_mask`. NOTE: a KV head's query heads are adjacent
+    (head // group), so folding the group into SDPA's query length gives GQA with no
+    repeat; SDPA reads the `[seqs, kv_heads, ctx, dim]` transposed view in place (no
+    head-major copy). 2-4x faster on the CPU than per-head matmuls, bf16 above all.
+    """
+    num_seqs, num_heads, head_dim = query.shape
+    num_kv_heads = keys.shape[2]
     out = F.scaled_dot_product_attention(
         query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim),
         keys.transpose(1, 2),
         values.transpose(1, 2),
-        attn_mask=visible[:, None, None, :],
+        attn_mask=visible,
         scale=scale,
     )
     return out.reshape(num_seqs, num_heads, head_dim)

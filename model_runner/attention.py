@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import ops
+from model_runner.decode_context import DecodeContextStep
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,8 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [S + 1] int32
     max_query_len: int
     max_seq_len: int
+    # CPU decode steps: attend over the contiguous copy of the batch's K/V instead.
+    decode_context: DecodeContextStep | None = None
 
 
 def paged_attention(
@@ -33,10 +36,13 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    layer: int = 0,
 ) -> torch.Tensor:
-    """Write the new K/V [T, KH, D] into the layer's cache, then attend: [T, H, D]."""
+    """Write the new K/V [T, KH, D] into `layer`'s cache, then attend: [T, H, D]."""
     key_cache, value_cache = kv_cache
     ops.write_kv(key, value, key_cache, value_cache, meta.slot_mapping)
+    if meta.decode_context is not None:
+        return meta.decode_context.attend(layer, query, key, value, kv_cache, scale, sliding_window)
     return ops.paged_attention(
         query,
         key_cache,

@@ -25,9 +25,10 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention + gated MLP; the residual stream is carried beside the hidden state."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, index: int):
         super().__init__()
         kw = {"dtype": dtype, "device": device}
+        self.index = index
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_heads,
             cfg.num_kv_heads,
@@ -69,7 +70,9 @@ class LlamaDecoderLayer(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = ops.rotary_embedding(positions, q, k, cos_sin, True)
-        attn = paged_attention(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
+        attn = paged_attention(
+            q, k, v, kv_cache, meta, self.scale, self.sliding_window, layer=self.index
+        )
         hidden = ops.linear(attn.reshape(num_tokens, self.q_size), self.o_proj)
         hidden, residual = ops.fused_add_rms_norm(
             hidden, residual, self.post_attention_layernorm, self.eps
@@ -89,7 +92,7 @@ class LlamaForCausalLM(nn.Module):
         kw = {"dtype": dtype, "device": device}
         self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, **kw)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers)
+            LlamaDecoderLayer(cfg, dtype, device, i) for i in range(cfg.num_layers)
         )
         self.norm = _param(cfg.hidden_size, **kw)
         self.lm_head = (

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
 import torch
 
+from kernels import ops
 from model_runner.attention import AttentionMetadata
 from model_runner.config import EngineConfig, resolve_device, resolve_dtype, resolve_max_model_len
+from model_runner.decode_context import DecodeContext
 from model_runner.gguf_loader import model_config_from_gguf, open_gguf
 from model_runner.input_batch import (
     SequenceState,
     apply_state_updates,
     build_model_inputs,
 )
-from model_runner.kv_cache import KVCache, num_blocks_for_cpu, num_blocks_for_cuda
+from model_runner.kv_cache import (
+    KVCache,
+    bytes_per_block,
+    num_blocks_for_cpu,
+    num_blocks_for_cuda,
+)
 from model_runner.loader import load_model
 from model_runner.model_source import ModelConfig, ModelSource, model_config_from_hf, resolve_model
 from model_runner.sampler import Sampler
@@ -67,6 +75,17 @@ class ModelRunner:
         )
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.seed)
         self._seqs: dict[str, SequenceState] = {}
+        self.decode_context = self._make_decode_context()
+
+    def _make_decode_context(self) -> DecodeContext | None:
+        """CPU references only (Triton attends in the paged cache); budget: half the cache."""
+        if ops.use_triton(torch.empty(0, device=self.device)):
+            return None
+        mc = self.model_config
+        cache_bytes = self.num_blocks * bytes_per_block(mc, self.block_size, self.dtype)
+        return DecodeContext(
+            mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, max_bytes=cache_bytes // 2
+        )
 
     def _size_kv_cache(self) -> int:
         cfg, mc = self.config, self.model_config
@@ -103,6 +122,20 @@ class ModelRunner:
         del cache, logits
         torch.cuda.empty_cache()
 
+    def _with_decode_context(self, step: StepInput, meta: AttentionMetadata) -> AttentionMetadata:
+        """Decode-only steps without block copies attend over the DecodeContext (CPU)."""
+        if self.decode_context is None:
+            return meta
+        if meta.max_query_len != 1 or step.block_copies:
+            self.decode_context.reset()
+            return meta
+        seq_ids = [chunk.seq_id for chunk in step.chunks]
+        lens = [self._seqs[seq_id].num_computed for seq_id in seq_ids]
+        plan = self.decode_context.plan(
+            seq_ids, lens, meta.seq_lens, meta.block_tables, self.block_size
+        )
+        return meta if plan is None else dataclasses.replace(meta, decode_context=plan)
+
     @property
     def num_active_sequences(self) -> int:
         return len(self._seqs)
@@ -116,13 +149,16 @@ class ModelRunner:
             return StepOutput(step_id=step.step_id, execute_seconds=time.perf_counter() - start)
         with torch.inference_mode():
             inputs = build_model_inputs(self._seqs, step, self.block_size, self.device)
+            meta = self._with_decode_context(step, inputs.meta)
             logits = self.model(
                 inputs.input_ids,
                 inputs.positions,
                 self.kv_cache.layers,
-                inputs.meta,
+                meta,
                 inputs.logits_indices,
             )
+            if meta.decode_context is not None:
+                self.decode_context.commit()
             sampled = self.sampler(logits, inputs.sample_seqs)
         for seq, token in zip(inputs.sample_seqs, sampled, strict=True):
             seq.append(token.token_id)

@@ -26,8 +26,9 @@ CHAT_CONVERSATIONS = [
     ],
 ]
 
-# NOTE: small KV caches keep the fixtures light; 0.1 GiB is 291 blocks of 16 tokens in fp32.
-RUNNER_KV_GIB = 0.1
+# NOTE: small KV caches keep the fixtures light; 0.4 GiB is 582 blocks of 16 tokens in fp32,
+# and its half, the DecodeContext's budget, holds 32 rows of 128 tokens.
+RUNNER_KV_GIB = 0.4
 
 
 @pytest.fixture(scope="session")

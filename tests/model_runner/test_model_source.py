@@ -19,6 +19,7 @@ from model_runner.model_source import (
     model_config_from_hf,
     resolve_model,
 )
+from tests.model_runner.conftest import RUNNER_KV_GIB
 
 
 def test_default_model_resolves_to_the_embedded_gguf(gguf_path):
@@ -116,7 +117,7 @@ def test_kv_cache_sizing(runner):
     assert num_blocks_for_cpu(capped, mc, torch.float32, 100) == 2 * 7
     with pytest.raises(ValueError):
         num_blocks_for_cpu(EngineConfig(kv_cache_memory=1e-6), mc, torch.float32, 100)
-    assert runner.num_blocks == int(0.1 * (1 << 30)) // per_block
+    assert runner.num_blocks == int(RUNNER_KV_GIB * (1 << 30)) // per_block
 
 
 def test_kv_cache_block_copy(runner):

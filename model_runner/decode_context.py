@@ -1,0 +1,164 @@
+"""A contiguous copy of the running batch's K/V, so CPU decode steps skip the block gather.
+
+On the CPU, gathering each sequence's blocks out of the paged cache costs a decode step
+about as much as the attention itself (every layer copies every context block). In steady
+decoding the batch is the same from one step to the next and each context grows by one
+token, so `DecodeContext` keeps per layer K and V of shape [rows, capacity, kv_heads, dim],
+row i holding the context of the step's i-th sequence:
+
+- a decode step that continues the previous step (same sequences in the same order, each
+  one token longer) appends its new token per row: the *append* mode;
+- any other decode step gathers every row once from the paged cache: the *gather* mode;
+- prefill or mixed steps, steps with block copies, and batches over the memory budget
+  skip it (and the next decode step gathers).
+
+The paged cache stays the source of truth (prefix caching, forks, preemption): every step
+writes it first. Positions past a row's length hold zeros or stale (finite) values that
+the mask hides.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.paged_attention import decode_attention, decode_visible_mask
+
+# Columns are reserved in steps of this many tokens, so a growing batch reallocates rarely.
+CAPACITY_STEP = 128
+
+
+class DecodeContextStep:
+    """One decode step's use of the context: its mode and per-step index tensors."""
+
+    __slots__ = ("append", "buffers", "ctx_len", "gather_index", "new_slots", "seq_lens", "_masks")
+
+    def __init__(
+        self,
+        buffers: list[tuple[torch.Tensor, torch.Tensor]],
+        append: bool,
+        seq_lens: torch.Tensor,
+        ctx_len: int,
+        new_slots: torch.Tensor,
+        gather_index: torch.Tensor | None,
+    ):
+        self.buffers = buffers
+        self.append = append
+        self.seq_lens = seq_lens
+        self.ctx_len = ctx_len
+        self.new_slots = new_slots  # [seqs] row * capacity + position of the new token
+        self.gather_index = gather_index  # [seqs * blocks] block ids, gather mode only
+        self._masks: dict[int | None, torch.Tensor] = {}
+
+    def attend(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        paged: tuple[torch.Tensor, torch.Tensor],
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        """Bring the layer's context up to date (append or gather), then attend: [S, H, D]."""
+        k_buf, v_buf = self.buffers[layer]
+        num_seqs = query.shape[0]
+        for buf, new, cache in ((k_buf, key, paged[0]), (v_buf, value, paged[1])):
+            if self.append:
+                buf.view(-1, *buf.shape[2:]).index_copy_(0, self.new_slots, new.to(buf.dtype))
+            else:
+                gathered = cache.index_select(0, self.gather_index)
+                buf[:num_seqs, : gathered.shape[0] // num_seqs * cache.shape[1]] = gathered.view(
+                    num_seqs, -1, *cache.shape[2:]
+                )
+        mask = self._masks.get(sliding_window)
+        if mask is None:
+            mask = decode_visible_mask(self.seq_lens, self.ctx_len, sliding_window)
+            self._masks[sliding_window] = mask
+        keys, values = k_buf[:num_seqs, : self.ctx_len], v_buf[:num_seqs, : self.ctx_len]
+        return decode_attention(query, keys, values, mask, scale)
+
+
+class DecodeContext:
+    """The per-layer buffers and what the last decode step left in them (see the module)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        max_bytes: int,
+    ):
+        self.num_layers = num_layers
+        self.row_shape = (num_kv_heads, head_dim)
+        self.dtype = dtype
+        self.max_bytes = max_bytes
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.rows = self.capacity = 0
+        # What the buffers hold after the last committed step: sequence ids and lengths.
+        self._held: tuple[tuple[str, ...], list[int]] | None = None
+        self._pending: tuple[tuple[str, ...], list[int]] | None = None
+
+    def bytes_for(self, rows: int, capacity: int) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * rows * capacity * self.row_shape[0] * self.row_shape[1] * elem
+
+    def plan(
+        self,
+        seq_ids: list[str],
+        seq_lens: list[int],
+        seq_lens_t: torch.Tensor,
+        block_tables: torch.Tensor,
+        block_size: int,
+    ) -> DecodeContextStep | None:
+        """The step's use of the context for a decode-only batch, or None to gather as usual.
+
+        Call `commit` once the step's forward has succeeded; until then nothing is held.
+        """
+        held, self._held = self._held, None
+        max_len = max(seq_lens)
+        fits, kept = self._ensure_capacity(len(seq_ids), max_len, block_size)
+        if not fits:
+            return None
+        ids = tuple(seq_ids)
+        append = (
+            kept
+            and held is not None
+            and held[0] == ids
+            and all(n == h + 1 for n, h in zip(seq_lens, held[1], strict=True))
+        )
+        rows = torch.arange(len(seq_ids), dtype=torch.long)
+        new_slots = rows * self.capacity + (seq_lens_t.long() - 1)
+        gather_index = None
+        if not append:
+            num_blocks = -(-max_len // block_size)
+            gather_index = block_tables[:, :num_blocks].reshape(-1).long()
+        self._pending = (ids, list(seq_lens))
+        return DecodeContextStep(self.buffers, append, seq_lens_t, max_len, new_slots, gather_index)
+
+    def commit(self) -> None:
+        """The planned step ran: the buffers now hold its sequences at their new lengths."""
+        self._held = self._pending
+
+    def reset(self) -> None:
+        """A step that bypassed the context ran: what the buffers hold is stale."""
+        self._held = None
+
+    def _ensure_capacity(self, rows: int, max_len: int, block_size: int) -> tuple[bool, bool]:
+        """(fits the budget, buffers kept): grows them when the batch outgrows them."""
+        # NOTE: whole blocks are gathered, so the capacity is a multiple of the block size.
+        if rows <= self.rows and -(-max_len // block_size) * block_size <= self.capacity:
+            return True, True
+        new_rows = max(rows, self.rows)
+        step = -(-CAPACITY_STEP // block_size) * block_size
+        capacity = max(self.capacity, -(-(max_len + 1) // step) * step)
+        if self.bytes_for(new_rows, capacity) > self.max_bytes:
+            return False, False
+        shape = (new_rows, capacity, *self.row_shape)
+        # NOTE: zeros, not empty: masked positions still meet V in SDPA, and 0 * NaN is NaN.
+        self.buffers = [
+            (torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
+            for _ in range(self.num_layers)
+        ]
+        self.rows, self.capacity = new_rows, capacity
+        return True, False
