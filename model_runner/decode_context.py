@@ -67,9 +67,8 @@ class DecodeContextStep:
                 buf.view(-1, *buf.shape[2:]).index_copy_(0, self.new_slots, new.to(buf.dtype))
             else:
                 gathered = cache.index_select(0, self.gather_index)
-                buf[:num_seqs, : gathered.shape[0] // num_seqs * cache.shape[1]] = gathered.view(
-                    num_seqs, -1, *cache.shape[2:]
-                )
+                gathered = gathered.view(num_seqs, -1, *cache.shape[2:])  # whole blocks per row
+                buf[:num_seqs, : gathered.shape[1]] = gathered
         mask = self._masks.get(sliding_window)
         if mask is None:
             mask = decode_visible_mask(self.seq_lens, self.ctx_len, sliding_window)
