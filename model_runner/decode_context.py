@@ -105,7 +105,6 @@ class DecodeContext:
     def plan(
         self,
         seq_ids: list[str],
-        seq_lens: list[int],
         seq_lens_t: torch.Tensor,
         block_tables: torch.Tensor,
         block_size: int,
@@ -115,6 +114,7 @@ class DecodeContext:
         Call `commit` once the step's forward has succeeded; until then nothing is held.
         """
         held, self._held = self._held, None
+        seq_lens = seq_lens_t.tolist()
         max_len = max(seq_lens)
         fits, kept = self._ensure_capacity(len(seq_ids), max_len, block_size)
         if not fits:
@@ -132,7 +132,7 @@ class DecodeContext:
         if not append:
             num_blocks = -(-max_len // block_size)
             gather_index = block_tables[:, :num_blocks].reshape(-1).long()
-        self._pending = (ids, list(seq_lens))
+        self._pending = (ids, seq_lens)
         return DecodeContextStep(self.buffers, append, seq_lens_t, max_len, new_slots, gather_index)
 
     def commit(self) -> None:

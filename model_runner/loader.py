@@ -71,11 +71,8 @@ def store_linear_weights_column_major(model: LlamaForCausalLM) -> None:
     rows, bit-identical to torch.mm(x, W.t()). bf16 gains nothing, so it is left as is.
     A tied embedding is relaid too: its row lookups (a few rows per token) become strided.
     """
-    for module in model.modules():
-        for name in LINEAR_WEIGHTS:
-            weight = getattr(module, name, None)
-            if isinstance(weight, torch.nn.Parameter) and weight.is_contiguous():
-                weight.data = weight.data.t().contiguous().t()
+    for weight in linear_weights(model):
+        weight.data = weight.data.t().contiguous().t()
 
 
 # Below 8 rows packed GEMMs are no faster than plain ones.

@@ -130,10 +130,7 @@ class ModelRunner:
             self.decode_context.reset()
             return meta
         seq_ids = [chunk.seq_id for chunk in step.chunks]
-        lens = [self._seqs[seq_id].num_computed for seq_id in seq_ids]
-        plan = self.decode_context.plan(
-            seq_ids, lens, meta.seq_lens, meta.block_tables, self.block_size
-        )
+        plan = self.decode_context.plan(seq_ids, meta.seq_lens, meta.block_tables, self.block_size)
         return meta if plan is None else dataclasses.replace(meta, decode_context=plan)
 
     @property

@@ -19,7 +19,7 @@ def _context(max_bytes: int = 1 << 30) -> DecodeContext:
 def _plan(ctx: DecodeContext, ids: list[str], lens: list[int], tables: list[list[int]]):
     width = max(len(t) for t in tables)
     table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-    return ctx.plan(ids, lens, torch.tensor(lens, dtype=torch.int32), table_t, BLOCK)
+    return ctx.plan(ids, torch.tensor(lens, dtype=torch.int32), table_t, BLOCK)
 
 
 def test_a_continuing_batch_appends_anything_else_gathers():
