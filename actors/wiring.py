@@ -25,6 +25,18 @@ def tokenizer_loader(config):
     return load
 
 
+def prepare_engine_process(config) -> None:
+    """Process-wide settings for the process that runs model steps; call before any thread.
+
+    On the CPU: glibc keeps freed activation memory for reuse (see model_runner/cpu_malloc).
+    """
+    from model_runner.config import resolve_device
+    from model_runner.cpu_malloc import keep_freed_memory
+
+    if resolve_device(config).type == "cpu":
+        keep_freed_memory()
+
+
 def build_actor(name: str, transport: Transport, config) -> Actor:
     """Construct the actor called `name`; imports stay lazy so each process loads only its own."""
     if name == "tokenizer":

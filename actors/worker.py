@@ -13,7 +13,7 @@ import msgspec
 
 from actors.actor import send_heartbeats
 from actors.transport import ZmqTransport
-from actors.wiring import build_actor
+from actors.wiring import build_actor, prepare_engine_process
 
 
 async def run_actors(actor_names: list[str], run_dir: str, config) -> None:
@@ -39,13 +39,16 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.INFO, format=f"%(asctime)s {args.process} %(levelname)s %(name)s: %(message)s"
     )
     config = msgspec.json.decode(args.config, type=EngineConfig)
+    actor_names = args.actors.split(",")
+    if "executor" in actor_names:
+        prepare_engine_process(config)  # NOTE: before ZeroMQ's threads take malloc arenas
     try:
         import uvloop
 
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
-    runner(run_actors(args.actors.split(","), args.run_dir, config))
+    runner(run_actors(actor_names, args.run_dir, config))
 
 
 if __name__ == "__main__":

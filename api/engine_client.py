@@ -20,7 +20,12 @@ from actors.protocol import (
 )
 from actors.supervisor import Supervisor
 from actors.transport import InProcessTransport, Transport, ZmqTransport, make_run_dir
-from actors.wiring import DEFAULT_PLACEMENT, build_actor, tokenizer_loader
+from actors.wiring import (
+    DEFAULT_PLACEMENT,
+    build_actor,
+    prepare_engine_process,
+    tokenizer_loader,
+)
 from api.errors import EngineRequestError
 from model_runner.sampling_params import SamplingParams
 
@@ -58,6 +63,7 @@ class EngineClient:
         self.model_name = self.config.served_model_name or source.name
         self.tokenizer = await asyncio.to_thread(tokenizer_loader(self.config))
         if self.in_process:
+            prepare_engine_process(self.config)
             self.transport = InProcessTransport()
             actors = [build_actor(n, self.transport, self.config) for n in _all_actors()]
             self.actor_tasks = [asyncio.create_task(a.run(), name=a.name) for a in actors]
