@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from actors.wiring import prepare_engine_process  # noqa: E402
 from model_runner.config import EngineConfig  # noqa: E402
 from model_runner.runner import ModelRunner  # noqa: E402
 from model_runner.sampling_params import SamplingParams  # noqa: E402
@@ -112,6 +113,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="cProfile + torch.profiler tables")
     args = ap.parse_args()
     config = EngineConfig(dtype=args.dtype, kv_cache_memory=0.5, max_model_len=2048)
+    prepare_engine_process(config)  # as the engine process does (malloc settings on the CPU)
     runner = ModelRunner(config, progress=False)
     sampling = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, max_tokens=10**6, ignore_eos=True
