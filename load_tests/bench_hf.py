@@ -89,12 +89,12 @@ def bench_dtype(args: argparse.Namespace, gguf: Path, dtype_name: str) -> dict:
         "sequential_best_tok_s": args.output_len / best,  # the least disturbed request
         "batch_size": args.batch_size,
         "batches": args.num_batches,
-        "batch_tok_s": batch_tokens / batch_seconds,
-        "batch_s": batch_seconds / args.num_batches,
+        "batch_tok_s": batch_tokens / batch_seconds if args.num_batches else None,
+        "batch_s": batch_seconds / args.num_batches if args.num_batches else None,
     }
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gguf", type=Path, default=None, help="default: the embedded SmolLM2")
     p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
@@ -102,12 +102,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--num-sequential", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-batches", type=int, default=1)
+    p.add_argument("--num-batches", type=int, default=1, help="0: sequential only")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--attn-implementation", default=None, help="eager | sdpa (default: HF's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     gguf = args.gguf or default_gguf()
@@ -124,9 +128,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{'batch tok/s':>12}"
     )
     for r in rows:
+        batch = f"{r['batch_tok_s']:>12.1f}" if r["batch_tok_s"] is not None else f"{'-':>12}"
         print(
             f"{r['dtype']:>9} {r['sequential_tok_s']:>17.1f} {r['sequential_best_tok_s']:>7.1f} "
-            f"{r['sequential_s_per_request']:>10.2f} {r['batch_size']:>6} {r['batch_tok_s']:>12.1f}"
+            f"{r['sequential_s_per_request']:>10.2f} {r['batch_size']:>6} {batch}"
         )
     if args.json_out:
         config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
