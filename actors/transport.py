@@ -107,14 +107,49 @@ class _ZmqOutbox(Outbox):
         self.socket.send(data, copy=False)
 
 
-class ZmqTransport(Transport):
-    """PUSH/PULL over `ipc://<run_dir>/<actor>.sock`; never TCP."""
+class _ColocatedInbox(Inbox):
+    """The inbox of an actor whose peers share its process: a queue, also fed from ZeroMQ.
 
-    def __init__(self, run_dir: str | Path) -> None:
+    Senders in the same process put bytes on the queue; the ZeroMQ socket still takes
+    messages from other processes, forwarded by a task.
+    """
+
+    def __init__(self, name: str, queue: asyncio.Queue[bytes], socket: zmq.asyncio.Socket):
+        super().__init__(name)
+        self.queue = queue
+        self.socket = socket
+        self._forward: asyncio.Task | None = None
+
+    async def recv_bytes(self) -> bytes:
+        if self._forward is None:
+            self._forward = asyncio.create_task(self._forward_remote())
+        return await self.queue.get()
+
+    async def _forward_remote(self) -> None:
+        while True:
+            self.queue.put_nowait(await self.socket.recv(copy=True))
+
+    def close(self) -> None:
+        if self._forward is not None:
+            self._forward.cancel()
+        self.socket.close(linger=0)
+
+
+class ZmqTransport(Transport):
+    """PUSH/PULL over `ipc://<run_dir>/<actor>.sock`; never TCP.
+
+    `colocated`: actors running in this process (one event loop). Messages between them
+    skip ZeroMQ (an asyncio queue of the same encoded bytes): on a busy 2-core machine each
+    ZeroMQ hop between the scheduler and the executor cost ~0.5 ms, a twentieth of a
+    decode step.
+    """
+
+    def __init__(self, run_dir: str | Path, colocated: tuple[str, ...] = ()) -> None:
         self.run_dir = Path(run_dir)
         self.async_ctx = zmq.asyncio.Context()
         self.sync_ctx = zmq.Context()
         self.sockets: list[zmq.Socket] = []
+        self.local_queues = {name: asyncio.Queue() for name in colocated}
 
     def address(self, name: str) -> str:
         return f"ipc://{self.run_dir / name}.sock"
@@ -124,9 +159,13 @@ class ZmqTransport(Transport):
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.bind(self.address(name))
         self.sockets.append(sock)
+        if name in self.local_queues:
+            return _ColocatedInbox(name, self.local_queues[name], sock)
         return _ZmqInbox(name, sock)
 
     def outbox(self, name: str) -> Outbox:
+        if name in self.local_queues:
+            return _LocalOutbox(self.local_queues[name])
         sock = self.sync_ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.LINGER, 0)
@@ -150,6 +189,14 @@ class _QueueInbox(Inbox):
 
     async def recv_bytes(self) -> bytes:
         return await self.queue.get()
+
+
+class _LocalOutbox(Outbox):
+    def __init__(self, queue: asyncio.Queue[bytes]) -> None:
+        self.queue = queue
+
+    def send_bytes(self, data: bytes) -> None:
+        self.queue.put_nowait(data)
 
 
 class _QueueOutbox(Outbox):

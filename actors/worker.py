@@ -17,7 +17,7 @@ from actors.wiring import build_actor, prepare_engine_process
 
 
 async def run_actors(actor_names: list[str], run_dir: str, config) -> None:
-    transport = ZmqTransport(run_dir)
+    transport = ZmqTransport(run_dir, colocated=tuple(actor_names))
     actors = [build_actor(name, transport, config) for name in actor_names]
     tasks = [asyncio.create_task(a.run(), name=a.name) for a in actors]
     tasks.append(asyncio.create_task(send_heartbeats(transport, actor_names)))

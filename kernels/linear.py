@@ -7,6 +7,9 @@ library's internal panels, on every call. `pack_linear_weight` does that once at
 - float32: MKL's packed GEMM, valid for inputs of exactly `batch` rows; `linear` pads a step
   of more than half as many rows up to it, and leaves every other shape to `F.linear`.
 - bfloat16: oneDNN's blocked weight layout (`batch` is only its layout hint), for any rows.
+
+The model runner's dense linear method (`model_runner.linear.DenseLinear`) owns the weight
+and its packed copy and calls `linear` with both.
 """
 
 from __future__ import annotations
@@ -15,9 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-# Set on a weight Parameter by `pack_linear_weight` (as vLLM sets loader attributes).
-PACKED_ATTR = "cpu_packed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,29 +41,29 @@ def packing_available(dtype: torch.dtype) -> bool:
 
 
 @torch.no_grad()
-def pack_linear_weight(weight: torch.Tensor, batch: int) -> None:
-    """Attach the packed copy of a CPU float32 or bfloat16 `weight` (see the module)."""
+def pack_linear_weight(weight: torch.Tensor, batch: int) -> PackedWeight:
+    """The packed copy of a CPU float32 or bfloat16 `weight` (see the module)."""
     dense = weight.detach().contiguous()  # NOTE: fp32 weights are stored transposed
     if weight.dtype == torch.float32:
-        packed = PackedWeight("mkl", batch, torch.ops.mkl._mkl_reorder_linear_weight(dense, batch))
-    else:
-        reorder = torch.ops.mkldnn._reorder_linear_weight
-        packed = PackedWeight("onednn", batch, reorder(dense, batch))
-    setattr(weight, PACKED_ATTR, packed)
+        return PackedWeight("mkl", batch, torch.ops.mkl._mkl_reorder_linear_weight(dense, batch))
+    return PackedWeight("onednn", batch, torch.ops.mkldnn._reorder_linear_weight(dense, batch))
 
 
-def packed_matches_plain(weight: torch.Tensor) -> bool:
+def packed_matches_plain(weight: torch.Tensor, packed: PackedWeight) -> bool:
     """Self-check of a packed weight against `F.linear` on random rows (a bad library is off)."""
-    packed: PackedWeight = getattr(weight, PACKED_ATTR)
     x = torch.randn(packed.batch, weight.shape[1]).to(weight.dtype)
     expected = F.linear(x, weight).float()
     tol = 1e-4 if weight.dtype == torch.float32 else 2e-2
-    return torch.allclose(linear(x, weight).float(), expected, rtol=tol, atol=tol)
+    return torch.allclose(linear(x, weight, None, packed).float(), expected, rtol=tol, atol=tol)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    packed: PackedWeight | None = None,
+) -> torch.Tensor:
     """`F.linear` of 2-D `x`, through the packed weight where it applies (see the module)."""
-    packed: PackedWeight | None = getattr(weight, PACKED_ATTR, None)
     if packed is None:
         return F.linear(x, weight, bias)
     # NOTE: the libraries read x as dense rows (lda = in_features): x must be contiguous.

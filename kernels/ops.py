@@ -15,9 +15,9 @@ import torch
 from kernels.activation import silu_and_mul_ref
 from kernels.kv_cache import write_kv_ref
 from kernels.layernorm import fused_add_rms_norm_ref, rms_norm_ref
-from kernels.linear import linear as linear  # re-exported: the model's one linear op
 from kernels.paged_attention import paged_attention_ref
 from kernels.rotary import rotary_embedding_ref
+from kernels.rotary import rotary_tables as rotary_tables_ref
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -62,13 +62,15 @@ def write_kv(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    all_valid: bool | None = None,
 ) -> None:
     """Store K/V in the paged cache at `slot_mapping`; see `kernels.kv_cache.write_kv_ref`."""
     if use_triton(key):
-        from kernels.kv_cache_triton import write_kv_triton as impl
+        from kernels.kv_cache_triton import write_kv_triton
+
+        write_kv_triton(key, value, key_cache, value_cache, slot_mapping)
     else:
-        impl = write_kv_ref
-    impl(key, value, key_cache, value_cache, slot_mapping)
+        write_kv_ref(key, value, key_cache, value_cache, slot_mapping, all_valid)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -97,13 +99,26 @@ def rotary_embedding(
     key: torch.Tensor,
     cos_sin_cache: torch.Tensor,
     is_neox: bool = True,
+    tables: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding of query and key; see `kernels.rotary.rotary_embedding_ref`."""
+    """Rotary embedding of query and key; see `kernels.rotary.rotary_embedding_ref`.
+
+    `tables` (`rotary_tables`, once per step) only speed up the reference.
+    """
     if use_triton(query):
         from kernels.rotary_triton import rotary_embedding_triton
 
         return rotary_embedding_triton(positions, query, key, cos_sin_cache, is_neox)
-    return rotary_embedding_ref(positions, query, key, cos_sin_cache, is_neox)
+    return rotary_embedding_ref(positions, query, key, cos_sin_cache, is_neox, tables)
+
+
+def rotary_tables(
+    positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The reference's per-step rotation tables (None where Triton runs: it needs none)."""
+    if use_triton(positions):
+        return None
+    return rotary_tables_ref(positions, cos_sin_cache, dtype)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

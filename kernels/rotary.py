@@ -46,21 +46,45 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool
     return torch.stack([o1, o2], dim=-1).flatten(-2)
 
 
+def rotary_tables(
+    positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's NeoX rotation tables, shared by every layer: (cos, signed sin) [T, 1, D].
+
+    cos holds cos twice; sin holds [-sin | sin], so that x * cos + roll(x, D / 2) * sin is
+    the rotation (the exact ops of x1 * cos - x2 * sin and x2 * cos + x1 * sin, in order).
+    In float32 they match the reference bit for bit; in bf16 the math runs in bf16, as HF
+    transformers rotates bf16 models.
+    """
+    cos, sin = cos_sin_cache[positions.long()].chunk(2, dim=-1)
+    return (
+        torch.cat([cos, cos], dim=-1)[:, None, :].to(dtype),
+        torch.cat([-sin, sin], dim=-1)[:, None, :].to(dtype),
+    )
+
+
 def rotary_embedding_ref(
     positions: torch.Tensor,
     query: torch.Tensor,
     key: torch.Tensor,
     cos_sin_cache: torch.Tensor,
     is_neox: bool = True,
+    tables: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate query [T, Hq, D] and key [T, Hk, D] at `positions` [T]; returns new tensors.
 
     Only the first `rot_dim = cos_sin_cache.shape[1]` features of each head are rotated.
-    The math runs in fp32 and the results come back in the inputs' dtype.
+    The math runs in fp32 and the results come back in the inputs' dtype. `tables` from
+    `rotary_tables` (NeoX, every feature rotated) take the fast path, in the inputs' dtype.
     """
     rot_dim = cos_sin_cache.shape[-1]
-    cos, sin = cos_sin_cache[positions.long()].chunk(2, dim=-1)
     num_q_heads = query.shape[1]
+    if tables is not None and is_neox and rot_dim == query.shape[-1]:
+        cos, sin = tables
+        both = torch.cat([query, key], dim=1)
+        rot = both * cos + both.roll(rot_dim // 2, dims=-1) * sin
+        return rot[:, :num_q_heads], rot[:, num_q_heads:]
+    cos, sin = cos_sin_cache[positions.long()].chunk(2, dim=-1)
     # One rotation of query and key heads together: half the small ops of two.
     both = torch.cat([query[..., :rot_dim], key[..., :rot_dim]], dim=1).float()
     rot = _rotate(both, cos[:, None, :], sin[:, None, :], is_neox)

@@ -75,11 +75,11 @@ def plain_forward_ms(runner: ModelRunner, seqs: int, repeats: int = 5) -> float:
             start = time.perf_counter()
             h = x
             for layer in model.layers:
-                qkv = torch.nn.functional.linear(h, layer.qkv_proj)
-                h = h + torch.nn.functional.linear(qkv[:, : layer.q_size], layer.o_proj)
-                gu = torch.nn.functional.linear(h, layer.gate_up_proj)
-                h = h + torch.nn.functional.linear(gu[:, : gu.shape[1] // 2], layer.down_proj)
-            torch.nn.functional.linear(h, model.lm_head)
+                qkv = layer.qkv_proj(h)
+                h = h + layer.o_proj(qkv[:, : layer.q_size])
+                gu = layer.gate_up_proj(h)
+                h = h + layer.down_proj(gu[:, : gu.shape[1] // 2])
+            model.lm_head(h)
             times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
@@ -104,6 +104,7 @@ def hf_forward_ms(runner: ModelRunner, seqs: int, repeats: int = 5) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--quantization", default="auto")
     ap.add_argument("--seqs", type=int, default=32)
     ap.add_argument("--context", type=int, default=100)
     ap.add_argument("--steps", type=int, default=20)
@@ -112,7 +113,9 @@ def main() -> None:
     ap.add_argument("--hf", action="store_true", help="also time a plain HF forward (GGUF only)")
     ap.add_argument("--profile", action="store_true", help="cProfile + torch.profiler tables")
     args = ap.parse_args()
-    config = EngineConfig(dtype=args.dtype, kv_cache_memory=0.5, max_model_len=2048)
+    config = EngineConfig(
+        dtype=args.dtype, quantization=args.quantization, kv_cache_memory=0.5, max_model_len=2048
+    )
     prepare_engine_process(config)  # as the engine process does (malloc settings on the CPU)
     runner = ModelRunner(config, progress=False)
     sampling = SamplingParams(
@@ -123,7 +126,8 @@ def main() -> None:
         bench.decode()
     times = [bench.decode() for _ in range(args.steps)]
     print(
-        f"{args.dtype}: decode step of {args.seqs} seqs @ ~{args.context} ctx: "
+        f"{args.dtype}/{runner.linear_plan.quantization}: decode step of {args.seqs} seqs "
+        f"@ ~{args.context} ctx: "
         f"median {1000 * statistics.median(times):.1f} ms, min {1000 * min(times):.1f} ms; "
         f"matmuls alone {plain_forward_ms(runner, args.seqs):.1f} ms"
     )

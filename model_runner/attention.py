@@ -24,6 +24,7 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [S + 1] int32
     max_query_len: int
     max_seq_len: int
+    all_slots_valid: bool = False  # no padding slot (< 0) in slot_mapping
     # CPU decode steps: attend over the contiguous copy of the batch's K/V instead.
     decode_context: DecodeContextStep | None = None
 
@@ -40,7 +41,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """Write the new K/V [T, KH, D] into `layer`'s cache, then attend: [T, H, D]."""
     key_cache, value_cache = kv_cache
-    ops.write_kv(key, value, key_cache, value_cache, meta.slot_mapping)
+    ops.write_kv(key, value, key_cache, value_cache, meta.slot_mapping, meta.all_slots_valid)
     if meta.decode_context is not None:
         return meta.decode_context.attend(layer, query, key, value, kv_cache, scale, sliding_window)
     return ops.paged_attention(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -21,7 +24,8 @@ class EngineConfig:
 
     model: str | None = None  # None: the embedded SmolLM2 GGUF; else a .gguf file or an HF folder
     load_format: str = "auto"  # auto | gguf | safetensors | dummy
-    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (CPU: model_runner.cpu_profile; CUDA: bfloat16) | float32 | ...
+    quantization: str = "auto"  # auto | gguf | int8 | int4 | none (model_runner.linear_plan)
     device: str = "auto"  # auto | cpu | cuda
     block_size: int = 16
     max_model_len: int | None = None  # None: min(model's max positions, 8192)
@@ -51,10 +55,16 @@ def resolve_device(config: EngineConfig) -> torch.device:
 
 
 def resolve_dtype(config: EngineConfig, device: torch.device | None = None) -> torch.dtype:
-    """`auto` is float32 on the CPU and bfloat16 on CUDA."""
+    """`auto` is bfloat16 on CUDA; on the CPU, what `cpu_profile` decided for this CPU model."""
     if config.dtype == "auto":
         device = device or resolve_device(config)
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        from model_runner.cpu_profile import cpu_profile
+
+        profile = cpu_profile()
+        log.info("--dtype auto on %s: %s (%s)", profile.cpu, profile.dtype, profile.reason)
+        return _DTYPES[profile.dtype]
     try:
         return _DTYPES[config.dtype]
     except KeyError:

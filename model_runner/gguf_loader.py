@@ -1,9 +1,14 @@
-"""Reading a GGUF file: the model config from its metadata and dequantized weights."""
+"""Reading a GGUF file: the model config from its metadata, and its weights as stored.
+
+Float tensors come as float32 arrays; quantized ones as `GGUFBlocks` (the raw blocks), which
+each destination dequantizes or converts to its kernel layout (model_runner.linear).
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -103,27 +108,68 @@ def hf_name(gguf_name: str) -> str | None:
     return f"{_GLOBAL_NAMES[base]}.{kind}" if base in _GLOBAL_NAMES else None
 
 
-def unpermute_rotary(weights: np.ndarray, num_heads: int) -> np.ndarray:
+def unpermute_rotary(weights, num_heads: int):
     """Undo llama.cpp's row permutation of attn_q/attn_k (its interleaved rotary layout).
 
     NOTE: the exact inverse of convert_hf_to_gguf's `permute` (as transformers undoes it):
     rows of each head are stored as [dim/2, 2] pairs and go back to [2, dim/2] halves.
+    GGUF blocks move with their rows.
     """
+    if isinstance(weights, GGUFBlocks):
+        return GGUFBlocks(weights.qtype, unpermute_rotary(weights.data, num_heads))
     dim = weights.shape[0] // num_heads // 2
     w = weights.reshape(num_heads, dim, 2, *weights.shape[1:])
     return w.swapaxes(2, 1).reshape(weights.shape)
 
 
-def iter_gguf_weights(reader, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (Hugging Face name, float32 array) for every tensor the model uses."""
-    from gguf import dequantize
+@dataclass(frozen=True)
+class GGUFBlocks:
+    """A quantized GGUF tensor as stored: `data` [rows, bytes per row] of ggml blocks.
 
+    Blocks run along a row (the input features), so a row permutation moves whole rows.
+    """
+
+    qtype: object  # gguf.GGMLQuantizationType
+    data: np.ndarray
+
+    @property
+    def type_name(self) -> str:
+        return self.qtype.name
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        from gguf import GGML_QUANT_SIZES
+
+        block_size, type_size = GGML_QUANT_SIZES[self.qtype]
+        return self.data.shape[0], self.data.shape[1] // type_size * block_size
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 [rows, cols] weight, as gguf (and HF transformers) dequantize it."""
+        from gguf import dequantize
+
+        return dequantize(self.data, self.qtype)
+
+
+def _as_stored(tensor) -> np.ndarray | GGUFBlocks:
+    from gguf import GGMLQuantizationType
+
+    if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        return np.asarray(tensor.data, dtype=np.float32)
+    if tensor.tensor_type == GGMLQuantizationType.BF16:
+        from gguf import dequantize
+
+        return dequantize(tensor.data, tensor.tensor_type)
+    return GGUFBlocks(tensor.tensor_type, np.asarray(tensor.data))
+
+
+def iter_gguf_weights(reader, config: ModelConfig) -> Iterator[tuple[str, np.ndarray | GGUFBlocks]]:
+    """Yield (Hugging Face name, float32 array or GGUFBlocks) for every tensor the model uses."""
     permuted = config.architecture in ("llama", "mistral")
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
         if name is None:
             continue
-        weights = dequantize(tensor.data, tensor.tensor_type)
+        weights = _as_stored(tensor)
         if permuted and ".self_attn.q_proj." in name:
             weights = unpermute_rotary(weights, config.num_heads)
         elif permuted and ".self_attn.k_proj." in name:

@@ -135,6 +135,7 @@ def build_model_inputs(
         query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
         max_query_len=max_query_len,
         max_seq_len=max(seq_lens),
+        all_slots_valid=True,  # NOTE: the flat batch has no padding
     )
     return ModelInputs(
         input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),

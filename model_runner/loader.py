@@ -6,18 +6,13 @@ import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kernels.linear import (
-    PACKED_ATTR,
-    pack_linear_weight,
-    packed_matches_plain,
-    packing_available,
-)
 from model_runner.gguf_loader import iter_gguf_weights, open_gguf
-from model_runner.llama import LlamaForCausalLM
+from model_runner.linear import DenseLinear, Linear, WeightSource, as_float_tensor
+from model_runner.linear_plan import LinearPlan
+from model_runner.llama import LinearSlot, LlamaForCausalLM
 from model_runner.model_source import ModelConfig, ModelSource, ModelSourceError
 
 log = logging.getLogger(__name__)
@@ -26,21 +21,15 @@ log = logging.getLogger(__name__)
 def load_model(
     source: ModelSource,
     config: ModelConfig,
-    dtype: torch.dtype,
-    device: torch.device,
+    plan: LinearPlan,
     max_position: int,
     *,
     seed: int = 0,
     progress: bool = True,
     gguf_reader=None,
-    packed_batch: int = 0,
 ) -> LlamaForCausalLM:
-    """Build the model on `device` in `dtype` and load (or, for dummy, draw) its weights.
-
-    On the CPU in float32 or bfloat16, `packed_batch` >= MIN_PACKED_BATCH also keeps packed
-    weights for steps of that many rows (`kernels.linear`).
-    """
-    model = LlamaForCausalLM(config, dtype, device, max_position)
+    """Build the model as `plan` says and load (or, for dummy, draw) its weights."""
+    model = LlamaForCausalLM(config, plan, max_position)
     if source.format == "dummy":
         init_dummy_weights(model, seed, progress)
     elif source.format == "gguf":
@@ -51,68 +40,30 @@ def load_model(
         load_weights(model, iter_safetensors(files), count_safetensors(files), progress)
     else:
         raise ModelSourceError(f"unknown format {source.format!r}")
-    if device.type == "cpu" and dtype == torch.float32:
-        store_linear_weights_column_major(model)
-    if device.type == "cpu" and packed_batch >= MIN_PACKED_BATCH:
-        pack_linear_weights(model, packed_batch)
+    finalize_linears(model)
     return model.eval()
 
 
-# The [out, in] weights that go through F.linear (lm_head may be the tied embedding).
-LINEAR_WEIGHTS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
-
-
-@torch.no_grad()
-def store_linear_weights_column_major(model: LlamaForCausalLM) -> None:
-    """Keep each linear weight's shape but store it transposed (`W.t()` contiguous).
-
-    NOTE: F.linear(x, W) computes x @ W.t(); with W.t() contiguous, MKL's fp32 GEMM needs
-    no transposed operand: 1.2-1.8x faster at 8-32 rows on the CPU, the same at 1 or 2048
-    rows, bit-identical to torch.mm(x, W.t()). bf16 gains nothing, so it is left as is.
-    A tied embedding is relaid too: its row lookups (a few rows per token) become strided.
-    """
-    for weight in linear_weights(model):
-        weight.data = weight.data.t().contiguous().t()
-
-
-# Below 8 rows packed GEMMs are no faster than plain ones.
-MIN_PACKED_BATCH = 8
-
-
-def linear_weights(model: LlamaForCausalLM) -> Iterator[torch.Tensor]:
-    """Each distinct linear weight once (a tied LM head is the embedding, seen once)."""
-    seen: set[int] = set()
-    for module in model.modules():
-        for name in LINEAR_WEIGHTS:
-            weight = getattr(module, name, None)
-            if isinstance(weight, torch.nn.Parameter) and id(weight) not in seen:
-                seen.add(id(weight))
-                yield weight
-
-
-def pack_linear_weights(model: LlamaForCausalLM, batch: int) -> bool:
-    """Attach packed copies of every linear weight for `batch`-row steps (kernels.linear).
-
-    Skipped (False) for a dtype no library packs, or when the copies (about 1.3x the
-    weights) would take more than half of the memory still available. A self-check against
-    `F.linear` turns packing off again should the library disagree.
-    """
-    weights = list(linear_weights(model))
-    need = int(1.3 * sum(w.numel() * w.element_size() for w in weights))
-    if not packing_available(weights[0].dtype):
-        log.info("no packed GEMM for %s here: plain GEMMs", weights[0].dtype)
-        return False
-    if need > available_memory_bytes() // 2:
-        log.warning("packed GEMM weights (%.1f GiB) skipped: too little free memory", need / 2**30)
-        return False
-    for weight in weights:
-        pack_linear_weight(weight, batch)
-    if not packed_matches_plain(weights[0]):
+def finalize_linears(model: LlamaForCausalLM) -> None:
+    """Kernel layouts for every projection; packing is dropped if its self-check fails."""
+    linears = model.linears()
+    for linear in linears:
+        linear.finalize()
+    dense = [m for m in _dense_methods(linears) if m.packed is not None]
+    if dense and not dense[0].packing_works():
         log.warning("the packed GEMM disagrees with F.linear here: packing turned off")
-        for weight in weights:
-            delattr(weight, PACKED_ATTR)
-        return False
-    return True
+        for method in dense:
+            method.packed = None
+
+
+def _dense_methods(linears: list[Linear]) -> Iterator[DenseLinear]:
+    for linear in linears:
+        method = linear.method
+        inner = getattr(method, "dense", None)
+        if isinstance(method, DenseLinear):
+            yield method
+        elif isinstance(inner, DenseLinear):
+            yield inner
 
 
 def available_memory_bytes() -> int:
@@ -149,30 +100,32 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 def load_weights(
     model: LlamaForCausalLM,
-    weights: Iterable[tuple[str, np.ndarray | torch.Tensor]],
+    weights: Iterable[tuple[str, WeightSource]],
     total: int,
     progress: bool = True,
 ) -> None:
-    """Copy each (Hugging Face name, array) into its slot; every parameter must be filled."""
+    """Hand each (Hugging Face name, weight) to its slot; every parameter must be filled."""
     filled: dict[int, int] = {}
     with torch.no_grad():
-        for name, array in tqdm(weights, total=total, desc="Loading weights", disable=not progress):
+        for name, source in tqdm(
+            weights, total=total, desc="Loading weights", disable=not progress
+        ):
             slot = model.weight_slot(name)
             if slot is None:
                 if name.endswith(".bias") and ".layers." in name:
                     raise ModelSourceError(f"the model has no place for the weight {name}")
                 continue
-            param, start, end = slot
-            if isinstance(array, np.ndarray):
-                array = torch.from_numpy(np.require(array, requirements=["C", "W"]))
-            tensor = array
-            target = param[start:end]
+            if isinstance(slot, LinearSlot):
+                slot.linear.load(slot.shard, source)
+                continue
+            tensor = as_float_tensor(source)
+            target = slot.param[slot.start : slot.end]
             if tuple(target.shape) != tuple(tensor.shape):
                 raise ModelSourceError(
                     f"weight {name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
                 )
             target.copy_(tensor)
-            filled[id(param)] = filled.get(id(param), 0) + tensor.numel()
+            filled[id(slot.param)] = filled.get(id(slot.param), 0) + tensor.numel()
     missing = [n for n, p in model.named_parameters() if filled.get(id(p), 0) != p.numel()]
     if missing:
         raise ModelSourceError(f"weights missing or incomplete: {', '.join(missing[:5])}")
@@ -181,13 +134,18 @@ def load_weights(
 def init_dummy_weights(model: LlamaForCausalLM, seed: int, progress: bool = True) -> None:
     """Seeded random weights (normal, std 0.02; norms at 1) for benchmarks and tests."""
     generator = torch.Generator().manual_seed(seed)
-    params = list(model.named_parameters())
+
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=generator)
+
     with torch.no_grad():
-        for name, param in tqdm(params, desc="Initializing dummy weights", disable=not progress):
+        for name, param in tqdm(
+            list(model.named_parameters()), desc="Initializing dummy weights", disable=not progress
+        ):
             if param.dim() == 1 and "bias" not in name:
                 param.fill_(1.0)
-                continue
-            values = torch.empty(param.shape, dtype=torch.float32).normal_(
-                0.0, 0.02, generator=generator
-            )
-            param.copy_(values)
+            else:
+                param.copy_(normal(*param.shape))
+        for linear in model.linears():
+            for shard, rows in enumerate(linear.output_sizes):
+                linear.load(shard, normal(rows, linear.in_features))

@@ -24,7 +24,8 @@ from model_runner.kv_cache import (
     num_blocks_for_cpu,
     num_blocks_for_cuda,
 )
-from model_runner.loader import load_model
+from model_runner.linear_plan import plan_linears
+from model_runner.loader import available_memory_bytes, load_model
 from model_runner.model_source import ModelConfig, ModelSource, model_config_from_hf, resolve_model
 from model_runner.sampler import Sampler
 from model_runner.step_input import StepInput, StepOutput
@@ -58,16 +59,24 @@ class ModelRunner:
         self.block_size = config.block_size
         self.vocab_size = self.model_config.vocab_size
         self.eos_token_ids = list(self.model_config.eos_token_ids)
+        gguf_types = {t.tensor_type.name for t in reader.tensors} if reader is not None else set()
+        self.linear_plan = plan_linears(
+            config,
+            self.device,
+            self.dtype,
+            self.source.format,
+            gguf_types,
+            self.model_config,
+            available_memory_bytes(),
+        )
         self.model = load_model(
             self.source,
             self.model_config,
-            self.dtype,
-            self.device,
+            self.linear_plan,
             self.max_model_len,
             seed=config.seed,
             progress=progress,
             gguf_reader=reader,
-            packed_batch=min(config.cpu_packed_batch, config.max_num_seqs),
         )
         self.num_blocks = self._size_kv_cache()
         self.kv_cache = KVCache(

@@ -120,8 +120,14 @@ class ServerProcess:
 
 @pytest.fixture(scope="session")
 def server():
-    """One server shared by the HTTP tests (small KV cache, so tests see eviction)."""
-    srv = ServerProcess("--max-model-len", "2048", "--kv-cache-memory", "0.25")
+    """One server shared by the HTTP tests (small KV cache, so tests see eviction).
+
+    NOTE: `--dtype float32` is the exact mode (HF-identical greedy output), pinned here
+    because `--dtype auto` picks bfloat16 on CPUs that are faster at it.
+    """
+    srv = ServerProcess(
+        "--dtype", "float32", "--max-model-len", "2048", "--kv-cache-memory", "0.25"
+    )
     try:
         srv.wait_healthy()
         yield srv

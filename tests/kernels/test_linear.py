@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from kernels.linear import (
-    PACKED_ATTR,
     PackedWeight,
     linear,
     pack_linear_weight,
@@ -18,31 +17,29 @@ from kernels.linear import (
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-def _packed(dtype: torch.dtype, batch: int = 16) -> torch.Tensor:
+def _packed(dtype: torch.dtype, batch: int = 16) -> tuple[torch.Tensor, PackedWeight]:
     if not packing_available(dtype):
         pytest.skip(f"this torch build packs no {dtype} weights")
     torch.manual_seed(0)
-    weight = torch.nn.Parameter((torch.randn(96, 64) * 0.1).to(dtype), requires_grad=False)
-    pack_linear_weight(weight, batch)
-    return weight
+    weight = (torch.randn(96, 64) * 0.1).to(dtype)
+    return weight, pack_linear_weight(weight, batch)
 
 
 @pytest.mark.parametrize(("dtype", "kind"), [(torch.float32, "mkl"), (torch.bfloat16, "onednn")])
-def test_packing_attaches_the_library_and_batch(dtype, kind):
-    weight = _packed(dtype)
-    packed = getattr(weight, PACKED_ATTR)
+def test_packing_names_the_library_and_batch(dtype, kind):
+    weight, packed = _packed(dtype)
     assert isinstance(packed, PackedWeight)
     assert (packed.kind, packed.batch) == (kind, 16)
-    assert packed_matches_plain(weight)
+    assert packed_matches_plain(weight, packed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 8, 9, 15, 16, 17, 40])
 def test_linear_equals_f_linear_at_every_row_count(dtype, rows):
-    weight = _packed(dtype)
+    weight, packed = _packed(dtype)
     x = torch.randn(rows, 64).to(dtype)
     bias = torch.randn(96).to(dtype)
-    out = linear(x, weight, bias)
+    out = linear(x, weight, bias, packed)
     assert out.shape == (rows, 96) and out.dtype == dtype
     tol = TOL[dtype]
     torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=tol, atol=tol)
@@ -50,14 +47,16 @@ def test_linear_equals_f_linear_at_every_row_count(dtype, rows):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_non_contiguous_rows_are_read_densely(dtype):
-    weight = _packed(dtype)
+    weight, packed = _packed(dtype)
     x = torch.randn(16, 128).to(dtype)[:, ::2]  # strided: read as dense rows it would be wrong
     tol = TOL[dtype]
-    torch.testing.assert_close(linear(x, weight), F.linear(x, weight), rtol=tol, atol=tol)
+    torch.testing.assert_close(
+        linear(x, weight, None, packed), F.linear(x, weight), rtol=tol, atol=tol
+    )
 
 
 def test_mkl_packed_path_is_taken_only_between_half_and_full_batch(monkeypatch):
-    weight = _packed(torch.float32)
+    weight, packed = _packed(torch.float32)
     calls = []
     real = torch.ops.mkl._mkl_linear
 
@@ -69,7 +68,7 @@ def test_mkl_packed_path_is_taken_only_between_half_and_full_batch(monkeypatch):
 
     monkeypatch.setattr(torch.ops, "mkl", Spy)
     for rows in (4, 8, 9, 16, 17):
-        linear(torch.randn(rows, 64), weight)
+        linear(torch.randn(rows, 64), weight, None, packed)
     assert calls == [16, 16]  # 9 rows padded to 16, then 16; 4, 8 and 17 take F.linear
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.linear import PACKED_ATTR, packing_available
+from kernels.linear import packing_available
 from model_runner.sampling_params import SamplingParams
 from tests.model_runner.driver import GREEDY, Driver, DriverSeq, generate
 
@@ -40,8 +40,8 @@ def test_greedy_alone_matches_hf(runner, reference_cases):
 def test_greedy_at_the_packed_gemm_batch_matches_hf(runner, reference_cases):
     # 32 sequences: decode steps of 17-32 rows run the MKL-packed weights (padded below 32).
     assert runner.config.cpu_packed_batch == 32
-    qkv = runner.model.layers[0].qkv_proj
-    assert hasattr(qkv, PACKED_ATTR) == packing_available(torch.float32)
+    qkv = runner.model.layers[0].qkv_proj.method
+    assert (qkv.packed is not None) == packing_available(torch.float32)
     cases = (reference_cases * 4)[:32]
     outputs = generate(runner, [ids for ids, _ in cases])
     _assert_all_equal(outputs, cases)

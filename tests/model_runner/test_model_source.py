@@ -133,7 +133,7 @@ def test_kv_cache_block_copy(runner):
 
 
 def test_config_helpers():
-    assert resolve_dtype(EngineConfig(device="cpu")) == torch.float32
+    assert resolve_dtype(EngineConfig(device="cpu", dtype="float32")) == torch.float32
     assert resolve_dtype(EngineConfig(dtype="bfloat16")) == torch.bfloat16
     with pytest.raises(ValueError):
         resolve_dtype(EngineConfig(dtype="int3"))

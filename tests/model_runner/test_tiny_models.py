@@ -55,7 +55,8 @@ def tiny(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(folder)
     assert list(folder.glob("*.safetensors"))
-    runner = ModelRunner(EngineConfig(model=str(folder), kv_cache_memory=0.001), progress=False)
+    config = EngineConfig(model=str(folder), dtype="float32", kv_cache_memory=0.001)
+    runner = ModelRunner(config, progress=False)
     return request.param, model, runner, folder
 
 
@@ -111,15 +112,28 @@ def test_dummy_weights_are_seeded(tmp_path):
     runners = []
     for seed in (3, 3, 4):
         config = EngineConfig(
-            load_format="dummy", hf_config_path=str(tmp_path), seed=seed, kv_cache_memory=0.001
+            load_format="dummy",
+            hf_config_path=str(tmp_path),
+            seed=seed,
+            dtype="float32",
+            kv_cache_memory=0.001,
         )
         runners.append(ModelRunner(config, progress=False))
-    a, b, c = (dict(r.model.named_parameters()) for r in runners)
+    a, b, c = (_weights(r.model) for r in runners)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not torch.equal(a["layers.0.qkv_proj"], c["layers.0.qkv_proj"])
     assert torch.equal(a["norm"], torch.ones(64))
     assert runners[0].model_config.vocab_size == 128
     assert len(generate(runners[0], PROMPTS[:1], params)[0]) == 6
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    """Parameters and every dense projection's weight, by name."""
+    out = dict(model.named_parameters())
+    for name, module in model.named_modules():
+        if hasattr(module, "method"):
+            out[name] = module.method.weight
+    return out
 
 
 def test_cpu_float32_linear_weights_are_stored_transposed(tmp_path):
@@ -131,9 +145,11 @@ def test_cpu_float32_linear_weights_are_stored_transposed(tmp_path):
     )
     model = ModelRunner(config, progress=False).model
     layer = model.layers[0]
-    for weight in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+    for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+        weight = linear.method.weight
         assert weight.t().is_contiguous() and not weight.is_contiguous()
-    assert model.lm_head.t().is_contiguous()
-    x = torch.randn(32, layer.down_proj.shape[1])
-    expected = x @ layer.down_proj.contiguous().t()
-    assert torch.allclose(torch.nn.functional.linear(x, layer.down_proj), expected, atol=1e-5)
+    assert model.lm_head.method.weight.t().is_contiguous()
+    down = layer.down_proj.method.weight
+    x = torch.randn(32, down.shape[1])
+    expected = x @ down.contiguous().t()
+    assert torch.allclose(layer.down_proj(x), expected, atol=1e-5)

@@ -1,0 +1,162 @@
+"""Which linear method each projection gets: `--quantization`, resolved for the device and dtype.
+
+`auto` (the default), by device, activation dtype and checkpoint:
+
+| device | dtype    | checkpoint                         | auto serves     |
+|--------|----------|------------------------------------|-----------------|
+| CPU    | bfloat16 | GGUF with Q4_0 / Q4_1 / Q8_0       | `gguf`          |
+| CPU    | bfloat16 | anything else                      | `none`          |
+| CPU    | float32  | any (the exact mode)               | `none`          |
+| CPU    | float16  | any                                | `none`          |
+| CUDA   | any      | any                                | `none`          |
+
+`none` dequantizes everything into dense weights of the activation dtype. `gguf` serves the
+GGUF's Q4_0/Q4_1/Q8_0 projection tensors as 4-bit planes (model_runner.quant) and
+dequantizes other GGUF types; `int4` / `int8` quantize float weights group-wise at load.
+The LM head always stays dense in the activation dtype (a tied one shares the embedding
+table, which the token lookups need dense anyway): on a Zen 4 CPU its Q8_0 planes were no
+faster at one row (1.5 vs 1.6 ms) and 1.3-2x slower from 8 rows on.
+
+The 4-bit GEMM is fast only with bfloat16 activations, so `auto` never picks it with
+float32 or float16 ones, and asking for it warns.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from model_runner.linear import DenseLinear, DenseOptions, Linear, LinearMethod
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("auto", "gguf", "int8", "int4", "none")
+
+
+class QuantizationError(ValueError):
+    """A --quantization that the model or device cannot serve (a user error, exit 2)."""
+
+
+def resolve_quantization(
+    requested: str, device: torch.device, dtype: torch.dtype, source_format: str, gguf_types
+) -> str:
+    """The effective method family (none, gguf, int4, int8) of `requested` (see the table).
+
+    `gguf_types`: the GGUF tensor type names of the checkpoint (empty for other formats).
+    """
+    if requested not in QUANTIZATIONS:
+        raise QuantizationError(f"unknown quantization {requested!r}; one of {QUANTIZATIONS}")
+    if requested == "auto":
+        native = source_format == "gguf" and {"Q4_0", "Q4_1", "Q8_0"} & set(gguf_types)
+        fast = device.type == "cpu" and dtype == torch.bfloat16
+        return "gguf" if native and fast else "none"
+    if requested == "none":
+        return "none"
+    if device.type != "cpu":
+        raise QuantizationError(
+            f"--quantization {requested} runs on the CPU only in this build; use "
+            "--quantization none (or auto) on CUDA"
+        )
+    if requested == "gguf" and source_format != "gguf":
+        raise QuantizationError("--quantization gguf needs a .gguf model")
+    if dtype != torch.bfloat16:
+        log.warning(
+            "--quantization %s with %s activations is slow: the 4-bit GEMM is fast only with "
+            "bfloat16 ones (~30x slower per projection otherwise); try --dtype bfloat16",
+            requested,
+            str(dtype).removeprefix("torch."),
+        )
+    return requested
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """How every projection of one model is stored (built once per load)."""
+
+    dtype: torch.dtype
+    device: torch.device
+    quantization: str = "none"  # none | gguf | int4 | int8 (resolved)
+    dense: DenseOptions = DenseOptions()
+    # Quantized methods: steps of more rows than this take a dense copy (None: no copy).
+    int4_max_rows: int | None = None
+
+    def method(self, out_features: int, in_features: int) -> LinearMethod:
+        if self.quantization == "none":
+            return DenseLinear(out_features, in_features, self.dtype, self.device, self.dense)
+        from model_runner.quant.quantized_linear import QuantizedLinear
+
+        return QuantizedLinear(
+            out_features,
+            in_features,
+            self.quantization,
+            self.dtype,
+            self.int4_max_rows,
+            self.dense,
+        )
+
+    def linear(self, in_features: int, output_sizes: Sequence[int], bias: bool = False) -> Linear:
+        method = self.method(sum(output_sizes), in_features)
+        return Linear(in_features, output_sizes, method, bias, self.dtype, self.device)
+
+    def lm_head(self, hidden_size: int, vocab_size: int) -> Linear:
+        """Always dense (see the module)."""
+        method = DenseLinear(vocab_size, hidden_size, self.dtype, self.device, self.dense)
+        return Linear(hidden_size, [vocab_size], method, False, self.dtype, self.device)
+
+
+# Below 8 rows library-packed GEMMs are no faster than plain ones.
+MIN_PACKED_BATCH = 8
+
+
+def projection_shapes(mc) -> list[tuple[int, int]]:
+    """[out, in] of one decoder layer's projections (qkv, o, gate_up, down)."""
+    q, kv = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
+    h, i = mc.hidden_size, mc.intermediate_size
+    return [(q + 2 * kv, h), (h, q), (2 * i, h), (h, i)]
+
+
+def plan_linears(
+    config,
+    device: torch.device,
+    dtype: torch.dtype,
+    source_format: str,
+    gguf_types,
+    model_config,
+    available_bytes: int,
+) -> LinearPlan:
+    """The LinearPlan of one load: quantization, CPU layouts, and what memory allows.
+
+    Library-packed copies (about 1.3x the dense weights) are kept only when they fit in half
+    of the available memory; likewise the quantized methods' dense bf16 copies (2 bytes per
+    weight, so 4-bit planes plus their copy take ~1.31x the bf16 weights).
+    """
+    from kernels.linear import packing_available
+
+    quant = resolve_quantization(config.quantization, device, dtype, source_format, gguf_types)
+    weights = model_config.num_layers * sum(o * i for o, i in projection_shapes(model_config))
+    weights += model_config.vocab_size * model_config.hidden_size
+    elem = torch.empty((), dtype=dtype).element_size()
+    pack = min(config.cpu_packed_batch, config.max_num_seqs) if device.type == "cpu" else 0
+    if pack < MIN_PACKED_BATCH or not packing_available(dtype):
+        pack = 0
+    elif 1.3 * weights * elem > available_bytes // 2:
+        log.warning("packed GEMM weights skipped: too little free memory")
+        pack = 0
+    dense = DenseOptions(transpose=device.type == "cpu" and dtype == torch.float32, pack_batch=pack)
+    max_rows = None
+    if quant != "none":
+        from model_runner.cpu_profile import int4_max_rows
+
+        max_rows = int4_max_rows(projection_shapes(model_config))
+        if 2 * weights > available_bytes // 2:
+            log.warning("no dense copy of the quantized weights: too little free memory")
+            max_rows = None
+    log.info(
+        "linear layers: %s%s",
+        quant,
+        "" if max_rows is None else f" (4-bit GEMM up to {max_rows} rows, dense bf16 above)",
+    )
+    return LinearPlan(dtype, device, quant, dense, max_rows)

@@ -1,0 +1,142 @@
+"""The 4-bit linear method: GGUF Q4_0/Q4_1/Q8_0 as stored, or int4/int8 quantized at load.
+
+Rows arrive per shard (`load`) and are staged; `finalize` turns them into `Int4Planes` and
+the kernel layout. Where the int4 GEMM loses to a dense one at many rows (its cost grows
+with every row, while a dense GEMM reads the weight once for all of them), the method also
+keeps a dense bfloat16 copy of the same weight and takes it for steps of more than
+`max_rows` rows: decode steps of a few sequences read 4-bit weights, prefill chunks and
+large batches run dense.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kernels.quant_linear import int4_dequantize, int4_linear, int4_pack
+from model_runner.gguf_loader import GGUFBlocks
+from model_runner.linear import (
+    DenseLinear,
+    DenseOptions,
+    LinearMethod,
+    WeightSource,
+    as_float_tensor,
+)
+from model_runner.quant.int4_weights import (
+    GGUF_INT4_TYPES,
+    GROUP_SIZE,
+    Int4Planes,
+    concat_rows,
+    from_gguf_blocks,
+    quantize_int4,
+    quantize_int8,
+)
+
+log = logging.getLogger(__name__)
+
+QUANTIZERS = {"int4": quantize_int4, "int8": quantize_int8}
+
+
+class QuantizedLinear(LinearMethod):
+    """Weights in 4-bit planes through the int4 GEMM (`mode`: gguf, int4 or int8).
+
+    In `gguf` mode a projection whose shards are not all of one GGUF type in
+    GGUF_INT4_TYPES is dequantized and served dense instead (logged once per type mix).
+    """
+
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        mode: str,
+        dtype: torch.dtype,
+        max_rows: int | None,
+        dense_options: DenseOptions,
+    ):
+        super().__init__(out_features, in_features)
+        if in_features % GROUP_SIZE:
+            raise ValueError(f"in_features {in_features} is not a multiple of {GROUP_SIZE}")
+        self.mode = mode
+        self.dtype = dtype
+        self.max_rows = max_rows  # None: no dense copy
+        self.dense_options = dense_options
+        self._staged: list[tuple[int, WeightSource]] = []
+        self.packed: torch.Tensor | None = None
+        self.scales_zeros: torch.Tensor | None = None
+        self.planes = 1
+        self.dense: DenseLinear | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.packed is None:
+            return "dense (dequantized)"
+        bits = {1: "4-bit", 2: "8-bit as two 4-bit planes"}[self.planes]
+        copy = f", dense above {self.max_rows} rows" if self.dense is not None else ""
+        return f"{self.mode} {bits}{copy}"
+
+    def _load(self, start: int, source: WeightSource) -> None:
+        self._staged.append((start, source))
+
+    def finalize(self) -> None:
+        staged = sorted(self._staged, key=lambda item: item[0])
+        self._staged = []
+        planes = self._planes([source for _, source in staged])
+        if planes is None:
+            self.dense = DenseLinear(
+                self.out_features,
+                self.in_features,
+                self.dtype,
+                torch.device("cpu"),
+                self.dense_options,
+            )
+            for start, source in staged:
+                self.dense.load(start, source)
+            self.dense.finalize()
+            return
+        self.planes = planes.planes
+        self.packed = int4_pack(planes.q)
+        self.scales_zeros = planes.scales_zeros(self.dtype)
+        if self.max_rows is not None:
+            self.dense = self._dense_copy(planes)
+
+    def _planes(self, sources: list[WeightSource]) -> Int4Planes | None:
+        """The shards as 4-bit planes, or None where the mode serves them dense."""
+        if self.mode in QUANTIZERS:
+            weight = torch.cat([as_float_tensor(s).float() for s in sources])
+            return QUANTIZERS[self.mode](weight)
+        types = {s.type_name if isinstance(s, GGUFBlocks) else "float" for s in sources}
+        if len(types) != 1 or next(iter(types)) not in GGUF_INT4_TYPES:
+            log.debug("GGUF types %s: served dense", sorted(types))
+            return None
+        return concat_rows([from_gguf_blocks(s) for s in sources])
+
+    def _dense_copy(self, planes: Int4Planes) -> DenseLinear:
+        """The same weight as the kernel sees it, rounded to `dtype`, for many-row steps."""
+        weight = int4_dequantize(planes.q, planes.scales_zeros(self.dtype), GROUP_SIZE)
+        if planes.planes == 2:
+            k = self.in_features
+            weight = weight[:, :k] + weight[:, k:]
+        dense = DenseLinear(
+            self.out_features,
+            self.in_features,
+            self.dtype,
+            torch.device("cpu"),
+            self.dense_options,
+            weight=weight.to(self.dtype),
+        )
+        dense.rows_loaded = self.out_features
+        dense.finalize()
+        return dense
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed is None or (self.dense is not None and x.shape[0] > self.max_rows):
+            return self.dense.apply(x, bias)
+        if self.planes == 2:
+            x = torch.cat([x, x], dim=1)
+        out = int4_linear(x, self.packed, self.scales_zeros, GROUP_SIZE)
+        return out if bias is None else out.add_(bias)
+
+    def nbytes(self) -> int:
+        total = 0 if self.packed is None else self.packed.nbytes + self.scales_zeros.nbytes
+        return total + (0 if self.dense is None else self.dense.nbytes())
