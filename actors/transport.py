@@ -150,6 +150,7 @@ class ZmqTransport(Transport):
         self.sync_ctx = zmq.Context()
         self.sockets: list[zmq.Socket] = []
         self.local_queues = {name: asyncio.Queue() for name in colocated}
+        self.colocated_inboxes: list[_ColocatedInbox] = []
 
     def address(self, name: str) -> str:
         return f"ipc://{self.run_dir / name}.sock"
@@ -160,7 +161,9 @@ class ZmqTransport(Transport):
         sock.bind(self.address(name))
         self.sockets.append(sock)
         if name in self.local_queues:
-            return _ColocatedInbox(name, self.local_queues[name], sock)
+            inbox = _ColocatedInbox(name, self.local_queues[name], sock)
+            self.colocated_inboxes.append(inbox)
+            return inbox
         return _ZmqInbox(name, sock)
 
     def outbox(self, name: str) -> Outbox:
@@ -174,6 +177,8 @@ class ZmqTransport(Transport):
         return _ZmqOutbox(sock)
 
     def close(self) -> None:
+        for inbox in self.colocated_inboxes:
+            inbox.close()
         for sock in self.sockets:
             sock.close(linger=0)
         self.sockets.clear()

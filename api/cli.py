@@ -13,6 +13,7 @@ log = logging.getLogger("tokenmill")
 
 DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
+QUANTIZATIONS = ("auto", "gguf", "int8", "int4", "none")  # model_runner.linear_plan
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +51,21 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
-    p.add_argument("--dtype", default="auto", choices=DTYPES)
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="activation dtype; auto: bfloat16 on CUDA, and on CPUs that compute bf16 natively "
+        "and faster (measured once per CPU model), else float32 (the exact mode)",
+    )
+    p.add_argument(
+        "--quantization",
+        "-q",
+        default="auto",
+        choices=QUANTIZATIONS,
+        help="weight format; auto: a GGUF's Q4_0/Q4_1/Q8_0 as 4-bit planes with bfloat16 "
+        "activations on the CPU, else none (dense weights in the activation dtype)",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -79,6 +94,20 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "bfloat16: oneDNN, any rows); 0: off",
     )
     p.add_argument(
+        "--cpu-int4-max-rows",
+        type=int,
+        default=None,
+        help="CPU, 4-bit weights: steps of up to this many rows take the 4-bit GEMM, larger "
+        "ones a dense bf16 copy (default: measured once per CPU model); -1: always the "
+        "4-bit GEMM, no dense copy (batch-invariant results, less memory)",
+    )
+    p.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="CPU: a request's tokens do not depend on what else is batched with it (4-bit "
+        "GEMMs at every row count, one attention call per sequence); slower",
+    )
+    p.add_argument(
         "--max-waiting",
         type=int,
         default=1024,
@@ -98,6 +127,7 @@ def engine_config(args: argparse.Namespace):
         model=args.model_tag or args.model,
         load_format=args.load_format,
         dtype=dtype,
+        quantization=args.quantization,
         device=args.device,
         block_size=args.block_size,
         max_model_len=args.max_model_len,
@@ -110,10 +140,26 @@ def engine_config(args: argparse.Namespace):
         max_logprobs=args.max_logprobs,
         enforce_eager=args.enforce_eager,
         cpu_packed_batch=args.cpu_packed_batch,
+        cpu_int4_max_rows=args.cpu_int4_max_rows,
+        batch_invariant=args.batch_invariant,
         served_model_name=args.served_model_name,
         max_waiting=args.max_waiting,
         hf_config_path=args.hf_config_path,
     )
+
+
+def check_engine_config(cfg) -> str | None:
+    """A start-up error the user caused (bad model path, format or quantization), or None."""
+    from model_runner.config import resolve_device
+    from model_runner.linear_plan import QuantizationError, check_quantization
+    from model_runner.model_source import ModelSourceError, resolve_model
+
+    try:
+        source = resolve_model(cfg)
+        check_quantization(cfg.quantization, resolve_device(cfg), source.format)
+    except (ModelSourceError, QuantizationError) as e:
+        return str(e)
+    return None
 
 
 def server_config(args: argparse.Namespace):
@@ -199,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    run(serve(engine_config(args), server_config(args)))
+    engine_cfg = engine_config(args)
+    if (error := check_engine_config(engine_cfg)) is not None:
+        print(f"tokenmill: error: {error}", file=sys.stderr)
+        return 2
+    run(serve(engine_cfg, server_config(args)))
     return 0
 
 

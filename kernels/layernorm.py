@@ -18,9 +18,14 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 def fused_add_rms_norm_ref(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (rms_norm(x + residual), x + residual); the sum is kept in x's dtype."""
+    """Returns (rms_norm(x + residual), x + residual), the norm in x's dtype.
+
+    With one dtype (the Triton kernel's case) the sum is kept in it (torch adds bf16/fp16
+    in fp32 and rounds once). A float32 `residual` under bf16/fp16 `x` (the CPU's residual
+    stream) keeps the sum in float32, and `weight` is then float32 too.
+    """
     if x.dtype == residual.dtype:
-        summed = x + residual  # NOTE: torch adds bf16/fp16 in fp32 and rounds once, as below
-    else:
-        summed = (x.float() + residual.float()).to(x.dtype)
-    return rms_norm_ref(summed, weight, eps), summed
+        summed = x + residual
+        return rms_norm_ref(summed, weight, eps), summed
+    summed = residual + x
+    return rms_norm_ref(summed, weight, eps).to(x.dtype), summed

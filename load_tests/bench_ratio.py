@@ -14,17 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
-
-import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_hf  # noqa: E402
 import bench_serving  # noqa: E402
+from servers import running, tokenmill_cmd  # noqa: E402
 
 
 def hf_sequential(args: argparse.Namespace) -> float:
@@ -46,29 +43,10 @@ def hf_sequential(args: argparse.Namespace) -> float:
     return bench_hf.bench_dtype(hf_args, bench_hf.default_gguf(), args.dtype)["sequential_tok_s"]
 
 
-def wait_healthy(base_url: str, server: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"tokenmill exited with {server.returncode} before it was healthy")
-        try:
-            if httpx.get(f"{base_url}/health", timeout=2.0, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise SystemExit(f"tokenmill was not healthy within {timeout:.0f} s")
-
-
 def tokenmill_run(args: argparse.Namespace) -> dict:
     """Start `tokenmill serve`, run one benchmark level, stop it; returns the summary."""
-    base_url = f"http://127.0.0.1:{args.port}"
-    cmd = [sys.executable, "-m", "api", "serve", "--port", str(args.port), "--dtype", args.dtype]
-    server = subprocess.Popen(
-        cmd, cwd=HERE.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        wait_healthy(base_url, server, args.start_timeout)
+    cmd = tokenmill_cmd(args.port, "--dtype", args.dtype)
+    with running(cmd, args.port, "tokenmill", args.start_timeout) as base_url:
         (summary,) = bench_serving.main(
             [
                 "--base-url",
@@ -87,9 +65,6 @@ def tokenmill_run(args: argparse.Namespace) -> dict:
                 "2",
             ]
         )
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
     return summary
 
 

@@ -27,6 +27,38 @@ class AttentionMetadata:
     all_slots_valid: bool = False  # no padding slot (< 0) in slot_mapping
     # CPU decode steps: attend over the contiguous copy of the batch's K/V instead.
     decode_context: DecodeContextStep | None = None
+    # Batch-invariant steps: one attention call per sequence (`per_sequence_views`).
+    per_sequence: list[SequenceView] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceView:
+    """One sequence of the step as an attention batch of its own."""
+
+    rows: slice  # its query rows in the flat batch
+    block_table: torch.Tensor  # [1, its blocks] int32
+    seq_len: torch.Tensor  # [1] int32
+    query_start_loc: torch.Tensor  # [2] int32
+    max_seq_len: int
+
+
+def per_sequence_views(
+    tables: list[list[int]], seq_lens: list[int], query_start_loc: list[int], device
+) -> list[SequenceView]:
+    """Per-sequence attention inputs, built once per step (not once per layer)."""
+    views = []
+    for i, (table, n) in enumerate(zip(tables, seq_lens, strict=True)):
+        a, b = query_start_loc[i], query_start_loc[i + 1]
+        views.append(
+            SequenceView(
+                rows=slice(a, b),
+                block_table=torch.tensor([table], dtype=torch.int32, device=device),
+                seq_len=torch.tensor([n], dtype=torch.int32, device=device),
+                query_start_loc=torch.tensor([0, b - a], dtype=torch.int32, device=device),
+                max_seq_len=n,
+            )
+        )
+    return views
 
 
 def paged_attention(
@@ -44,6 +76,26 @@ def paged_attention(
     ops.write_kv(key, value, key_cache, value_cache, meta.slot_mapping, meta.all_slots_valid)
     if meta.decode_context is not None:
         return meta.decode_context.attend(layer, query, key, value, kv_cache, scale, sliding_window)
+    if meta.per_sequence is not None:
+        # NOTE: each sequence's attention then has the shapes it would have alone, so its
+        # result does not depend on what else runs in the step (kernels block by shape).
+        return torch.cat(
+            [
+                ops.paged_attention(
+                    query[v.rows],
+                    key_cache,
+                    value_cache,
+                    v.block_table,
+                    v.seq_len,
+                    v.query_start_loc,
+                    scale,
+                    max_query_len=v.rows.stop - v.rows.start,
+                    max_seq_len=v.max_seq_len,
+                    sliding_window=sliding_window,
+                )  # fmt: skip
+                for v in meta.per_sequence
+            ]
+        )
     return ops.paged_attention(
         query,
         key_cache,

@@ -38,6 +38,12 @@ class EngineConfig:
     max_logprobs: int = 20
     enforce_eager: bool = False
     cpu_packed_batch: int = 32  # CPU: packed GEMM weights for steps of this many rows (0: off)
+    # CPU 4-bit weights: steps of up to this many rows take the 4-bit GEMM, larger ones a
+    # dense bf16 copy. None: measured once per CPU model; -1: always 4-bit, no dense copy.
+    cpu_int4_max_rows: int | None = None
+    # Results of a request independent of what else runs in its steps (CPU): 4-bit GEMMs at
+    # every row count, one attention call per sequence. Slower; see the README.
+    batch_invariant: bool = False
     served_model_name: str | None = None
     max_waiting: int = 1024  # waiting-queue bound: beyond it, 503 + Retry-After
     hf_config_path: str | None = None  # for load_format=dummy: a config.json path or folder

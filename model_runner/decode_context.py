@@ -133,7 +133,11 @@ class DecodeContext:
             num_blocks = -(-max_len // block_size)
             gather_index = block_tables[:, :num_blocks].reshape(-1).long()
         self._pending = (ids, seq_lens)
-        return DecodeContextStep(self.buffers, append, seq_lens_t, max_len, new_slots, gather_index)
+        # NOTE: attend over whole blocks (masked past each length), as the paged path does: a
+        # row's result then depends on its own length only, not on the longest in the batch
+        # (a bare max length moved the attention kernel's vector tails: not batch-invariant).
+        ctx_len = -(-max_len // block_size) * block_size
+        return DecodeContextStep(self.buffers, append, seq_lens_t, ctx_len, new_slots, gather_index)
 
     def commit(self) -> None:
         """The planned step ran: the buffers now hold its sequences at their new lengths."""

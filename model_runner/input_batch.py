@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model_runner.attention import AttentionMetadata
+from model_runner.attention import AttentionMetadata, per_sequence_views
 from model_runner.sampling_params import SamplingParams
 from model_runner.step_input import NewSequence, StepInput
 
@@ -91,9 +91,16 @@ def apply_state_updates(seqs: dict[str, SequenceState], step: StepInput) -> None
 
 
 def build_model_inputs(
-    seqs: dict[str, SequenceState], step: StepInput, block_size: int, device: torch.device
+    seqs: dict[str, SequenceState],
+    step: StepInput,
+    block_size: int,
+    device: torch.device,
+    per_sequence: bool = False,
 ) -> ModelInputs:
-    """Flatten the step's chunks into one batch; advances each sequence's num_computed."""
+    """Flatten the step's chunks into one batch; advances each sequence's num_computed.
+
+    `per_sequence`: attention inputs per sequence too (batch-invariant steps).
+    """
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -136,6 +143,9 @@ def build_model_inputs(
         max_query_len=max_query_len,
         max_seq_len=max(seq_lens),
         all_slots_valid=True,  # NOTE: the flat batch has no padding
+        per_sequence=(
+            per_sequence_views(tables, seq_lens, query_start_loc, device) if per_sequence else None
+        ),
     )
     return ModelInputs(
         input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),

@@ -40,21 +40,12 @@ class QuantizationError(ValueError):
     """A --quantization that the model or device cannot serve (a user error, exit 2)."""
 
 
-def resolve_quantization(
-    requested: str, device: torch.device, dtype: torch.dtype, source_format: str, gguf_types
-) -> str:
-    """The effective method family (none, gguf, int4, int8) of `requested` (see the table).
-
-    `gguf_types`: the GGUF tensor type names of the checkpoint (empty for other formats).
-    """
+def check_quantization(requested: str, device: torch.device, source_format: str) -> None:
+    """Refuse a --quantization the device or checkpoint cannot serve (QuantizationError)."""
     if requested not in QUANTIZATIONS:
         raise QuantizationError(f"unknown quantization {requested!r}; one of {QUANTIZATIONS}")
-    if requested == "auto":
-        native = source_format == "gguf" and {"Q4_0", "Q4_1", "Q8_0"} & set(gguf_types)
-        fast = device.type == "cpu" and dtype == torch.bfloat16
-        return "gguf" if native and fast else "none"
-    if requested == "none":
-        return "none"
+    if requested in ("auto", "none"):
+        return
     if device.type != "cpu":
         raise QuantizationError(
             f"--quantization {requested} runs on the CPU only in this build; use "
@@ -62,6 +53,22 @@ def resolve_quantization(
         )
     if requested == "gguf" and source_format != "gguf":
         raise QuantizationError("--quantization gguf needs a .gguf model")
+
+
+def resolve_quantization(
+    requested: str, device: torch.device, dtype: torch.dtype, source_format: str, gguf_types
+) -> str:
+    """The effective method family (none, gguf, int4, int8) of `requested` (see the table).
+
+    `gguf_types`: the GGUF tensor type names of the checkpoint (empty for other formats).
+    """
+    check_quantization(requested, device, source_format)
+    if requested == "auto":
+        native = source_format == "gguf" and {"Q4_0", "Q4_1", "Q8_0"} & set(gguf_types)
+        fast = device.type == "cpu" and dtype == torch.bfloat16
+        return "gguf" if native and fast else "none"
+    if requested == "none":
+        return "none"
     if dtype != torch.bfloat16:
         log.warning(
             "--quantization %s with %s activations is slow: the 4-bit GEMM is fast only with "
@@ -147,10 +154,13 @@ def plan_linears(
         pack = 0
     dense = DenseOptions(transpose=device.type == "cpu" and dtype == torch.float32, pack_batch=pack)
     max_rows = None
-    if quant != "none":
+    if quant != "none" and config.cpu_int4_max_rows is not None:
+        max_rows = None if config.cpu_int4_max_rows < 0 else config.cpu_int4_max_rows
+    elif quant != "none" and not config.batch_invariant:  # NOTE: one kernel for all rows
         from model_runner.cpu_profile import int4_max_rows
 
         max_rows = int4_max_rows(projection_shapes(model_config))
+    if max_rows is not None:
         if 2 * weights > available_bytes // 2:
             log.warning("no dense copy of the quantized weights: too little free memory")
             max_rows = None

@@ -28,6 +28,42 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
+def residual_dtype(plan: LinearPlan) -> torch.dtype:
+    """The residual stream's dtype: float32 under bf16/fp16 activations on the CPU.
+
+    NOTE: every bf16 rounding of the residual adds noise that 30 layers amplify; in float32
+    the stream (and the norms that read it) cost nothing measurable at decode batch sizes.
+    The Triton kernels take one dtype, so on CUDA the stream stays in the model's dtype.
+    """
+    if (
+        plan.device.type == "cpu"
+        and plan.dtype != torch.float32
+        and not ops.use_triton(torch.empty(0))
+    ):
+        return torch.float32
+    return plan.dtype
+
+
+# How many of the largest bf16 logits of a row are recomputed in float32.
+REFINED_LOGITS = 8
+
+
+def refine_top_logits(
+    logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """Recompute each row's REFINED_LOGITS largest logits exactly in float32, in place.
+
+    bf16 logits are rounded to 8 significant bits (steps of 0.0625-0.125 at typical
+    magnitudes), so the order of near-tied top tokens would follow the rounding; from the
+    float32 hidden state the top of the distribution is exact to ~1e-6, whatever kernel
+    produced the rest. logits [R, V] float32, hidden [R, H] float32, weight [V, H].
+    """
+    top = logits.topk(REFINED_LOGITS, dim=-1).indices
+    rows = F.embedding(top, weight).float()  # [R, k, H]
+    exact = torch.bmm(rows, hidden[:, :, None])[:, :, 0]
+    return logits.scatter_(1, top, exact)
+
+
 @dataclass(frozen=True)
 class ParamSlot:
     """Rows [start, end) of a plain parameter (norms, the untied embedding, biases)."""
@@ -53,7 +89,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, plan: LinearPlan, index: int):
         super().__init__()
-        kw = {"dtype": plan.dtype, "device": plan.device}
+        kw = {"dtype": residual_dtype(plan), "device": plan.device}
         self.index = index
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_heads,
@@ -86,8 +122,8 @@ class LlamaDecoderLayer(nn.Module):
         rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
-            residual = hidden
-            hidden = ops.rms_norm(hidden, self.input_layernorm, self.eps)
+            residual = hidden.to(self.input_layernorm.dtype)
+            hidden = ops.rms_norm(residual, self.input_layernorm, self.eps).to(hidden.dtype)
         else:
             hidden, residual = ops.fused_add_rms_norm(
                 hidden, residual, self.input_layernorm, self.eps
@@ -118,7 +154,8 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         kw = {"dtype": plan.dtype, "device": plan.device}
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, plan, i) for i in range(cfg.num_layers))
-        self.norm = _param(cfg.hidden_size, **kw)
+        self.norm = _param(cfg.hidden_size, dtype=residual_dtype(plan), device=plan.device)
+        self.refine_logits = residual_dtype(plan) != plan.dtype
         # NOTE: the LM head is always dense (LinearPlan.lm_head); a tied one is the table.
         self.lm_head = plan.lm_head(cfg.hidden_size, cfg.vocab_size)
         self.embed_tokens = (
@@ -153,8 +190,13 @@ class LlamaForCausalLM(nn.Module):
         # NOTE: the final norm is per row, so only the sampled rows need it.
         hidden = hidden[logits_indices]
         residual = residual[logits_indices]
-        hidden, _ = ops.fused_add_rms_norm(hidden, residual, self.norm, self.config.rms_norm_eps)
-        return self.lm_head(hidden).float()
+        eps = self.config.rms_norm_eps
+        if not self.refine_logits:
+            hidden, _ = ops.fused_add_rms_norm(hidden, residual, self.norm, eps)
+            return self.lm_head(hidden).float()
+        normed = ops.rms_norm(residual + hidden, self.norm, eps)  # float32
+        logits = self.lm_head(normed.to(hidden.dtype)).float()
+        return refine_top_logits(logits, normed, self.lm_head.method.weight)
 
     def weight_slot(self, hf_name: str) -> WeightSlot | None:
         """Where a Hugging Face weight goes, None if the model does not use it."""

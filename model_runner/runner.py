@@ -87,8 +87,12 @@ class ModelRunner:
         self.decode_context = self._make_decode_context()
 
     def _make_decode_context(self) -> DecodeContext | None:
-        """CPU references only (Triton attends in the paged cache); budget: half the cache."""
-        if ops.use_triton(torch.empty(0, device=self.device)):
+        """CPU references only (Triton attends in the paged cache); budget: half the cache.
+
+        None in batch-invariant mode: its one attention call over the whole batch blocks by
+        the longest context, so a row's result would depend on the others.
+        """
+        if ops.use_triton(torch.empty(0, device=self.device)) or self.config.batch_invariant:
             return None
         mc = self.model_config
         cache_bytes = self.num_blocks * bytes_per_block(mc, self.block_size, self.dtype)
@@ -154,7 +158,9 @@ class ModelRunner:
         if not step.chunks:
             return StepOutput(step_id=step.step_id, execute_seconds=time.perf_counter() - start)
         with torch.inference_mode():
-            inputs = build_model_inputs(self._seqs, step, self.block_size, self.device)
+            inputs = build_model_inputs(
+                self._seqs, step, self.block_size, self.device, self.config.batch_invariant
+            )
             meta = self._with_decode_context(step, inputs.meta)
             logits = self.model(
                 inputs.input_ids,

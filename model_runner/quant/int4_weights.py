@@ -12,7 +12,7 @@ with a float32 scale and zero per group of 32 input features, w = (q - 8) * scal
 - `int4` from float weights: asymmetric min-max per group of 32 (as llama.cpp's Q4_1).
 
 NOTE: the kernel takes bfloat16 scales and zeros, so each GGUF fp16 scale loses its 3 lowest
-mantissa bits: a weight is exact to within 2^-9 * (8 |scale| + |zero|) (bf16's half ulp
+mantissa bits: a weight is exact to within 2^-8 * (8 |scale| + |zero|) (bf16's half ulp
 on each). Float weights are quantized against the bf16-rounded scale and zero, so the
 rounding is part of the quantization error, not added to it.
 """

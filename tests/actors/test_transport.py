@@ -44,12 +44,12 @@ async def exercise(transport) -> RecordingScheduler:
     return actor
 
 
-@pytest.mark.parametrize("kind", ["inproc", "zmq"])
+@pytest.mark.parametrize("kind", ["inproc", "zmq", "zmq-colocated"])
 async def test_delivery_and_survival(kind, tmp_path):
-    if kind == "zmq":
+    if kind.startswith("zmq"):
         run_dir = make_run_dir(str(tmp_path))
         assert oct(run_dir.stat().st_mode & 0o777) == "0o700"
-        transport = ZmqTransport(run_dir)
+        transport = ZmqTransport(run_dir, colocated=("scheduler",) if "colocated" in kind else ())
     else:
         transport = InProcessTransport()
     actor = await exercise(transport)
@@ -62,3 +62,23 @@ async def test_delivery_and_survival(kind, tmp_path):
 def test_zmq_uses_ipc_only(tmp_path):
     transport = ZmqTransport(tmp_path)
     assert transport.address("scheduler") == f"ipc://{tmp_path}/scheduler.sock"
+
+
+async def test_colocated_peers_skip_zeromq_and_remote_ones_still_arrive(tmp_path):
+    run_dir = make_run_dir(str(tmp_path))
+    engine = ZmqTransport(run_dir, colocated=("scheduler", "executor"))
+    remote = ZmqTransport(run_dir)
+    actor = RecordingScheduler(engine)
+    task = asyncio.create_task(actor.run())
+    local = engine.outbox("scheduler")
+    assert not hasattr(local, "socket")  # a queue of encoded bytes, not a ZeroMQ socket
+    local.send(Abort(request_id="local"))
+    remote.outbox("scheduler").send(Abort(request_id="remote"))
+    for _ in range(200):
+        if len(actor.seen) == 2:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    assert sorted(m.request_id for m in actor.seen) == ["local", "remote"]
+    engine.close()
+    remote.close()

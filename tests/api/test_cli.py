@@ -29,9 +29,11 @@ def test_flags_reach_the_configs():
                  "--load-format", "gguf", "--kv-cache-memory", "0.25",
                  "--gpu-memory-utilization", "0.5", "--served-model-name", "smol",
                  "--seed", "7", "--max-logprobs", "5", "--api-key", "k",
-                 "--enforce-eager", "--no-enable-prefix-caching", "--device", "cpu")  # fmt: skip
+                 "--enforce-eager", "--no-enable-prefix-caching", "--device", "cpu",
+                 "--quantization", "int4")  # fmt: skip
     assert engine_config(args) == EngineConfig(
         model="/models/x.gguf", load_format="gguf", dtype="float16", device="cpu",
+        quantization="int4",
         block_size=32, max_model_len=2048, max_num_seqs=8, max_num_batched_tokens=512,
         kv_cache_memory=0.25, gpu_memory_utilization=0.5, enable_prefix_caching=False,
         seed=7, max_logprobs=5, enforce_eager=True, served_model_name="smol",
@@ -47,6 +49,30 @@ def test_model_flag_and_positional():
         engine_config(parse("a.gguf", "--model", "b.gguf"))
     with pytest.raises(SystemExit):
         parse("--dtype", "int3")
+
+
+def test_quantization_choices_are_the_engine_s():
+    from api.cli import QUANTIZATIONS
+    from model_runner.linear_plan import QUANTIZATIONS as ENGINE_QUANTIZATIONS
+
+    assert QUANTIZATIONS == ENGINE_QUANTIZATIONS
+    assert engine_config(parse("-q", "gguf")).quantization == "gguf"
+
+
+def test_start_up_errors_print_one_line_and_exit_2(tmp_path):
+    bad = [
+        ["--model", str(tmp_path / "missing.gguf")],
+        ["--quantization", "gguf", "--load-format", "dummy", "--hf-config-path", str(tmp_path)],
+    ]
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    for argv in bad:
+        proc = subprocess.run(
+            [sys.executable, "-m", "api", "serve", *argv], capture_output=True, text=True
+        )
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("tokenmill: error: "), proc.stderr
+    assert "needs a .gguf model" in lines[0]
 
 
 def test_api_key_from_environment(monkeypatch):
