@@ -112,9 +112,14 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--hf", action="store_true", help="also time a plain HF forward (GGUF only)")
     ap.add_argument("--profile", action="store_true", help="cProfile + torch.profiler tables")
+    ap.add_argument("--enforce-eager", action="store_true", help="no compiled decode steps")
     args = ap.parse_args()
     config = EngineConfig(
-        dtype=args.dtype, quantization=args.quantization, kv_cache_memory=0.5, max_model_len=2048
+        dtype=args.dtype,
+        quantization=args.quantization,
+        kv_cache_memory=0.5,
+        max_model_len=2048,
+        enforce_eager=args.enforce_eager,
     )
     prepare_engine_process(config)  # as the engine process does (malloc settings on the CPU)
     runner = ModelRunner(config, progress=False)

@@ -69,13 +69,16 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
-    layer: int = 0,
+    context: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Write the new K/V [T, KH, D] into `layer`'s cache, then attend: [T, H, D]."""
+    """Write the new K/V [T, KH, D] into the layer's cache, then attend: [T, H, D].
+
+    `context`: the layer's decode-context buffers, when `meta.decode_context` is set.
+    """
     key_cache, value_cache = kv_cache
     ops.write_kv(key, value, key_cache, value_cache, meta.slot_mapping, meta.all_slots_valid)
     if meta.decode_context is not None:
-        return meta.decode_context.attend(layer, query, key, value, kv_cache, scale, sliding_window)
+        return meta.decode_context.attend(context, query, key, value, kv_cache, scale)
     if meta.per_sequence is not None:
         # NOTE: each sequence's attention then has the shapes it would have alone, so its
         # result does not depend on what else runs in the step (kernels block by shape).

@@ -30,7 +30,10 @@ CAPACITY_STEP = 128
 class DecodeContextStep:
     """One decode step's use of the context: its mode and per-step index tensors."""
 
-    __slots__ = ("append", "buffers", "ctx_len", "gather_index", "new_slots", "seq_lens", "_masks")
+    __slots__ = (
+        "append", "buffers", "ctx_len", "gather_index", "mask", "max_len", "new_slots",
+        "seq_lens", "sliding_window",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -40,41 +43,59 @@ class DecodeContextStep:
         ctx_len: int,
         new_slots: torch.Tensor,
         gather_index: torch.Tensor | None,
+        sliding_window: int | None = None,
     ):
         self.buffers = buffers
         self.append = append
-        self.seq_lens = seq_lens
+        self.seq_lens = seq_lens  # [seqs] int32, this step's token included
+        self.max_len = int(seq_lens.max())
         self.ctx_len = ctx_len
+        self.sliding_window = sliding_window
+        self.mask = decode_visible_mask(seq_lens, ctx_len, sliding_window)  # [S, 1, 1, ctx]
         self.new_slots = new_slots  # [seqs] row * capacity + position of the new token
         self.gather_index = gather_index  # [seqs * blocks] block ids, gather mode only
-        self._masks: dict[int | None, torch.Tensor] = {}
+
+    def mask_before_new(self, length: int) -> torch.Tensor:
+        """[S, 1, 1, length + 1] bool: the first `length` context columns, then the new token.
+
+        For attention over the context *before* this step's token with the token appended.
+        """
+        lens = self.seq_lens.long()[:, None]
+        k_pos = torch.arange(length, device=lens.device)[None, :]
+        visible = k_pos < lens - 1
+        if self.sliding_window is not None:
+            visible &= (lens - 1) - k_pos < self.sliding_window
+        new = torch.ones_like(visible[:, :1])
+        return torch.cat([visible, new], dim=1)[:, None, None, :]
+
+    def append_rows(
+        self, buffers: tuple[torch.Tensor, torch.Tensor], key: torch.Tensor, value: torch.Tensor
+    ) -> None:
+        """Write this step's K/V [S, KVH, D] into one layer's buffers (append mode)."""
+        for buf, new in zip(buffers, (key, value), strict=True):
+            buf.view(-1, *buf.shape[2:]).index_copy_(0, self.new_slots, new.to(buf.dtype))
 
     def attend(
         self,
-        layer: int,
+        buffers: tuple[torch.Tensor, torch.Tensor],
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
         paged: tuple[torch.Tensor, torch.Tensor],
         scale: float,
-        sliding_window: int | None,
     ) -> torch.Tensor:
-        """Bring the layer's context up to date (append or gather), then attend: [S, H, D]."""
-        k_buf, v_buf = self.buffers[layer]
+        """Bring one layer's context `buffers` up to date (append or gather), then attend."""
+        k_buf, v_buf = buffers
         num_seqs = query.shape[0]
-        for buf, new, cache in ((k_buf, key, paged[0]), (v_buf, value, paged[1])):
-            if self.append:
-                buf.view(-1, *buf.shape[2:]).index_copy_(0, self.new_slots, new.to(buf.dtype))
-            else:
+        if self.append:
+            self.append_rows(buffers, key, value)
+        else:
+            for buf, cache in ((k_buf, paged[0]), (v_buf, paged[1])):
                 gathered = cache.index_select(0, self.gather_index)
                 gathered = gathered.view(num_seqs, -1, *cache.shape[2:])  # whole blocks per row
                 buf[:num_seqs, : gathered.shape[1]] = gathered
-        mask = self._masks.get(sliding_window)
-        if mask is None:
-            mask = decode_visible_mask(self.seq_lens, self.ctx_len, sliding_window)
-            self._masks[sliding_window] = mask
         keys, values = k_buf[:num_seqs, : self.ctx_len], v_buf[:num_seqs, : self.ctx_len]
-        return decode_attention(query, keys, values, mask, scale)
+        return decode_attention(query, keys, values, self.mask, scale)
 
 
 class DecodeContext:
@@ -87,8 +108,10 @@ class DecodeContext:
         head_dim: int,
         dtype: torch.dtype,
         max_bytes: int,
+        sliding_window: int | None = None,
     ):
         self.num_layers = num_layers
+        self.sliding_window = sliding_window
         self.row_shape = (num_kv_heads, head_dim)
         self.dtype = dtype
         self.max_bytes = max_bytes
@@ -137,7 +160,10 @@ class DecodeContext:
         # row's result then depends on its own length only, not on the longest in the batch
         # (a bare max length moved the attention kernel's vector tails: not batch-invariant).
         ctx_len = -(-max_len // block_size) * block_size
-        return DecodeContextStep(self.buffers, append, seq_lens_t, ctx_len, new_slots, gather_index)
+        return DecodeContextStep(
+            self.buffers, append, seq_lens_t, ctx_len, new_slots, gather_index,
+            self.sliding_window,
+        )  # fmt: skip
 
     def commit(self) -> None:
         """The planned step ran: the buffers now hold its sequences at their new lengths."""

@@ -120,7 +120,9 @@ class LlamaDecoderLayer(nn.Module):
         meta: AttentionMetadata,
         cos_sin: torch.Tensor,
         rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+        context: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer over the step's flat batch; `context`: its decode-context buffers."""
         if residual is None:
             residual = hidden.to(self.input_layernorm.dtype)
             hidden = ops.rms_norm(residual, self.input_layernorm, self.eps).to(hidden.dtype)
@@ -135,9 +137,7 @@ class LlamaDecoderLayer(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = ops.rotary_embedding(positions, q, k, cos_sin, True, rope_tables)
-        attn = paged_attention(
-            q, k, v, kv_cache, meta, self.scale, self.sliding_window, layer=self.index
-        )
+        attn = paged_attention(q, k, v, kv_cache, meta, self.scale, self.sliding_window, context)
         hidden = self.o_proj(attn.reshape(num_tokens, self.q_size))
         hidden, residual = ops.fused_add_rms_norm(
             hidden, residual, self.post_attention_layernorm, self.eps
@@ -185,8 +185,17 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         cos_sin = self.cos_sin_cache
         tables = ops.rotary_tables(positions, cos_sin, hidden.dtype)  # NOTE: once per step
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, meta, cos_sin, tables)
+        contexts = meta.decode_context.buffers if meta.decode_context else [None] * len(kv_caches)
+        for layer, kv_cache, ctx in zip(self.layers, kv_caches, contexts, strict=True):
+            hidden, residual = layer(
+                positions, hidden, residual, kv_cache, meta, cos_sin, tables, ctx
+            )
+        return self.logits(hidden, residual, logits_indices)
+
+    def logits(
+        self, hidden: torch.Tensor, residual: torch.Tensor, logits_indices: torch.Tensor
+    ) -> torch.Tensor:
+        """The final norm and LM head for the sampled rows: float32 [R, vocab]."""
         # NOTE: the final norm is per row, so only the sampled rows need it.
         hidden = hidden[logits_indices]
         residual = residual[logits_indices]

@@ -10,6 +10,7 @@ import torch
 
 from kernels import ops
 from model_runner.attention import AttentionMetadata
+from model_runner.compiled_decode import CompiledDecode
 from model_runner.config import EngineConfig, resolve_device, resolve_dtype, resolve_max_model_len
 from model_runner.decode_context import DecodeContext
 from model_runner.gguf_loader import model_config_from_gguf, open_gguf
@@ -85,6 +86,9 @@ class ModelRunner:
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.seed)
         self._seqs: dict[str, SequenceState] = {}
         self.decode_context = self._make_decode_context()
+        self.compiled = CompiledDecode.create(self.model, self.linear_plan, config)
+        if self.compiled is not None and self.decode_context is not None:
+            self.compiled.warm_up()
 
     def _make_decode_context(self) -> DecodeContext | None:
         """CPU references only (Triton attends in the paged cache); budget: half the cache.
@@ -97,7 +101,12 @@ class ModelRunner:
         mc = self.model_config
         cache_bytes = self.num_blocks * bytes_per_block(mc, self.block_size, self.dtype)
         return DecodeContext(
-            mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, max_bytes=cache_bytes // 2
+            mc.num_layers,
+            mc.num_kv_heads,
+            mc.head_dim,
+            self.dtype,
+            max_bytes=cache_bytes // 2,
+            sliding_window=mc.sliding_window,
         )
 
     def _size_kv_cache(self) -> int:
@@ -162,13 +171,18 @@ class ModelRunner:
                 self._seqs, step, self.block_size, self.device, self.config.batch_invariant
             )
             meta = self._with_decode_context(step, inputs.meta)
-            logits = self.model(
+            args = (
                 inputs.input_ids,
                 inputs.positions,
                 self.kv_cache.layers,
                 meta,
                 inputs.logits_indices,
             )
+            rows = len(inputs.sample_seqs)
+            if self.compiled is not None and self.compiled.applies(meta, rows):
+                logits = self.compiled.run(*args)
+            else:
+                logits = self.model(*args)
             if meta.decode_context is not None:
                 self.decode_context.commit()
             sampled = self.sampler(logits, inputs.sample_seqs)

@@ -12,8 +12,10 @@ from model_runner.decode_context import DecodeContext
 LAYERS, KV_HEADS, HEADS, DIM, BLOCK = 2, 2, 4, 8, 4
 
 
-def _context(max_bytes: int = 1 << 30) -> DecodeContext:
-    return DecodeContext(LAYERS, KV_HEADS, DIM, torch.float32, max_bytes=max_bytes)
+def _context(max_bytes: int = 1 << 30, sliding_window: int | None = None) -> DecodeContext:
+    return DecodeContext(
+        LAYERS, KV_HEADS, DIM, torch.float32, max_bytes=max_bytes, sliding_window=sliding_window
+    )
 
 
 def _plan(ctx: DecodeContext, ids: list[str], lens: list[int], tables: list[list[int]]):
@@ -78,7 +80,7 @@ def test_append_and_gather_attend_like_the_paged_reference(sliding_window):
     ]
     tables = [[3, 7, 1], [5, 9]]
     starts = torch.tensor([0, 1, 2], dtype=torch.int32)
-    ctx = _context()
+    ctx = _context(sliding_window=sliding_window)
     for lens in ([9, 6], [10, 7], [11, 8]):  # a gather step, then two appends
         step = _plan(ctx, ["a", "b"], lens, tables)
         seq_lens = torch.tensor(lens, dtype=torch.int32)
@@ -92,7 +94,8 @@ def test_append_and_gather_attend_like_the_paged_reference(sliding_window):
                     value[row],
                 )
             query = torch.randn(2, HEADS, DIM)
-            got = step.attend(layer, query, key, value, (k_cache, v_cache), 0.5, sliding_window)
+            buffers = step.buffers[layer]
+            got = step.attend(buffers, query, key, value, (k_cache, v_cache), 0.5)
             expected = paged_attention_ref(
                 query, k_cache, v_cache, table_t, seq_lens, starts, 0.5,
                 sliding_window=sliding_window,

@@ -1,0 +1,65 @@
+"""The compiled decode path: where it applies, and logits that agree with the eager path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_runner.config import EngineConfig
+from model_runner.runner import ModelRunner
+from model_runner.sampling_params import SamplingParams
+from tests.model_runner.driver import generate
+from tests.model_runner.test_tiny_models import COMMON, PROMPTS
+
+
+def _runner(tmp_path, **overrides) -> ModelRunner:
+    import transformers
+
+    transformers.LlamaConfig(**COMMON).save_pretrained(tmp_path)
+    config = EngineConfig(
+        load_format="dummy", hf_config_path=str(tmp_path), dtype="bfloat16",
+        quantization="int4", cpu_int4_max_rows=4, kv_cache_memory=0.01, **overrides,
+    )  # fmt: skip
+    return ModelRunner(config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory) -> ModelRunner:
+    return _runner(tmp_path_factory.mktemp("tiny"))
+
+
+def test_it_is_built_only_where_it_applies(runner, tmp_path):
+    assert runner.compiled is not None and runner.compiled.enabled
+    assert runner.compiled.max_rows == 4
+    assert _runner(tmp_path / "a", enforce_eager=True).compiled is None
+    assert _runner(tmp_path / "b", batch_invariant=True).compiled is None
+    fp32 = EngineConfig(load_format="dummy", hf_config_path=str(tmp_path / "a"), dtype="float32",
+                        kv_cache_memory=0.01)  # fmt: skip
+    assert ModelRunner(fp32, progress=False).compiled is None  # the exact mode stays eager
+
+
+def test_compiled_steps_agree_with_eager_ones(runner):
+    compiled, seen = runner.compiled, []
+    real_run = compiled.run
+
+    def both(*args):
+        eager = runner.model(*args)  # same inputs; both write this step's K/V at the same slots
+        out = real_run(*args)
+        seen.append((eager, out))
+        return out
+
+    compiled.run = both
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    try:
+        generate(runner, PROMPTS[:1], params)  # one row: the compiled graph without a mask
+        generate(runner, PROMPTS, params)  # three rows of three lengths: masked
+        generate(runner, PROMPTS * 2, params)  # six rows > max_rows: eager only
+    finally:
+        compiled.run = real_run
+    rows = {len(out) for _, out in seen}
+    assert rows == {1, 3}  # the first step after a prefill gathers: eager as well
+    assert len(seen) == 2 * 10
+    for eager, out in seen:
+        assert out.shape == eager.shape
+        torch.testing.assert_close(out, eager, rtol=0.05, atol=0.05 * float(eager.std()))
+        assert bool((out.argmax(-1) == eager.argmax(-1)).all())
