@@ -59,5 +59,5 @@ def build_actor(name: str, transport: Transport, config) -> Actor:
 
             return ModelRunner(config)
 
-        return ExecutorActor(transport, make_runner)
+        return ExecutorActor(transport, make_runner, config.structured_outputs_timeout)
     raise ValueError(f"unknown actor {name!r}")

@@ -37,6 +37,8 @@ class EngineConfig:
     served_model_name: str | None = None
     max_waiting: int = 1024  # waiting-queue bound: beyond it, 503 + Retry-After
     hf_config_path: str | None = None  # for load_format=dummy: a config.json path or folder
+    structured_outputs_timeout: float = 10.0  # seconds a grammar may compile before a 400
+    grammar_cache_mib: int = 512  # compiled grammars kept for reuse (pinned ones beyond it)
 
 
 DEFAULT_CPU_KV_CACHE_GIB = 2.0
