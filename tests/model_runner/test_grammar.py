@@ -198,9 +198,7 @@ def test_logprobs_are_the_models_own_and_sampling_stays_in_the_grammar(cache):
 
 def test_penalties_and_logit_bias_cannot_leave_the_grammar(cache):
     sampler = Sampler(len(VOCAB), [EOS])
-    seq = make_seq(
-        AB, cache, temperature=0, logit_bias={TOKEN["x"]: 100.0}, repetition_penalty=2.0
-    )
+    seq = make_seq(AB, cache, temperature=0, logit_bias={TOKEN["x"]: 100.0}, repetition_penalty=2.0)
     (token,) = sampler(favouring(TOKEN["b"])[None], [seq])
     assert token.token_id == TOKEN["a"]
 
