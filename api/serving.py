@@ -18,7 +18,7 @@ import msgspec
 from quart import Response
 from quart.wrappers.response import ResponseBody
 
-from api.chat_template import render_chat
+from api.chat_template import ChatTemplates, render_chat, uses_tools
 from api.errors import ApiError, bad_request, error_body
 from api.metrics import RequestTracker, ServingMetrics
 from api.openai_protocol import (
@@ -29,6 +29,8 @@ from api.openai_protocol import (
 )
 from api.responses import ChatStreamer, CompletionStreamer, chat_response, completion_response
 from api.streaming import Accumulator, DeltaStream
+from api.structured_outputs import Constraint, check_with_xgrammar, structured_constraint
+from api.tools import ToolPlan, plan_tools
 from api.validation import (
     Limits,
     chat_sampling_params,
@@ -97,6 +99,16 @@ async def sse_events(
     yield b"data: [DONE]\n\n"
 
 
+def _one_constraint(structure: Constraint | None, tool_plan: ToolPlan) -> Constraint | None:
+    """A request has one grammar: structured output, or the forced tool call, not both."""
+    if structure is not None and tool_plan.forced is not None:
+        raise bad_request(
+            f"`{structure.param}` cannot be combined with a `tool_choice` that forces a call.",
+            structure.param,
+        )
+    return structure or tool_plan.forced
+
+
 def _usage_options(req) -> dict:
     opts = req.stream_options
     return {
@@ -114,6 +126,7 @@ class OpenAIServing:
         self.metrics = metrics
         self.created = int(time.time())
         self._limits: Limits | None = None
+        self.templates = ChatTemplates(engine.tokenizer, config.chat_template)
 
     @property
     def limits(self) -> Limits:
@@ -146,15 +159,20 @@ class OpenAIServing:
     async def chat(self, body: bytes) -> Response:
         req = decode_body(body, ChatCompletionRequest)
         check_model(req.model, self.engine.model_name)
-        sampling = chat_sampling_params(req, self.limits)
+        tool_plan = plan_tools(req, self.config.tool_config)
+        structure = structured_constraint(req)
+        constraint = _one_constraint(structure, tool_plan)
+        sampling = chat_sampling_params(req, self.limits, constraint and constraint.grammar)
+        await check_with_xgrammar([structure] if structure else tool_plan.grammar_checks)
         prompt = render_chat(
             self.engine.tokenizer,
             req.messages,
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
-            tools=req.tools,
+            tools=tool_plan.prompt_tools,
             documents=req.documents,
             chat_template_kwargs=req.chat_template_kwargs,
+            template=self.templates.pick(uses_tools(req.messages, tool_plan.prompt_tools)),
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         it = self.engine.generate(
@@ -168,17 +186,23 @@ class OpenAIServing:
         created, model = int(time.time()), self.engine.model_name
         if req.stream:
             streamer = ChatStreamer(
-                request_id, created, model, acc, logprobs=req.logprobs, **_usage_options(req)
-            )
+                request_id, created, model, acc, logprobs=req.logprobs, tool_plan=tool_plan,
+                **_usage_options(req),
+            )  # fmt: skip
             return await self._stream([it], streamer)
         await self._collect([it], acc)
-        return json_response(chat_response(request_id, created, model, acc, req.logprobs))
+        return json_response(
+            chat_response(request_id, created, model, acc, req.logprobs, tool_plan)
+        )
 
     async def completions(self, body: bytes) -> Response:
         req = decode_body(body, CompletionRequest)
         check_model(req.model, self.engine.model_name)
-        sampling = completion_sampling_params(req, self.limits)
+        constraint = structured_constraint(req)
+        sampling = completion_sampling_params(req, self.limits, constraint and constraint.grammar)
         prompts = completion_prompts(req, self.limits)
+        if constraint is not None:
+            await check_with_xgrammar([constraint])
         request_id = f"cmpl-{uuid.uuid4().hex}"
         iterators = [
             self.engine.generate(
@@ -241,6 +265,7 @@ class OpenAIServing:
                 continue_final_message=req.continue_final_message,
                 tools=req.tools,
                 chat_template_kwargs=req.chat_template_kwargs,
+                template=self.templates.pick(uses_tools(req.messages, req.tools)),
             )
             special = bool(req.add_special_tokens)
         else:

@@ -49,8 +49,8 @@ def xgrammar_message(error: Exception) -> str:
     return _XGR_PREFIX.sub("", lines[0] if lines else type(error).__name__)
 
 
-def compile_spec(compiler: xgr.GrammarCompiler, spec: GrammarSpec) -> xgr.CompiledGrammar:
-    """Compile one spec; raises GrammarError with xgrammar's reason.
+def grammar_of(spec: GrammarSpec) -> xgr.Grammar:
+    """The xgrammar Grammar of a spec (no tokenizer needed); raises GrammarError.
 
     NOTE: JSON is generated compactly (`any_whitespace=False`): a small model cannot pad its
     output with endless whitespace, and `", "`/`": "` separators keep the text readable.
@@ -58,22 +58,31 @@ def compile_spec(compiler: xgr.GrammarCompiler, spec: GrammarSpec) -> xgr.Compil
     try:
         match spec.kind:
             case "json_schema":
-                return compiler.compile_json_schema(
+                return xgr.Grammar.from_json_schema(
                     spec.spec, any_whitespace=False, strict_mode=spec.strict
                 )
             case "json_object":
-                return compiler.compile_json_schema(
+                return xgr.Grammar.from_json_schema(
                     '{"type": "object"}', any_whitespace=False, strict_mode=False
                 )
             case "regex":
-                return compiler.compile_regex(spec.spec)
+                return xgr.Grammar.from_regex(spec.spec)
             case "ebnf":
-                return compiler.compile_grammar(spec.spec)
+                return xgr.Grammar.from_ebnf(spec.spec)
             case "structural_tag":
-                return compiler.compile_structural_tag(spec.spec)
+                return xgr.Grammar.from_structural_tag(spec.spec)
     except Exception as e:  # xgrammar raises RuntimeError and its own error classes
         raise GrammarError(xgrammar_message(e)) from None
     raise GrammarError(f"unknown grammar kind {spec.kind!r}")
+
+
+def compile_spec(compiler: xgr.GrammarCompiler, spec: GrammarSpec) -> xgr.CompiledGrammar:
+    """Compile one spec into token masks for the compiler's vocabulary; raises GrammarError."""
+    grammar = grammar_of(spec)
+    try:
+        return compiler.compile_grammar(grammar)
+    except Exception as e:
+        raise GrammarError(xgrammar_message(e)) from None
 
 
 @dataclass
