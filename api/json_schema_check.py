@@ -83,8 +83,9 @@ def nesting_depth(value: Any) -> int:
 def check_enforceable(schema: Any, param: str, strict: bool) -> None:
     """Every keyword of `schema` must be one the grammar enforces exactly (400 otherwise).
 
-    With `strict`, objects admit no undeclared properties: an `additionalProperties` other
-    than false, or a required property that is not declared, is refused.
+    With `strict` (OpenAI's), objects admit no undeclared properties: an
+    `additionalProperties` other than false, or a required property that is not declared,
+    is refused.
     """
     for node, path in _subschemas(schema):
         problem = _problem(node, strict)
@@ -155,11 +156,14 @@ def _strict_object_problem(node: dict) -> tuple[str, str] | None:
     return None
 
 
-def with_int64_bounds(schema: Any) -> Any:
-    """A copy in which every unbounded `integer` is bounded to int64.
+def grammar_ready(schema: Any) -> Any:
+    """A copy tightened where xgrammar 0.2.9 would admit more than the schema (or than JSON).
 
-    NOTE: a tighter schema, never a looser one: a small model can no longer run an integer
-    on for as many digits as max_tokens allows, and JSON parsers hold the result.
+    NOTE: tighter, never looser. An unbounded `integer` is bounded to int64 (a small model
+    can no longer run one on for as many digits as max_tokens allows). A string with only
+    `minLength`/`maxLength` becomes the equivalent `pattern` over unescaped characters:
+    xgrammar's length rule lets raw control characters (a tab) into the string, which is
+    not JSON.
     """
     schema = copy.deepcopy(schema)
     for node, _ in _subschemas(schema):
@@ -168,4 +172,11 @@ def with_int64_bounds(schema: Any) -> Any:
                 node["minimum"] = INT64_MIN
             if "maximum" not in node and "exclusiveMaximum" not in node:
                 node["maximum"] = INT64_MAX
+        low, high = node.get("minLength", 0), node.get("maxLength", "")
+        lengths = "minLength" in node or "maxLength" in node
+        satisfiable = high == "" or low <= high  # NOTE: else xgrammar names the conflict
+        if node.get("type") == "string" and lengths and "pattern" not in node and satisfiable:
+            node.pop("minLength", None)
+            node.pop("maxLength", None)
+            node["pattern"] = rf'^[^"\\\x00-\x1f]{{{low},{high}}}$'
     return schema

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.errors import bad_request
-from api.json_schema_check import check_enforceable, check_schema, with_int64_bounds
+from api.json_schema_check import check_enforceable, check_schema, grammar_ready
 from model_runner.grammar_cache import GrammarError, grammar_of
 from model_runner.sampling_params import GrammarSpec
 
@@ -55,16 +55,23 @@ def structured_constraint(req) -> Constraint | None:
     return found[0] if found else None
 
 
-def json_schema_grammar(schema: Any, param: str, strict: bool = True) -> GrammarSpec:
-    """A checked JSON schema (object or JSON text) as a grammar spec."""
+def json_schema_grammar(
+    schema: Any, param: str, strict: bool = True, openai_strict: bool = False
+) -> GrammarSpec:
+    """A checked JSON schema (object or JSON text) as a grammar spec.
+
+    `strict`: objects get no properties the schema does not declare or explicitly allow
+    (vLLM's default for guided_json). `openai_strict` (response_format's `strict: true`):
+    as OpenAI, a schema whose objects allow undeclared properties is refused.
+    """
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
         except ValueError:
             raise bad_request(f"`{param}` is not valid JSON.", param) from None
     check_schema(schema, param)
-    check_enforceable(schema, param, strict)
-    text = json.dumps(with_int64_bounds(schema), ensure_ascii=False)
+    check_enforceable(schema, param, openai_strict)
+    text = json.dumps(grammar_ready(schema), ensure_ascii=False)
     return GrammarSpec(kind="json_schema", spec=text, strict=strict)
 
 
@@ -103,7 +110,8 @@ def _response_format(fmt: dict[str, Any] | None) -> Constraint | None:
         )
     param = "response_format.json_schema.schema"
     schema = spec.get("schema", {})
-    return Constraint(json_schema_grammar(schema, param, strict=bool(strict)), param)
+    grammar = json_schema_grammar(schema, param, strict=bool(strict), openai_strict=bool(strict))
+    return Constraint(grammar, param)
 
 
 def _structured_outputs(fields: dict[str, Any] | None) -> Constraint | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from api.errors import bad_request
-from api.json_schema_check import check_enforceable, check_schema, with_int64_bounds
+from api.json_schema_check import check_enforceable, check_schema, grammar_ready
 from api.structured_outputs import Constraint
 from api.tool_parsers import FunctionTool, ToolParser, get_tool_parser
 from model_runner.sampling_params import GrammarSpec
@@ -135,7 +135,7 @@ def _parameters(params: Any, i: int) -> dict[str, Any] | None:
     check_schema(params, _params(i))
     if not isinstance(params, dict) or params.get("type", "object") != "object":
         raise bad_request("A function's parameters must be a schema of type `object`.", _params(i))
-    return with_int64_bounds(params)
+    return grammar_ready(params)
 
 
 def _params(i: int) -> str:
