@@ -196,7 +196,13 @@ class GrammarCache:
             future.set_result(result)
 
     def get(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
-        """The compiled grammar of `spec`, compiling it here if it is not cached."""
+        """The compiled grammar of `spec` for a sequence (not counted as a cache hit: its
+        request's compile was); compiled here if it is not cached."""
+        with self._lock:
+            entry = self._entries.get(spec)
+            if entry is not None:
+                self._entries.move_to_end(spec)
+                return entry.compiled
         return self.compile(spec)[0]
 
     # --- pins and eviction ------------------------------------------------------------

@@ -66,6 +66,7 @@ def test_a_repeated_spec_is_a_cache_hit(cache):
     again, cached_again = cache.compile(GrammarSpec(kind="regex", spec="ab"))
     assert (cached_first, cached_again) == (False, True)
     assert again is first
+    assert cache.get(AB) is first  # a sequence's lookup is no second hit
     stats = cache.stats()
     assert (stats.compiles, stats.cache_hits, stats.cache_entries) == (1, 1, 1)
     assert stats.cache_bytes > 0 and stats.compile_seconds > 0
