@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -177,3 +179,9 @@ async def test_chat_template_flag_overrides_every_template(engine):
     assert engine.calls[-1]["prompt"] == "[Hello]"
     resp = await client.post("/tokenize", json={"messages": MSG})
     assert (await resp.get_json())["count"] == len(engine.tokenizer.encode("[Hello]"))
+
+
+def test_the_hermes_template_ships_in_the_wheel():
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    section = pyproject.split("[tool.setuptools.package-data]")[1].split("\n[")[0]
+    assert re.search(r'^api = \[.*"templates/\*\.jinja".*\]$', section, re.M)
