@@ -161,8 +161,13 @@ async def run(args: argparse.Namespace) -> dict:
         model = await bs.detect_model(client, args.base_url.rstrip("/"))
         bench = Bench(client, args, model)
         await bench.one(bench.bodies(1, 8)[0])  # warm-up
-        return {"throughput": await bench.throughput(), "ttft": await bench.ttft(),
-                "itl": await bench.itl_under_compile()}  # fmt: skip
+        out = {}
+        for name, phase in (("throughput", bench.throughput), ("ttft", bench.ttft),
+                            ("itl", bench.itl_under_compile)):  # fmt: skip
+            start = time.perf_counter()
+            out[name] = await phase()
+            print(f"[{name} done in {time.perf_counter() - start:.0f} s]", flush=True)
+        return out
 
 
 def report(out: dict) -> None:

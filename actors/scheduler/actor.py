@@ -35,8 +35,6 @@ from actors.scheduler.scheduler import Scheduler
 from actors.transport import Transport
 from model_runner.grammar_cache import GrammarCacheStats
 
-_ERROR_TYPES = {500: "InternalServerError", 503: "ServiceUnavailableError"}
-
 
 class SchedulerActor(Actor):
     name = "scheduler"
@@ -76,7 +74,7 @@ class SchedulerActor(Actor):
             case GrammarFailed(request_id=rid, stats=stats):
                 self.grammar_stats = stats
                 if self.compiling.pop(rid, None) is not None:
-                    self.refuse(rid, msg.status, msg.message, code=msg.code)
+                    self.refuse(rid, AdmissionError(msg.status, msg.message, code=msg.code))
             case ExecutorReady():
                 self.on_executor_ready(msg)
             case ResetPrefixCache():
@@ -118,7 +116,7 @@ class SchedulerActor(Actor):
                 )  # fmt: skip
             self.policy.check_request(req)
         except AdmissionError as e:
-            self.refuse_admission(req.request_id, e)
+            self.refuse(req.request_id, e)
             return
         self.compiling[req.request_id] = req
         self.executor.send(CompileGrammar(request_id=req.request_id, grammar=grammar))
@@ -129,7 +127,7 @@ class SchedulerActor(Actor):
             self.policy.add_request(req)
         except AdmissionError as e:
             self.releases.append(req.request_id)
-            self.refuse_admission(req.request_id, e)
+            self.refuse(req.request_id, e)
 
     def abort(self, request_id: str, index: int | None, reason: str) -> None:
         if self.compiling.pop(request_id, None) is not None:
@@ -139,27 +137,16 @@ class SchedulerActor(Actor):
         else:
             self.pending = [r for r in self.pending if r.request_id != request_id]
 
-    def refuse_admission(self, request_id: str, e: AdmissionError) -> None:
-        self.refuse(request_id, e.status, e.message, e.param, e.code, e.retry_after)
-
-    def refuse(
-        self,
-        request_id: str,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        retry_after: float | None = None,
-    ) -> None:
+    def refuse(self, request_id: str, e: AdmissionError) -> None:
         self.api.send(
             RequestError(
                 request_id=request_id,
-                status=status,
-                message=message,
-                type=_ERROR_TYPES.get(status, "BadRequestError"),
-                param=param,
-                code=code,
-                retry_after=retry_after,
+                status=e.status,
+                message=e.message,
+                type=e.type,
+                param=e.param,
+                code=e.code,
+                retry_after=e.retry_after,
             )
         )
 

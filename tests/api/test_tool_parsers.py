@@ -100,20 +100,15 @@ def test_both_parsers_are_registered(parser):
     assert parser in tool_parser_names()
 
 
-@pytest.mark.parametrize("case", HERMES_CASES, ids=[c[0] for c in HERMES_CASES])
-def test_hermes_every_split_gives_the_whole_texts_result(case):
-    _, text, content, calls = case
-    expected = (content, [ParsedCall(n, json.dumps(a, ensure_ascii=False)) for n, a in calls])
-    for pieces in splits(text):
-        assert parse("hermes", pieces) == expected, pieces
+PARSER_CASES = [("hermes", *c) for c in HERMES_CASES] + [("llama3_json", *c) for c in LLAMA_CASES]
 
 
-@pytest.mark.parametrize("case", LLAMA_CASES, ids=[c[0] for c in LLAMA_CASES])
-def test_llama3_json_every_split_gives_the_whole_texts_result(case):
-    _, text, content, calls = case
+@pytest.mark.parametrize("case", PARSER_CASES, ids=[f"{c[0]}: {c[1]}" for c in PARSER_CASES])
+def test_every_split_gives_the_whole_texts_result(case):
+    parser, _, text, content, calls = case
     expected = (content, [ParsedCall(n, json.dumps(a, ensure_ascii=False)) for n, a in calls])
     for pieces in splits(text):
-        assert parse("llama3_json", pieces) == expected, pieces
+        assert parse(parser, pieces) == expected, pieces
 
 
 def test_deeply_nested_output_is_content_not_a_crash():

@@ -211,3 +211,20 @@ def test_min_tokens_yields_to_a_complete_grammar(cache):
     logits = torch.stack([favouring(EOS, TOKEN["2"])] * 2)
     out = sampler(logits, [done, going])
     assert [t.token_id for t in out] == [EOS, TOKEN["2"]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_cuda_bitmask_kernel_masks_like_the_cpu_one(cache):
+    """On CUDA the mask is copied over and applied by xgrammar's GPU kernel."""
+    torch.manual_seed(0)
+    grammars = [SequenceGrammar(cache.get(DIGITS)), None, SequenceGrammar(cache.get(AB), ids("a"))]
+    bitmask = GrammarBitmask(len(VOCAB))
+    rows = bitmask.fill(grammars)
+    logits = torch.randn(3, len(VOCAB))
+    on_cpu, on_gpu = logits.clone(), logits.cuda()
+    bitmask.apply(on_cpu, rows)
+    bitmask.apply(on_gpu, rows)
+    assert torch.equal(on_gpu.cpu(), on_cpu)
+    assert torch.equal(on_cpu[1], logits[1])
+    assert torch.isinf(on_cpu[2]).sum() == len(VOCAB) - 1
