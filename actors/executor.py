@@ -1,7 +1,7 @@
 """The executor actor: owns the model runner (and the GPU); one step at a time.
 
-Grammars compile in a pool of their own, beside the model step: a CompileGrammar starts a
-task and returns, so the next StepPlan runs while the grammar compiles.
+The step runs in a worker thread of its own and grammars compile in a pool beside it; the
+actor loop keeps reading its inbox while both run.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class ExecutorActor(Actor):
         )
         self.compile_timeout = structured_outputs_timeout
         self.compiles: dict[str, asyncio.Task] = {}
+        self.step_task: asyncio.Task | None = None
         self.scheduler = transport.outbox("scheduler")
 
     async def start(self) -> None:
@@ -74,14 +75,9 @@ class ExecutorActor(Actor):
     async def handle(self, msg: msgspec.Struct) -> None:
         match msg:
             case StepPlan(step=step):
-                loop = asyncio.get_running_loop()
-                try:
-                    output = await loop.run_in_executor(self.worker, self.runner.execute, step)
-                except Exception as e:
-                    log.exception("step %d failed", step.step_id)
-                    self.scheduler.send(StepFailed(step_id=step.step_id, message=repr(e)))
-                    return
-                self.scheduler.send(StepResult(output=output))
+                # NOTE: the scheduler keeps one step in flight; the inbox stays open meanwhile,
+                # so a CompileGrammar starts during a step, not after it.
+                self.step_task = asyncio.create_task(self.run_step(step))
             case CompileGrammar(request_id=rid, grammar=spec):
                 self.compiles[rid] = asyncio.create_task(self.compile(rid, spec))
             case ReleaseGrammars(request_ids=request_ids):
@@ -89,6 +85,16 @@ class ExecutorActor(Actor):
                     if (task := self.compiles.pop(rid, None)) is not None:
                         task.cancel()
                     self.runner.grammars.unpin(rid)
+
+    async def run_step(self, step) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            output = await loop.run_in_executor(self.worker, self.runner.execute, step)
+        except Exception as e:
+            log.exception("step %d failed", step.step_id)
+            self.scheduler.send(StepFailed(step_id=step.step_id, message=repr(e)))
+            return
+        self.scheduler.send(StepResult(output=output))
 
     async def compile(self, request_id: str, spec: GrammarSpec) -> None:
         """Compile in the pool; answer GrammarReady (pinned) or GrammarFailed.

@@ -157,13 +157,10 @@ def _strict_object_problem(node: dict) -> tuple[str, str] | None:
 
 
 def grammar_ready(schema: Any) -> Any:
-    """A copy tightened where xgrammar 0.2.9 would admit more than the schema (or than JSON).
+    """A copy in which every unbounded `integer` is bounded to int64.
 
-    NOTE: tighter, never looser. An unbounded `integer` is bounded to int64 (a small model
-    can no longer run one on for as many digits as max_tokens allows). A string with only
-    `minLength`/`maxLength` becomes the equivalent `pattern` over unescaped characters:
-    xgrammar's length rule lets raw control characters (a tab) into the string, which is
-    not JSON.
+    NOTE: tighter, never looser: a small model can no longer run an integer on for as many
+    digits as max_tokens allows, and JSON parsers hold the result.
     """
     schema = copy.deepcopy(schema)
     for node, _ in _subschemas(schema):
@@ -172,11 +169,4 @@ def grammar_ready(schema: Any) -> Any:
                 node["minimum"] = INT64_MIN
             if "maximum" not in node and "exclusiveMaximum" not in node:
                 node["maximum"] = INT64_MAX
-        low, high = node.get("minLength", 0), node.get("maxLength", "")
-        lengths = "minLength" in node or "maxLength" in node
-        satisfiable = high == "" or low <= high  # NOTE: else xgrammar names the conflict
-        if node.get("type") == "string" and lengths and "pattern" not in node and satisfiable:
-            node.pop("minLength", None)
-            node.pop("maxLength", None)
-            node["pattern"] = rf'^[^"\\\x00-\x1f]{{{low},{high}}}$'
     return schema

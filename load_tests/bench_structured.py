@@ -53,14 +53,20 @@ def ten_properties(tag: str) -> dict:
 
 
 def many_tools(count: int, tag: str) -> list[dict]:
-    return [
-        {"type": "function", "function": {
-            "name": f"{tag}_tool_{i}", "description": f"Tool number {i}.",
-            "parameters": {"type": "object", "properties": {
-                "query": {"type": "string"}, "limit": {"type": "integer"},
-                "mode": {"enum": ["fast", "full"]}}, "required": ["query"]}}}
-        for i in range(count)
-    ]  # fmt: skip
+    """`count` tools, each with its own arguments (nothing for the compiler to share)."""
+    tools = []
+    for i in range(count):
+        args = {f"{tag}_{i}_arg{j}": {"type": TYPES[(i + j) % 4]} for j in range(6)}
+        args[f"{tag}_{i}_mode"] = {"enum": [f"{tag}_{i}_m{k}" for k in range(3)]}
+        args[f"{tag}_{i}_tags"] = {"type": "array", "items": {"type": "string"}, "maxItems": 4}
+        parameters = {"type": "object", "properties": args, "required": list(args)[:2]}
+        function = {
+            "name": f"{tag}_tool_{i}",
+            "description": f"Tool {i}.",
+            "parameters": parameters,
+        }
+        tools.append({"type": "function", "function": function})
+    return tools
 
 
 def json_schema_format(schema: dict) -> dict:

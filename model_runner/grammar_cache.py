@@ -49,6 +49,13 @@ def xgrammar_message(error: Exception) -> str:
     return _XGR_PREFIX.sub("", lines[0] if lines else type(error).__name__)
 
 
+# xgrammar 0.2.9 writes a JSON string with minLength/maxLength as `"` chars{m, n} `"` over
+# the class [^"\\\r\n], which lets raw control characters (a tab) in: not JSON. The fix
+# swaps in the class of its unbounded strings; test_schema_enforcement.py holds it to it.
+_LOOSE_LENGTH_CLASS = re.compile(r"^(\S+) ::= " + re.escape(r"(([^\"\\\r\n]))") + "$", re.M)
+_JSON_CHARACTER_CLASS = r"(([^\"\\\x00-\x1f]))"
+
+
 def grammar_of(spec: GrammarSpec) -> xgr.Grammar:
     """The xgrammar Grammar of a spec (no tokenizer needed); raises GrammarError.
 
@@ -58,11 +65,11 @@ def grammar_of(spec: GrammarSpec) -> xgr.Grammar:
     try:
         match spec.kind:
             case "json_schema":
-                return xgr.Grammar.from_json_schema(
+                grammar = xgr.Grammar.from_json_schema(
                     spec.spec, any_whitespace=False, strict_mode=spec.strict
                 )
             case "json_object":
-                return xgr.Grammar.from_json_schema(
+                grammar = xgr.Grammar.from_json_schema(
                     '{"type": "object"}', any_whitespace=False, strict_mode=False
                 )
             case "regex":
@@ -70,10 +77,23 @@ def grammar_of(spec: GrammarSpec) -> xgr.Grammar:
             case "ebnf":
                 return xgr.Grammar.from_ebnf(spec.spec)
             case "structural_tag":
-                return xgr.Grammar.from_structural_tag(spec.spec)
+                grammar = xgr.Grammar.from_structural_tag(spec.spec)
+            case _:
+                raise GrammarError(f"unknown grammar kind {spec.kind!r}")
+        return _json_strings_without_control_characters(grammar, spec)
+    except GrammarError:
+        raise
     except Exception as e:  # xgrammar raises RuntimeError and its own error classes
         raise GrammarError(xgrammar_message(e)) from None
-    raise GrammarError(f"unknown grammar kind {spec.kind!r}")
+
+
+def _json_strings_without_control_characters(grammar: xgr.Grammar, spec: GrammarSpec):
+    if "Length" not in spec.spec:  # NOTE: only length-bounded strings have the loose class
+        return grammar
+    text, count = _LOOSE_LENGTH_CLASS.subn(
+        lambda m: f"{m.group(1)} ::= {_JSON_CHARACTER_CLASS}", str(grammar)
+    )
+    return xgr.Grammar.from_ebnf(text) if count else grammar
 
 
 def compile_spec(compiler: xgr.GrammarCompiler, spec: GrammarSpec) -> xgr.CompiledGrammar:

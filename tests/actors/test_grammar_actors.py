@@ -33,6 +33,7 @@ from actors.transport import InProcessTransport
 from model_runner import grammar_cache
 from model_runner.grammar_cache import GrammarCache, GrammarCacheStats
 from model_runner.sampling_params import GrammarSpec
+from model_runner.step_input import StepInput, StepOutput
 from tests.scheduler.fake_runner import Config, FakeRunner, counter_tokens, request
 
 SPEC = GrammarSpec(kind="regex", spec="[0-9]+")
@@ -180,13 +181,36 @@ async def test_a_request_that_can_never_fit_is_refused_before_compiling(harness)
 # --- the real executor actor ------------------------------------------------------------
 
 
-def toy_runner() -> SimpleNamespace:
+def toy_runner(step_seconds: float = 0.0) -> SimpleNamespace:
     vocab = ["</s>", "0", "1", "2", "a", "b"]
     cache = GrammarCache(lambda: xgr.TokenizerInfo(vocab, stop_token_ids=[0]), compile_threads=1)
+
+    def execute(step: StepInput) -> StepOutput:
+        time.sleep(step_seconds)
+        return StepOutput(step_id=step.step_id)
+
     return SimpleNamespace(
         num_blocks=8, block_size=4, max_model_len=32, vocab_size=len(vocab),
-        eos_token_ids=[0], grammars=cache,
+        eos_token_ids=[0], grammars=cache, execute=execute,
     )  # fmt: skip
+
+
+async def test_the_executor_compiles_while_a_step_runs():
+    transport = InProcessTransport()
+    executor = ExecutorActor(transport, lambda: toy_runner(step_seconds=0.5))
+    to_executor, from_executor = transport.outbox("executor"), transport.inbox("scheduler")
+    task = asyncio.create_task(executor.run())
+    try:
+        assert isinstance(await from_executor.recv(), ExecutorReady)
+        to_executor.send(StepPlan(step=StepInput(step_id=0)))
+        to_executor.send(CompileGrammar(request_id="g", grammar=SPEC))
+        first = await asyncio.wait_for(from_executor.recv(), 5)
+        second = await asyncio.wait_for(from_executor.recv(), 5)
+        assert isinstance(first, GrammarReady) and not first.cached
+        assert isinstance(second, StepResult) and second.output.step_id == 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_the_executor_times_a_compile_out_and_caches_it_when_it_ends(monkeypatch):

@@ -16,7 +16,9 @@ from xgrammar.testing import _is_grammar_accept_string
 from api.errors import ApiError
 from api.json_schema_check import ANNOTATIONS, ENFORCED, FORMATS
 from api.structured_outputs import json_schema_grammar
+from api.tool_parsers import FunctionTool, get_tool_parser
 from model_runner.grammar_cache import grammar_of
+from model_runner.sampling_params import GrammarSpec
 
 OBJ_A = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
 CASES = [
@@ -122,3 +124,16 @@ def test_what_xgrammar_would_loosen_is_refused(schema):
     with pytest.raises(ApiError) as info:
         json_schema_grammar(schema, "response_format")
     assert info.value.status == 400 and info.value.code == "unsupported_schema_keyword"
+
+
+def test_forced_tool_arguments_keep_length_bounded_strings_json():
+    tool = FunctionTool("note", {"type": "object", "properties": {
+        "text": {"type": "string", "maxLength": 8}}, "required": ["text"]})  # fmt: skip
+    fmt = get_tool_parser("hermes").forced_calls_format([tool], at_most_one=True)
+    spec = GrammarSpec(kind="structural_tag", spec=json.dumps({"type": "structural_tag",
+                                                               "format": fmt}))  # fmt: skip
+    compiled = grammar_of(spec)
+    call = '<tool_call>\n{"name": "note", "arguments": {"text": "%s"}}\n</tool_call>'
+    assert _is_grammar_accept_string(compiled, call % "a b")
+    assert not _is_grammar_accept_string(compiled, call % "a\tb")
+    assert not _is_grammar_accept_string(compiled, call % "123456789")
