@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
@@ -30,6 +32,7 @@ from model_runner.sampling_params import GrammarSpec
 log = logging.getLogger(__name__)
 
 GRAMMAR_COMPILE_WORKERS = 2
+GRAMMAR_COMPILE_NICENESS = int(os.environ.get("TOKENMILL_COMPILE_NICE", "10"))
 
 
 class ExecutorActor(Actor):
@@ -49,7 +52,9 @@ class ExecutorActor(Actor):
         self.runner = None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-step")
         self.compile_pool = ThreadPoolExecutor(
-            max_workers=GRAMMAR_COMPILE_WORKERS, thread_name_prefix="grammar-compile"
+            max_workers=GRAMMAR_COMPILE_WORKERS,
+            thread_name_prefix="grammar-compile",
+            initializer=_lower_thread_priority,
         )
         self.compile_timeout = structured_outputs_timeout
         self.compiles: dict[str, asyncio.Task] = {}
@@ -140,6 +145,15 @@ class ExecutorActor(Actor):
                 stats=self.runner.grammars.stats(),
             )
         )
+
+
+def _lower_thread_priority() -> None:
+    """Compiles yield the CPU to the model step: a nicer thread (Linux niceness is per
+    thread), so decoding keeps its pace while a large grammar compiles."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), GRAMMAR_COMPILE_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not allowed: compile at normal priority
+        pass
 
 
 def _retrieve(future) -> None:
