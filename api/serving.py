@@ -29,8 +29,8 @@ from api.openai_protocol import (
 )
 from api.responses import ChatStreamer, CompletionStreamer, chat_response, completion_response
 from api.streaming import Accumulator, DeltaStream
-from api.structured_outputs import Constraint, check_with_xgrammar, structured_constraint
-from api.tools import ToolPlan, plan_tools
+from api.structured_outputs import checked_constraint, has_structured_fields, off_the_loop
+from api.tools import chat_constraints
 from api.validation import (
     Limits,
     chat_sampling_params,
@@ -99,16 +99,6 @@ async def sse_events(
     yield b"data: [DONE]\n\n"
 
 
-def _one_constraint(structure: Constraint | None, tool_plan: ToolPlan) -> Constraint | None:
-    """A request has one grammar: structured output, or the forced tool call, not both."""
-    if structure is not None and tool_plan.forced is not None:
-        raise bad_request(
-            f"`{structure.param}` cannot be combined with a `tool_choice` that forces a call.",
-            structure.param,
-        )
-    return structure or tool_plan.forced
-
-
 def _usage_options(req) -> dict:
     opts = req.stream_options
     return {
@@ -159,11 +149,10 @@ class OpenAIServing:
     async def chat(self, body: bytes) -> Response:
         req = decode_body(body, ChatCompletionRequest)
         check_model(req.model, self.engine.model_name)
-        tool_plan = plan_tools(req, self.config.tool_config)
-        structure = structured_constraint(req)
-        constraint = _one_constraint(structure, tool_plan)
+        tool_plan, constraint = await off_the_loop(
+            has_structured_fields(req), chat_constraints, req, self.config.tool_config
+        )
         sampling = chat_sampling_params(req, self.limits, constraint and constraint.grammar)
-        await check_with_xgrammar([structure] if structure else tool_plan.grammar_checks)
         prompt = render_chat(
             self.engine.tokenizer,
             req.messages,
@@ -198,11 +187,9 @@ class OpenAIServing:
     async def completions(self, body: bytes) -> Response:
         req = decode_body(body, CompletionRequest)
         check_model(req.model, self.engine.model_name)
-        constraint = structured_constraint(req)
+        constraint = await off_the_loop(has_structured_fields(req), checked_constraint, req)
         sampling = completion_sampling_params(req, self.limits, constraint and constraint.grammar)
         prompts = completion_prompts(req, self.limits)
-        if constraint is not None:
-            await check_with_xgrammar([constraint])
         request_id = f"cmpl-{uuid.uuid4().hex}"
         iterators = [
             self.engine.generate(

@@ -3,8 +3,8 @@
 Accepted: OpenAI's `response_format` (`text`, `json_object`, `json_schema` with `strict`),
 vLLM's `structured_outputs` (`json`, `regex`, `choice`, `grammar`, `json_object`), and the
 older `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`. One constraint per
-request; every bad specification is a 400 naming its field. xgrammar's own check (does the
-schema, regex or grammar convert?) runs in `check_with_xgrammar`, off the event loop.
+request; every bad specification is a 400 naming its field, including what xgrammar itself
+refuses (`check_with_xgrammar`: does the schema, regex or grammar convert?).
 """
 
 from __future__ import annotations
@@ -199,29 +199,39 @@ def ebnf_literal(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-async def check_with_xgrammar(constraints: list[Constraint]) -> None:
+def check_with_xgrammar(constraints: list[Constraint]) -> None:
     """xgrammar must accept every spec, in order (a bad regex, EBNF or unsatisfiable schema
-    is a 400 naming its field).
-
-    NOTE: in a thread: converting a large schema or a many-tool grammar takes milliseconds
-    of C++ (which releases the GIL) that the event loop should not wait for.
-    """
-    if not constraints:
-        return
-    failure = await asyncio.to_thread(_first_failure, constraints)
-    if failure is not None:
-        constraint, error = failure
-        raise bad_request(
-            f"`{constraint.param}` cannot be compiled into a grammar: {error}",
-            constraint.param,
-            code="invalid_grammar",
-        )
-
-
-def _first_failure(constraints: list[Constraint]) -> tuple[Constraint, GrammarError] | None:
+    is a 400 naming its field)."""
     for constraint in constraints:
         try:
             grammar_of(constraint.grammar)
         except GrammarError as e:
-            return constraint, e
-    return None
+            raise bad_request(
+                f"`{constraint.param}` cannot be compiled into a grammar: {e}",
+                constraint.param,
+                code="invalid_grammar",
+            ) from None
+
+
+def checked_constraint(req) -> Constraint | None:
+    """The request's structured-output constraint, xgrammar's check passed."""
+    constraint = structured_constraint(req)
+    if constraint is not None:
+        check_with_xgrammar([constraint])
+    return constraint
+
+
+def has_structured_fields(req) -> bool:
+    """Whether checking the request means schema or grammar work (done off the loop)."""
+    return any(
+        getattr(req, name, None) is not None
+        for name in ("response_format", "structured_outputs", "guided_json", "guided_regex",
+                     "guided_choice", "guided_grammar", "tools")
+    )  # fmt: skip
+
+
+async def off_the_loop(has_work: bool, check, *args):
+    """Run a check in a thread when it has schema work (pure-Python JSON-schema validation
+    of many tools takes tens of milliseconds; xgrammar's conversions release the GIL), so
+    other requests' chunks keep streaming; inline otherwise."""
+    return await asyncio.to_thread(check, *args) if has_work else check(*args)

@@ -16,7 +16,7 @@ from typing import Any
 
 from api.errors import bad_request
 from api.json_schema_check import check_enforceable, check_schema, grammar_ready
-from api.structured_outputs import Constraint
+from api.structured_outputs import Constraint, check_with_xgrammar, structured_constraint
 from api.tool_parsers import FunctionTool, ToolParser, get_tool_parser
 from model_runner.sampling_params import GrammarSpec
 
@@ -162,3 +162,17 @@ def _named_choice(choice: Any, tools: list[FunctionTool]) -> int | None:
         if tool.name == name:
             return i
     raise bad_request(f"tool_choice names `{name}`, which is not in `tools`.", "tool_choice")
+
+
+def chat_constraints(req, config: ToolConfig) -> tuple[ToolPlan, Constraint | None]:
+    """The request's ToolPlan and its one grammar: structured output or the forced tool
+    call, not both; every spec checked, xgrammar's conversion included."""
+    plan = plan_tools(req, config)
+    structure = structured_constraint(req)
+    if structure is not None and plan.forced is not None:
+        raise bad_request(
+            f"`{structure.param}` cannot be combined with a `tool_choice` that forces a call.",
+            structure.param,
+        )
+    check_with_xgrammar([structure] if structure else plan.grammar_checks)
+    return plan, structure or plan.forced
