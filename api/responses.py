@@ -209,23 +209,12 @@ class ChatStreamer(_Streamer):
             return super().on_delta(src, delta)
         choice = self.acc.add(src, delta, keep=False)
         reader = self.readers[choice.index]
-        items = reader.feed(delta.text)
-        if delta.finish_reason is not None:
-            items += reader.finish()
-        deltas = [
-            d
-            for item in items
-            for d in (
-                [{"content": item}]
-                if isinstance(item, str)
-                else [{"tool_calls": [c]} for c in call_deltas(reader.calls.index(item), item)]
-            )
-        ]
-        if delta.logprobs and self.logprobs and not deltas:
-            deltas = [{"content": ""}]
+        bodies = _delta_bodies(reader, delta)
+        if delta.logprobs and self.logprobs and not bodies:
+            bodies = [{"content": ""}]
         usage = self.acc.usage() if self.continuous_usage else None
         chunks = []
-        for i, body in enumerate(deltas):
+        for i, body in enumerate(bodies):  # NOTE: the delta's logprobs ride on its first chunk
             lp = chat_logprobs(delta.logprobs or []) if self.logprobs and i == 0 else None
             part = {"index": choice.index, "delta": body, "logprobs": lp, "finish_reason": None}
             chunks.append(self.chunk([part], usage))
@@ -235,6 +224,21 @@ class ChatStreamer(_Streamer):
                    "stop_reason": delta.stop_reason}  # fmt: skip
             chunks.append(self.chunk([end], usage))
         return chunks
+
+
+def _delta_bodies(reader: ChoiceToolCalls, delta: TextDelta) -> list[dict]:
+    """The `delta` objects one engine delta makes: content pieces and tool-call deltas."""
+    items = reader.feed(delta.text)
+    if delta.finish_reason is not None:
+        items += reader.finish()
+    bodies = []
+    for item in items:
+        if isinstance(item, str):
+            bodies.append({"content": item})
+        else:
+            index = reader.calls.index(item)
+            bodies.extend({"tool_calls": [d]} for d in call_deltas(index, item))
+    return bodies
 
 
 class CompletionStreamer(_Streamer):

@@ -70,7 +70,6 @@ def plan_tools(req, config: ToolConfig) -> ToolPlan:
     tools = check_tools(req.tools)
     named = _named_choice(choice, tools)
     at_most_one = req.parallel_tool_calls is False
-    names = frozenset(t.name for t in tools)
     if choice == "none":
         prompt = None if config.exclude_tools_when_tool_choice_none else req.tools
         return ToolPlan(prompt_tools=prompt)
@@ -82,18 +81,27 @@ def plan_tools(req, config: ToolConfig) -> ToolPlan:
                 "tool_choice",
             )
         parser = get_tool_parser(config.tool_call_parser)
+        names = frozenset(t.name for t in tools)
         return ToolPlan(req.tools, parser, names, at_most_one=at_most_one)
+    return _forced_plan(req, config, tools, named, at_most_one)
+
+
+def _forced_plan(req, config: ToolConfig, tools: list[FunctionTool], named: int | None,
+                 at_most_one: bool) -> ToolPlan:  # fmt: skip
+    """`required` (named None) or a named function: the grammar of the calls, in the
+    format of the configured parser (hermes when none is), and its tools' schema checks."""
     parser = get_tool_parser(config.tool_call_parser or DEFAULT_FORCED_PARSER)
-    forced_tools = tools if named is None else [tools[named]]
+    indices = list(range(len(tools))) if named is None else [named]
     checks = []
-    for i in range(len(tools)) if named is None else [named]:
+    for i in indices:
         if tools[i].parameters is not None:
             check_enforceable(req.tools[i]["function"]["parameters"], _params(i), strict=False)
             schema = json.dumps(tools[i].parameters, ensure_ascii=False)
             checks.append(Constraint(GrammarSpec(kind="json_schema", spec=schema), _params(i)))
-    fmt = parser.forced_calls_format(forced_tools, at_most_one or named is not None)
+    fmt = parser.forced_calls_format([tools[i] for i in indices], at_most_one or named is not None)
     tag = json.dumps({"type": "structural_tag", "format": fmt}, ensure_ascii=False)
     forced = Constraint(GrammarSpec(kind="structural_tag", spec=tag), "tools")
+    names = frozenset(t.name for t in tools)
     return ToolPlan(req.tools, parser, names, forced, named is not None, at_most_one, tuple(checks))
 
 
