@@ -32,7 +32,6 @@ from model_runner.sampling_params import GrammarSpec
 log = logging.getLogger(__name__)
 
 GRAMMAR_COMPILE_WORKERS = 2
-GRAMMAR_COMPILE_NICENESS = int(os.environ.get("TOKENMILL_COMPILE_NICE", "10"))
 
 
 class ExecutorActor(Actor):
@@ -45,7 +44,11 @@ class ExecutorActor(Actor):
     name = "executor"
 
     def __init__(
-        self, transport: Transport, runner_factory, structured_outputs_timeout: float = 10.0
+        self,
+        transport: Transport,
+        runner_factory,
+        structured_outputs_timeout: float = 10.0,
+        compile_niceness: int = 5,
     ) -> None:
         super().__init__(transport)
         self.runner_factory = runner_factory
@@ -55,6 +58,7 @@ class ExecutorActor(Actor):
             max_workers=GRAMMAR_COMPILE_WORKERS,
             thread_name_prefix="grammar-compile",
             initializer=_lower_thread_priority,
+            initargs=(compile_niceness,),
         )
         self.compile_timeout = structured_outputs_timeout
         self.compiles: dict[str, asyncio.Task] = {}
@@ -147,11 +151,16 @@ class ExecutorActor(Actor):
         )
 
 
-def _lower_thread_priority() -> None:
+def _lower_thread_priority(niceness: int) -> None:
     """Compiles yield the CPU to the model step: a nicer thread (Linux niceness is per
-    thread), so decoding keeps its pace while a large grammar compiles."""
+    thread), so decoding keeps its pace while a large grammar compiles.
+
+    NOTE: EngineConfig.grammar_compile_niceness, 5 by default: on a shared 2-core machine,
+    10 starved a 64-tool compile past the 10 s timeout; at 5 the scheduler's weights give a
+    compile about a quarter of a core while both cores decode.
+    """
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), GRAMMAR_COMPILE_NICENESS)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
     except (AttributeError, OSError):  # not Linux, or not allowed: compile at normal priority
         pass
 

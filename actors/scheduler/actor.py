@@ -48,6 +48,7 @@ class SchedulerActor(Actor):
         self.compiling: dict[str, TokenizedRequest] = {}  # waiting for their grammar
         self.releases: list[str] = []  # grammars to unpin, sent with the next plan
         self.grammar_stats: GrammarCacheStats | None = None
+        self.grammar_stats_changed = False
         self.executor = transport.outbox("executor")
         self.detokenizer = transport.outbox("detokenizer")
         self.api = transport.outbox("api")
@@ -68,11 +69,11 @@ class SchedulerActor(Actor):
                 self.step_in_flight = False
                 self.emit(self.policy.fail_step(step_id))
             case GrammarReady(request_id=rid, stats=stats):
-                self.grammar_stats = stats
+                self.grammar_stats, self.grammar_stats_changed = stats, True
                 if (req := self.compiling.pop(rid, None)) is not None:
                     self.enqueue(req)
             case GrammarFailed(request_id=rid, stats=stats):
-                self.grammar_stats = stats
+                self.grammar_stats, self.grammar_stats_changed = stats, True
                 if self.compiling.pop(rid, None) is not None:
                     self.refuse(rid, AdmissionError(msg.status, msg.message, code=msg.code))
             case ExecutorReady():
@@ -163,6 +164,8 @@ class SchedulerActor(Actor):
             self.executor.send(ReleaseGrammars(request_ids=self.releases))
             self.releases = []
         if self.step_in_flight:
+            if self.grammar_stats_changed:  # NOTE: compile counters need not wait for a step
+                self.send_stats()
             return
         step = self.policy.schedule()
         # NOTE: after schedule(): it may itself finish a sequence that can never grow.
@@ -170,7 +173,11 @@ class SchedulerActor(Actor):
         if step is not None:
             self.executor.send(StepPlan(step=step))
             self.step_in_flight = True
+        self.send_stats()
+
+    def send_stats(self) -> None:
         stats = self.policy.stats()
         if self.grammar_stats is not None:
             stats = msgspec.structs.replace(stats, grammar=self.grammar_stats)
         self.api.send(stats)
+        self.grammar_stats_changed = False
