@@ -1,34 +1,68 @@
-"""The executor actor: owns the model runner (and the GPU); one step at a time."""
+"""The executor actor: owns the model runner (and the GPU); one step at a time.
+
+The step runs in a worker thread of its own and grammars compile in a pool beside it; the
+actor loop keeps reading its inbox while both run.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 
 from actors.actor import Actor
-from actors.protocol import ExecutorReady, StepFailed, StepPlan, StepResult
+from actors.protocol import (
+    CompileGrammar,
+    ExecutorReady,
+    GrammarFailed,
+    GrammarReady,
+    ReleaseGrammars,
+    StepFailed,
+    StepPlan,
+    StepResult,
+)
 from actors.transport import Transport
+from model_runner.grammar_cache import GrammarError
+from model_runner.sampling_params import GrammarSpec
 
 log = logging.getLogger(__name__)
+
+GRAMMAR_COMPILE_WORKERS = 2
 
 
 class ExecutorActor(Actor):
     """Loads the model in `start`, then runs each StepPlan in a dedicated worker thread.
 
     NOTE: the step runs off the event loop so heartbeats and messages keep flowing; torch
-    releases the GIL inside its kernels.
+    releases the GIL inside its kernels, xgrammar inside its compiles.
     """
 
     name = "executor"
 
-    def __init__(self, transport: Transport, runner_factory) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        runner_factory,
+        structured_outputs_timeout: float = 10.0,
+        compile_niceness: int = 5,
+    ) -> None:
         super().__init__(transport)
         self.runner_factory = runner_factory
         self.runner = None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-step")
+        self.compile_pool = ThreadPoolExecutor(
+            max_workers=GRAMMAR_COMPILE_WORKERS,
+            thread_name_prefix="grammar-compile",
+            initializer=_lower_thread_priority,
+            initargs=(compile_niceness,),
+        )
+        self.compile_timeout = structured_outputs_timeout
+        self.compiles: dict[str, asyncio.Task] = {}
+        self.step_task: asyncio.Task | None = None
         self.scheduler = transport.outbox("scheduler")
 
     async def start(self) -> None:
@@ -44,15 +78,98 @@ class ExecutorActor(Actor):
                 eos_token_ids=list(r.eos_token_ids),
             )
         )
+        warm_up = loop.run_in_executor(self.compile_pool, lambda: r.grammars.compiler)
+        warm_up.add_done_callback(_log_warm_up_failure)
 
     async def handle(self, msg: msgspec.Struct) -> None:
         match msg:
             case StepPlan(step=step):
-                loop = asyncio.get_running_loop()
-                try:
-                    output = await loop.run_in_executor(self.worker, self.runner.execute, step)
-                except Exception as e:
-                    log.exception("step %d failed", step.step_id)
-                    self.scheduler.send(StepFailed(step_id=step.step_id, message=repr(e)))
-                    return
-                self.scheduler.send(StepResult(output=output))
+                # NOTE: the scheduler keeps one step in flight; the inbox stays open meanwhile,
+                # so a CompileGrammar starts during a step, not after it.
+                self.step_task = asyncio.create_task(self.run_step(step))
+            case CompileGrammar(request_id=rid, grammar=spec):
+                self.compiles[rid] = asyncio.create_task(self.compile(rid, spec))
+            case ReleaseGrammars(request_ids=request_ids):
+                for rid in request_ids:
+                    if (task := self.compiles.pop(rid, None)) is not None:
+                        task.cancel()
+                    self.runner.grammars.unpin(rid)
+
+    async def run_step(self, step) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            output = await loop.run_in_executor(self.worker, self.runner.execute, step)
+        except Exception as e:
+            log.exception("step %d failed", step.step_id)
+            self.scheduler.send(StepFailed(step_id=step.step_id, message=repr(e)))
+            return
+        self.scheduler.send(StepResult(output=output))
+
+    async def compile(self, request_id: str, spec: GrammarSpec) -> None:
+        """Compile in the pool; answer GrammarReady (pinned) or GrammarFailed.
+
+        NOTE: a compile past the timeout fails its request but runs on in its thread (it
+        cannot be interrupted) and is cached when done; a released request gets no answer.
+        """
+        grammars = self.runner.grammars
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.compile_pool, grammars.compile, spec)
+        future.add_done_callback(_retrieve)  # NOTE: a compile nobody waits for may still fail
+        try:
+            _, cached = await asyncio.wait_for(asyncio.shield(future), self.compile_timeout)
+        except asyncio.TimeoutError:
+            self._fail(
+                request_id,
+                400,
+                f"The grammar did not compile within {self.compile_timeout:g} s "
+                "(--structured-outputs-timeout).",
+                "grammar_compile_timeout",
+            )
+        except GrammarError as e:
+            self._fail(request_id, 400, f"Invalid grammar: {e}", "invalid_grammar")
+        except Exception as e:  # the compiler itself could not be built (no tokenizer, ...)
+            log.exception("grammar compile failed")
+            self._fail(request_id, 500, f"Structured output is unavailable: {e!r}", "grammar")
+        else:
+            grammars.pin(request_id, spec)
+            self.scheduler.send(
+                GrammarReady(request_id=request_id, cached=cached, stats=grammars.stats())
+            )
+        finally:
+            if self.compiles.get(request_id) is asyncio.current_task():
+                del self.compiles[request_id]
+
+    def _fail(self, request_id: str, status: int, message: str, code: str) -> None:
+        self.scheduler.send(
+            GrammarFailed(
+                request_id=request_id,
+                status=status,
+                message=message,
+                code=code,
+                stats=self.runner.grammars.stats(),
+            )
+        )
+
+
+def _lower_thread_priority(niceness: int) -> None:
+    """Compiles yield the CPU to the model step: a nicer thread (Linux niceness is per
+    thread), so decoding keeps its pace while a large grammar compiles.
+
+    NOTE: EngineConfig.grammar_compile_niceness, 5 by default: on a shared 2-core machine,
+    10 starved a 64-tool compile past the 10 s timeout; at 5 the scheduler's weights give a
+    compile about a quarter of a core while both cores decode.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):  # not Linux, or not allowed: compile at normal priority
+        pass
+
+
+def _retrieve(future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _log_warm_up_failure(future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("grammar compiler not built at start: %r", future.exception())

@@ -12,7 +12,8 @@ from typing import Union
 
 import msgspec
 
-from model_runner.sampling_params import SamplingParams
+from model_runner.grammar_cache import GrammarCacheStats
+from model_runner.sampling_params import GrammarSpec, SamplingParams
 from model_runner.step_input import StepInput, StepOutput
 
 
@@ -84,6 +85,39 @@ class StepFailed(_Message, kw_only=True):
 
     step_id: int
     message: str
+
+
+class CompileGrammar(_Message, kw_only=True):
+    """Compile (or find cached) a request's grammar, off the step loop; the answer is a
+    GrammarReady or a GrammarFailed. The request waits for it without a slot."""
+
+    request_id: str
+    grammar: GrammarSpec
+
+
+class ReleaseGrammars(_Message, kw_only=True):
+    """These requests will start no more sequences: unpin their grammars (or stop waiting for
+    their compiles)."""
+
+    request_ids: list[str]
+
+
+class GrammarReady(_Message, kw_only=True):
+    """The request's grammar is compiled and pinned until its ReleaseGrammars."""
+
+    request_id: str
+    cached: bool
+    stats: GrammarCacheStats
+
+
+class GrammarFailed(_Message, kw_only=True):
+    """The grammar did not compile (a bad spec: 400, or past the timeout); nothing is pinned."""
+
+    request_id: str
+    status: int
+    message: str
+    code: str
+    stats: GrammarCacheStats
 
 
 # --- scheduler -> detokenizer -----------------------------------------------------------
@@ -167,6 +201,7 @@ class SchedulerStats(_Message, kw_only=True):
     prefix_cache_queries: int  # tokens, cumulative
     prefix_cache_hits: int  # tokens, cumulative
     num_preemptions: int
+    grammar: GrammarCacheStats | None = None  # the executor's, as of its last compile answer
 
 
 class EngineReady(_Message, kw_only=True):
@@ -194,9 +229,16 @@ class Heartbeat(_Message, kw_only=True):
 ApiInbox = Union[TextDeltas, RequestError, SchedulerStats, EngineReady, PrefixCacheReset]
 TokenizerInbox = Union[GenerateRequest]
 SchedulerInbox = Union[
-    TokenizedRequest, Abort, ResetPrefixCache, ExecutorReady, StepResult, StepFailed
+    TokenizedRequest,
+    Abort,
+    ResetPrefixCache,
+    ExecutorReady,
+    StepResult,
+    StepFailed,
+    GrammarReady,
+    GrammarFailed,
 ]
-ExecutorInbox = Union[StepPlan]
+ExecutorInbox = Union[StepPlan, CompileGrammar, ReleaseGrammars]
 DetokenizerInbox = Union[StepTokens]
 SupervisorInbox = Union[Heartbeat]
 

@@ -59,5 +59,10 @@ def build_actor(name: str, transport: Transport, config) -> Actor:
 
             return ModelRunner(config)
 
-        return ExecutorActor(transport, make_runner)
+        return ExecutorActor(
+            transport,
+            make_runner,
+            config.structured_outputs_timeout,
+            config.grammar_compile_niceness,
+        )
     raise ValueError(f"unknown actor {name!r}")

@@ -1,12 +1,23 @@
-"""Chat messages -> one prompt string, through the tokenizer's own chat template.
+"""Chat messages -> one prompt string, through a chat template.
 
+The template is `--chat-template FILE` when given, else the tokenizer's own; a request that
+uses tools (in `tools` or in its history) on a model whose template has no tool support
+gets the bundled hermes template (`api/templates/hermes.jinja`), whose `<tool_call>` format
+the hermes parser and the forced-call grammar share.
 The rendered prompt already holds the template's special tokens, so the engine gets it with
 `add_special_tokens=False` (the request's `add_special_tokens`, default False for chat).
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
 from typing import Any
+
+import jinja2
+import jinja2.meta
 
 from api.errors import bad_request
 from api.openai_protocol import ChatMessage
@@ -55,10 +66,15 @@ def message_text(content: str | list[dict[str, Any]] | None, param: str) -> str 
 
 
 def conversation(messages: list[ChatMessage] | None) -> list[dict[str, Any]]:
-    """Validated messages as the plain dicts that chat templates read."""
+    """Validated messages as the plain dicts that chat templates read.
+
+    Assistant `tool_calls` arguments arrive as OpenAI's JSON string or as an object; the
+    templates get an object. A `tool` message must answer an earlier call's id.
+    """
     if not messages:
         raise bad_request("`messages` must be a non-empty list.", "messages")
     out = []
+    call_ids: set[str] = set()
     for i, msg in enumerate(messages):
         if msg.role not in ROLES:
             raise bad_request(
@@ -73,11 +89,84 @@ def conversation(messages: list[ChatMessage] | None) -> list[dict[str, Any]]:
             raise bad_request("A message needs `content`.", f"messages[{i}].content")
         if item["content"] is None:
             item["content"] = ""
-        for key in ("name", "tool_calls", "tool_call_id"):
+        for key in ("name", "tool_call_id"):
             if (value := getattr(msg, key)) is not None:
                 item[key] = value
+        if msg.tool_calls:
+            item["tool_calls"] = _tool_calls(msg.tool_calls, f"messages[{i}].tool_calls")
+            call_ids.update(call["id"] for call in item["tool_calls"])
+        if msg.role == "tool" and msg.tool_call_id not in call_ids:
+            raise bad_request(
+                "A `tool` message needs the `tool_call_id` of an earlier assistant tool call.",
+                f"messages[{i}].tool_call_id",
+            )
         out.append(item)
     return out
+
+
+def _tool_calls(calls: list[dict[str, Any]], param: str) -> list[dict[str, Any]]:
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function")
+        if not isinstance(call.get("id"), str) or not isinstance(fn, dict):
+            raise bad_request("A tool call needs an `id` and a `function`.", f"{param}[{j}]")
+        if not isinstance(fn.get("name"), str):
+            raise bad_request("A tool call needs a function `name`.", f"{param}[{j}].function.name")
+        arguments = fn.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                arguments = None
+        if not isinstance(arguments, dict):
+            raise bad_request(
+                "Tool call arguments must be a JSON object (or its text).",
+                f"{param}[{j}].function.arguments",
+            )
+        out.append({**call, "type": "function", "function": {**fn, "arguments": arguments}})
+    return out
+
+
+def uses_tools(messages: list[ChatMessage] | None, tools: list | None) -> bool:
+    """Whether rendering needs a template with tool support."""
+    return bool(tools) or any(m.role == "tool" or m.tool_calls for m in messages or ())
+
+
+def bundled_template(name: str) -> str:
+    return resources.files("api").joinpath("templates", f"{name}.jinja").read_text()
+
+
+def template_supports_tools(template: str | None) -> bool:
+    """Whether a Jinja chat template reads the `tools` variable at all."""
+    if not template:
+        return False
+    try:
+        ast = jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError:
+        return False
+    return "tools" in jinja2.meta.find_undeclared_variables(ast)
+
+
+@dataclass(frozen=True)
+class ChatTemplates:
+    """Which template renders a chat: `override` (--chat-template), or the tokenizer's own,
+    or the bundled hermes template when tools are in play and the model's cannot show them."""
+
+    tokenizer: Any
+    override: str | None = None
+    hermes: str = field(default_factory=lambda: bundled_template("hermes"))
+
+    @cached_property
+    def model_supports_tools(self) -> bool:
+        return template_supports_tools(getattr(self.tokenizer, "chat_template", None))
+
+    def pick(self, with_tools: bool) -> str | None:
+        """The template text to render with (None: the tokenizer's own)."""
+        if self.override is not None:
+            return self.override
+        if with_tools and not self.model_supports_tools:
+            return self.hermes
+        return None
 
 
 def render_chat(
@@ -89,21 +178,24 @@ def render_chat(
     tools: list[dict[str, Any]] | None = None,
     documents: list[dict[str, Any]] | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
+    template: str | None = None,
 ) -> str:
-    """Render a chat with the tokenizer's template; a template error is a 400 on `messages`."""
+    """Render a chat with `template` (None: the tokenizer's own); a template error is a 400
+    on `messages`."""
     conv = conversation(messages)
     extra = dict(chat_template_kwargs or {})
     if reserved := sorted(RESERVED_TEMPLATE_KWARGS.intersection(extra)):
         raise bad_request(
             f"chat_template_kwargs may not set {', '.join(reserved)}.", "chat_template_kwargs"
         )
-    if getattr(tokenizer, "chat_template", None) is None:
+    if template is None and getattr(tokenizer, "chat_template", None) is None:
         raise bad_request("This model has no chat template; use /v1/completions.", "messages")
     try:
         prompt = tokenizer.apply_chat_template(
             conv,
             tools=tools,
             documents=documents,
+            chat_template=template,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,

@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=None, help="same as MODEL")
     _add_server_args(serve)
     _add_engine_args(serve)
+    _add_tool_args(serve)
     return parser
 
 
@@ -116,6 +117,84 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-config-path", default=None, help="config for --load-format dummy")
 
 
+def _add_tool_args(p: argparse.ArgumentParser) -> None:
+    """Tool calling and structured output (vLLM's flag names)."""
+    p.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let the model decide when to call tools (tool_choice "auto"); needs '
+        "--tool-call-parser",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        default=None,
+        metavar="NAME",
+        help="how tool calls are read from the output: hermes, llama3_json, or a plugin's",
+    )
+    p.add_argument(
+        "--tool-parser-plugin",
+        default=None,
+        metavar="FILE",
+        help="a Python file that registers more tool parsers (@register_tool_parser)",
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template that replaces the model's own",
+    )
+    p.add_argument(
+        "--exclude-tools-when-tool-choice-none",
+        action="store_true",
+        help='leave the tools out of the prompt when tool_choice is "none"',
+    )
+    p.add_argument(
+        "--structured-outputs-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a grammar may take to compile before its request fails with a 400",
+    )
+
+
+def startup_error(message: str) -> None:
+    """A start-up error the user can fix: one line on stderr, exit status 2."""
+    print(f"tokenmill: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def tool_config(args: argparse.Namespace):
+    """The ToolConfig of the tool flags; loads the plugin first, so its parsers resolve."""
+    from api.tool_parsers import get_tool_parser, load_tool_parser_plugin
+    from api.tools import ToolConfig
+
+    if args.tool_parser_plugin:
+        try:
+            load_tool_parser_plugin(args.tool_parser_plugin)
+        except Exception as e:  # the plugin is the user's code: any error is theirs
+            startup_error(f"--tool-parser-plugin {args.tool_parser_plugin}: {e}")
+    if args.tool_call_parser:
+        try:
+            get_tool_parser(args.tool_call_parser)
+        except ValueError as e:
+            startup_error(f"--tool-call-parser: {e}")
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        startup_error("--enable-auto-tool-choice requires --tool-call-parser")
+    return ToolConfig(
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
+        exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
+    )
+
+
+def chat_template_text(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return open(path, encoding="utf-8").read()
+    except OSError as e:
+        startup_error(f"--chat-template {path}: {e.strerror or e}")
+
+
 def engine_config(args: argparse.Namespace):
     """The frozen EngineConfig of parsed `serve` arguments."""
     from model_runner.config import EngineConfig
@@ -145,6 +224,7 @@ def engine_config(args: argparse.Namespace):
         served_model_name=args.served_model_name,
         max_waiting=args.max_waiting,
         hf_config_path=args.hf_config_path,
+        structured_outputs_timeout=args.structured_outputs_timeout,
     )
 
 
@@ -166,7 +246,12 @@ def server_config(args: argparse.Namespace):
     from api.server import ServerConfig
 
     return ServerConfig(
-        host=args.host, port=args.port, api_key=args.api_key or None, max_logprobs=args.max_logprobs
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or None,
+        max_logprobs=args.max_logprobs,
+        tool_config=tool_config(args),
+        chat_template=chat_template_text(args.chat_template),
     )
 
 

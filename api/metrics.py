@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from actors.protocol import TextDelta
 from api.streaming import Accumulator
+from model_runner.grammar_cache import GrammarCacheStats
 
 PREFIX = "tokenmill:"
 TTFT_BUCKETS = (
@@ -134,6 +135,22 @@ class EngineStatsCollector:
         )
         yield counter(
             "num_preemptions", "Preemptions by recompute.", stats.num_preemptions if stats else 0
+        )
+        grammar = stats.grammar if stats and stats.grammar else GrammarCacheStats()
+        yield counter(
+            "grammar_compiles", "Grammars compiled (cache misses, failures included).",
+            grammar.compiles,
+        )  # fmt: skip
+        yield counter(
+            "grammar_compile_seconds", "Seconds spent compiling grammars.",
+            grammar.compile_seconds,
+        )  # fmt: skip
+        yield counter(
+            "grammar_cache_hits", "Grammar requests served from the compiled-grammar cache.",
+            grammar.cache_hits,
+        )  # fmt: skip
+        yield gauge(
+            "grammar_cache_bytes", "Memory of the cached compiled grammars.", grammar.cache_bytes
         )
 
 

@@ -62,7 +62,15 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     prompt_logprobs: int | None = None
     cache_salt: str | None = None
     priority: int = 0
+    # structured output: OpenAI's, vLLM's, and vLLM's older guided_* fields
     response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # accepted and ignored: always xgrammar
+    guided_whitespace_pattern: str | None = None
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from actors.protocol import TextDelta, TokenLogprob
 from api.streaming import Accumulator, Choice
+from api.tool_calls import ChoiceToolCalls, call_deltas, read_tool_calls
+from api.tools import NO_TOOLS, ToolPlan
 
 # --- logprobs ---------------------------------------------------------------------------
 
@@ -44,31 +46,41 @@ def completion_logprobs(items: list[TokenLogprob], offset: int = 0) -> dict:
 
 
 def chat_response(
-    request_id: str, created: int, model: str, acc: Accumulator, logprobs: bool
+    request_id: str,
+    created: int,
+    model: str,
+    acc: Accumulator,
+    logprobs: bool,
+    tool_plan: ToolPlan = NO_TOOLS,
 ) -> dict:
     return {
         "id": request_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [
-            {
-                "index": c.index,
-                "message": {
-                    "role": "assistant",
-                    "content": c.text,
-                    "refusal": None,
-                    "tool_calls": [],
-                },
-                "logprobs": chat_logprobs(c.logprobs) if logprobs else None,
-                "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason,
-            }
-            for c in acc.choices
-        ],
+        "choices": [_chat_choice(c, logprobs, tool_plan) for c in acc.choices],
         "usage": acc.usage(),
         "system_fingerprint": None,
         "prompt_logprobs": None,
+    }
+
+
+def _chat_choice(c: Choice, logprobs: bool, tool_plan: ToolPlan) -> dict:
+    content, calls, finish_reason = c.text, [], c.finish_reason
+    if tool_plan.parser is not None:
+        content, calls, reader = read_tool_calls(tool_plan, c.text)
+        finish_reason = reader.finish_reason(c.finish_reason)
+    return {
+        "index": c.index,
+        "message": {
+            "role": "assistant",
+            "content": content,
+            "refusal": None,
+            "tool_calls": calls,
+        },
+        "logprobs": chat_logprobs(c.logprobs) if logprobs else None,
+        "finish_reason": finish_reason,
+        "stop_reason": c.stop_reason,
     }
 
 
@@ -161,7 +173,15 @@ class _Streamer:
 
 
 class ChatStreamer(_Streamer):
+    """Chat chunks; with a tool parser, `delta.tool_calls` as each call completes."""
+
     object_name = "chat.completion.chunk"
+
+    def __init__(self, *args, tool_plan: ToolPlan = NO_TOOLS, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.readers = None
+        if tool_plan.parser is not None:
+            self.readers = [ChoiceToolCalls(tool_plan) for _ in self.acc.choices]
 
     def start(self) -> list[dict]:
         """First chunk of every choice: the assistant role and empty content."""
@@ -183,6 +203,42 @@ class ChatStreamer(_Streamer):
         if delta.finish_reason is not None:
             out["stop_reason"] = delta.stop_reason
         return out
+
+    def on_delta(self, src: int, delta: TextDelta) -> list[dict]:
+        if self.readers is None:
+            return super().on_delta(src, delta)
+        choice = self.acc.add(src, delta, keep=False)
+        reader = self.readers[choice.index]
+        bodies = _delta_bodies(reader, delta)
+        if delta.logprobs and self.logprobs and not bodies:
+            bodies = [{"content": ""}]
+        usage = self.acc.usage() if self.continuous_usage else None
+        chunks = []
+        for i, body in enumerate(bodies):  # NOTE: the delta's logprobs ride on its first chunk
+            lp = chat_logprobs(delta.logprobs or []) if self.logprobs and i == 0 else None
+            part = {"index": choice.index, "delta": body, "logprobs": lp, "finish_reason": None}
+            chunks.append(self.chunk([part], usage))
+        if delta.finish_reason is not None:
+            end = {"index": choice.index, "delta": {}, "logprobs": None,
+                   "finish_reason": reader.finish_reason(delta.finish_reason),
+                   "stop_reason": delta.stop_reason}  # fmt: skip
+            chunks.append(self.chunk([end], usage))
+        return chunks
+
+
+def _delta_bodies(reader: ChoiceToolCalls, delta: TextDelta) -> list[dict]:
+    """The `delta` objects one engine delta makes: content pieces and tool-call deltas."""
+    items = reader.feed(delta.text)
+    if delta.finish_reason is not None:
+        items += reader.finish()
+    bodies = []
+    for item in items:
+        if isinstance(item, str):
+            bodies.append({"content": item})
+        else:
+            index = reader.calls.index(item)
+            bodies.extend({"tool_calls": [d]} for d in call_deltas(index, item))
+    return bodies
 
 
 class CompletionStreamer(_Streamer):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Quart, Response, request
@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 from api.errors import ApiError, error_body
 from api.metrics import ServingMetrics
 from api.serving import OpenAIServing, json_response
+from api.tools import ToolConfig
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,8 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """HTTP-side settings. `max_logprobs` mirrors the engine's `--max-logprobs`."""
+    """HTTP-side settings. `max_logprobs` mirrors the engine's `--max-logprobs`; the tool
+    flags and `--chat-template` act in the API process (templates, parsers)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -34,6 +36,8 @@ class ServerConfig:
     max_n: int = 128
     max_stop: int = 16
     max_prompts: int = 256
+    tool_config: ToolConfig = field(default_factory=ToolConfig)
+    chat_template: str | None = None  # --chat-template: the file's text
 
 
 def tokenmill_version() -> str:

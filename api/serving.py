@@ -18,7 +18,7 @@ import msgspec
 from quart import Response
 from quart.wrappers.response import ResponseBody
 
-from api.chat_template import render_chat
+from api.chat_template import ChatTemplates, render_chat, uses_tools
 from api.errors import ApiError, bad_request, error_body
 from api.metrics import RequestTracker, ServingMetrics
 from api.openai_protocol import (
@@ -29,6 +29,8 @@ from api.openai_protocol import (
 )
 from api.responses import ChatStreamer, CompletionStreamer, chat_response, completion_response
 from api.streaming import Accumulator, DeltaStream
+from api.structured_outputs import checked_constraint, has_structured_fields, off_the_loop
+from api.tools import chat_constraints
 from api.validation import (
     Limits,
     chat_sampling_params,
@@ -114,6 +116,7 @@ class OpenAIServing:
         self.metrics = metrics
         self.created = int(time.time())
         self._limits: Limits | None = None
+        self.templates = ChatTemplates(engine.tokenizer, config.chat_template)
 
     @property
     def limits(self) -> Limits:
@@ -146,15 +149,19 @@ class OpenAIServing:
     async def chat(self, body: bytes) -> Response:
         req = decode_body(body, ChatCompletionRequest)
         check_model(req.model, self.engine.model_name)
-        sampling = chat_sampling_params(req, self.limits)
+        tool_plan, constraint = await off_the_loop(
+            has_structured_fields(req), chat_constraints, req, self.config.tool_config
+        )
+        sampling = chat_sampling_params(req, self.limits, constraint and constraint.grammar)
         prompt = render_chat(
             self.engine.tokenizer,
             req.messages,
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
-            tools=req.tools,
+            tools=tool_plan.prompt_tools,
             documents=req.documents,
             chat_template_kwargs=req.chat_template_kwargs,
+            template=self.templates.pick(uses_tools(req.messages, tool_plan.prompt_tools)),
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         it = self.engine.generate(
@@ -168,16 +175,20 @@ class OpenAIServing:
         created, model = int(time.time()), self.engine.model_name
         if req.stream:
             streamer = ChatStreamer(
-                request_id, created, model, acc, logprobs=req.logprobs, **_usage_options(req)
-            )
+                request_id, created, model, acc, logprobs=req.logprobs, tool_plan=tool_plan,
+                **_usage_options(req),
+            )  # fmt: skip
             return await self._stream([it], streamer)
         await self._collect([it], acc)
-        return json_response(chat_response(request_id, created, model, acc, req.logprobs))
+        return json_response(
+            chat_response(request_id, created, model, acc, req.logprobs, tool_plan)
+        )
 
     async def completions(self, body: bytes) -> Response:
         req = decode_body(body, CompletionRequest)
         check_model(req.model, self.engine.model_name)
-        sampling = completion_sampling_params(req, self.limits)
+        constraint = await off_the_loop(has_structured_fields(req), checked_constraint, req)
+        sampling = completion_sampling_params(req, self.limits, constraint and constraint.grammar)
         prompts = completion_prompts(req, self.limits)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         iterators = [
@@ -241,6 +252,7 @@ class OpenAIServing:
                 continue_final_message=req.continue_final_message,
                 tools=req.tools,
                 chat_template_kwargs=req.chat_template_kwargs,
+                template=self.templates.pick(uses_tools(req.messages, req.tools)),
             )
             special = bool(req.add_special_tokens)
         else:

@@ -10,6 +10,12 @@ Limits (documented choices where OpenAI and vLLM differ):
   text prompts are tokenized by the engine's tokenizer actor, which refuses an overlong one
   with a 400 before the first delta (an `EngineRequestError`). A `max_tokens` that leaves no
   room for even one prompt token is refused here.
+- Tools: at most 128 per request (OpenAI's limit), names of 1-64 letters, digits, `_`, `-`
+  (`api.tools`). JSON schemas (tool parameters, response_format, guided_json): at most
+  64 KiB of JSON and 32 levels of nesting each (`api.json_schema_check`); a regex or EBNF
+  grammar at most 64 Ki characters, a choice list at most 1024 strings
+  (`api.structured_outputs`). A grammar compile slower than --structured-outputs-timeout
+  (10 s) is refused by the engine with a 400.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import msgspec
 
 from api.errors import ApiError, bad_request
 from api.openai_protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
-from model_runner.sampling_params import SamplingParams
+from model_runner.sampling_params import GrammarSpec, SamplingParams
 
 T = TypeVar("T")
 
@@ -110,7 +116,9 @@ def check_prompt_fits(num_prompt_tokens: int, max_tokens: int | None, limits: Li
 # --- request -> SamplingParams ----------------------------------------------------------
 
 
-def chat_sampling_params(req: ChatCompletionRequest, limits: Limits) -> SamplingParams:
+def chat_sampling_params(
+    req: ChatCompletionRequest, limits: Limits, grammar: GrammarSpec | None = None
+) -> SamplingParams:
     """SamplingParams of a chat request (max_completion_tokens wins over max_tokens)."""
     if req.top_logprobs is not None and req.top_logprobs > 0 and not req.logprobs:
         raise bad_request(
@@ -127,28 +135,32 @@ def chat_sampling_params(req: ChatCompletionRequest, limits: Limits) -> Sampling
         )
     if req.echo:
         raise bad_request("`echo` is not supported for chat completions.", "echo")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise bad_request("Only tool_choice `none` and `auto` are supported.", "tool_choice")
     max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = (
         req.max_completion_tokens if max_param == "max_completion_tokens" else req.max_tokens
     )
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = _build(req, max_tokens, logprobs, limits)
+    params = _build(req, max_tokens, logprobs, limits, grammar)
     verify_sampling_params(params, limits, {"max_tokens": max_param, "logprobs": "top_logprobs"})
     return params
 
 
-def completion_sampling_params(req: CompletionRequest, limits: Limits) -> SamplingParams:
+def completion_sampling_params(
+    req: CompletionRequest, limits: Limits, grammar: GrammarSpec | None = None
+) -> SamplingParams:
     if req.suffix is not None:
         raise bad_request("`suffix` is not supported.", "suffix")
-    params = _build(req, req.max_tokens, req.logprobs, limits)
+    params = _build(req, req.max_tokens, req.logprobs, limits, grammar)
     verify_sampling_params(params, limits)
     return params
 
 
 def _build(
-    req: _SamplingFields, max_tokens: int | None, logprobs: int | None, limits: Limits
+    req: _SamplingFields,
+    max_tokens: int | None,
+    logprobs: int | None,
+    limits: Limits,
+    grammar: GrammarSpec | None,
 ) -> SamplingParams:
     _check_unsupported(req)
     return SamplingParams(
@@ -170,6 +182,7 @@ def _build(
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        grammar=grammar,
     )
 
 
@@ -185,8 +198,6 @@ def _check_unsupported(req: _SamplingFields) -> None:
         raise bad_request("`truncate_prompt_tokens` is not supported.", "truncate_prompt_tokens")
     if req.priority != 0:
         raise bad_request("Priority scheduling is not enabled.", "priority")
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise bad_request("Only response_format type `text` is supported.", "response_format")
     if req.stream_options is not None and not req.stream:
         raise bad_request(
             "Stream options can only be defined when `stream=True`.", "stream_options"

@@ -40,6 +40,7 @@ class RequestResult:
     output_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    stamps: list[float] = field(default_factory=list)  # perf_counter of each output chunk
 
 
 def build_payloads(args: argparse.Namespace, model: str, level: int) -> list[dict]:
@@ -121,6 +122,7 @@ async def send_one(client: httpx.AsyncClient, url: str, body: dict) -> RequestRe
         prompt_tokens=usage.get("prompt_tokens", 0),
         output_tokens=usage.get("completion_tokens", len(stamps)),
         cached_tokens=details.get("cached_tokens") or 0,
+        stamps=stamps,
     )
 
 

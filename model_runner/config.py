@@ -47,6 +47,9 @@ class EngineConfig:
     served_model_name: str | None = None
     max_waiting: int = 1024  # waiting-queue bound: beyond it, 503 + Retry-After
     hf_config_path: str | None = None  # for load_format=dummy: a config.json path or folder
+    structured_outputs_timeout: float = 10.0  # seconds a grammar may compile before a 400
+    grammar_cache_mib: int = 512  # compiled grammars kept for reuse (pinned ones beyond it)
+    grammar_compile_niceness: int = 5  # Linux niceness of the compile threads (0: as the step)
 
 
 DEFAULT_CPU_KV_CACHE_GIB = 2.0

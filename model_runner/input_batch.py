@@ -6,11 +6,13 @@ Python lists and one `torch.tensor` call per tensor, never per-token tensor ops.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from model_runner.attention import AttentionMetadata, per_sequence_views
+from model_runner.grammar import SequenceGrammar
 from model_runner.sampling_params import SamplingParams
 from model_runner.step_input import NewSequence, StepInput
 
@@ -30,9 +32,10 @@ class SequenceState:
         "generator",
         "prompt_token_set",
         "output_counts",
+        "grammar",
     )
 
-    def __init__(self, new: NewSequence):
+    def __init__(self, new: NewSequence, grammar: SequenceGrammar | None = None):
         self.seq_id = new.seq_id
         self.token_ids: list[int] = list(new.token_ids)
         self.num_prompt_tokens = new.num_prompt_tokens
@@ -44,6 +47,7 @@ class SequenceState:
         self.generator: torch.Generator | None = None  # made on first seeded random draw
         self.prompt_token_set: frozenset[int] | None = None  # made when penalties need it
         self.output_counts: dict[int, int] | None = None  # made when penalties need it
+        self.grammar = grammar  # structured output: its matcher has seen every output token
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -54,6 +58,8 @@ class SequenceState:
         self.num_output_tokens += 1
         if self.output_counts is not None:
             self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
 
     def penalty_state(self) -> tuple[frozenset[int], dict[int, int]]:
         """(distinct prompt tokens, output token counts), built once, then kept up to date."""
@@ -77,12 +83,25 @@ class ModelInputs:
     sample_seqs: list[SequenceState]  # R sequences, in the order of logits_indices
 
 
-def apply_state_updates(seqs: dict[str, SequenceState], step: StepInput) -> None:
-    """Drop finished sequences, add new ones, and apply each chunk's block-table change."""
+GrammarFactory = Callable[[NewSequence], SequenceGrammar]
+
+
+def apply_state_updates(
+    seqs: dict[str, SequenceState], step: StepInput, make_grammar: GrammarFactory | None = None
+) -> None:
+    """Drop finished sequences, add new ones, and apply each chunk's block-table change.
+
+    A new sequence with `sampling.grammar` gets its matcher from `make_grammar`, which
+    replays the outputs it already has (a sequence re-sent after preemption).
+    """
     for seq_id in step.finished_seq_ids:
         seqs.pop(seq_id, None)
     for new in step.new_sequences:
-        seqs[new.seq_id] = SequenceState(new)
+        grammar = None
+        if new.sampling.grammar is not None:
+            assert make_grammar is not None, "a grammar sequence needs a grammar factory"
+            grammar = make_grammar(new)
+        seqs[new.seq_id] = SequenceState(new, grammar)
     for chunk in step.chunks:
         table = seqs[chunk.seq_id].block_table
         if chunk.block_table_start < len(table):

@@ -14,6 +14,8 @@ from model_runner.compiled_decode import CompiledDecode
 from model_runner.config import EngineConfig, resolve_device, resolve_dtype, resolve_max_model_len
 from model_runner.decode_context import DecodeContext
 from model_runner.gguf_loader import model_config_from_gguf, open_gguf
+from model_runner.grammar import SequenceGrammar
+from model_runner.grammar_cache import GrammarCache, hf_tokenizer_info
 from model_runner.input_batch import (
     SequenceState,
     apply_state_updates,
@@ -27,9 +29,15 @@ from model_runner.kv_cache import (
 )
 from model_runner.linear_plan import plan_linears
 from model_runner.loader import available_memory_bytes, load_model
-from model_runner.model_source import ModelConfig, ModelSource, model_config_from_hf, resolve_model
+from model_runner.model_source import (
+    ModelConfig,
+    ModelSource,
+    load_tokenizer,
+    model_config_from_hf,
+    resolve_model,
+)
 from model_runner.sampler import Sampler
-from model_runner.step_input import StepInput, StepOutput
+from model_runner.step_input import NewSequence, StepInput, StepOutput
 
 
 def load_model_config(source: ModelSource, gguf_reader=None) -> ModelConfig:
@@ -89,6 +97,18 @@ class ModelRunner:
         self.compiled = CompiledDecode.create(self.model, self.linear_plan, config)
         if self.compiled is not None and self.decode_context is not None:
             self.compiled.warm_up()
+        source, vocab, eos = self.source, self.vocab_size, self.eos_token_ids
+        self.grammars = GrammarCache(
+            lambda: hf_tokenizer_info(load_tokenizer(source), vocab, eos),
+            max_bytes=config.grammar_cache_mib * 1024 * 1024,
+        )
+
+    def _make_grammar(self, new: NewSequence) -> SequenceGrammar:
+        """A new sequence's matcher; it replays the outputs of a sequence re-sent after
+        preemption. NOTE: the executor compiled (and pinned) the grammar before the request
+        was scheduled, so this is a cache hit."""
+        compiled = self.grammars.get(new.sampling.grammar)
+        return SequenceGrammar(compiled, new.token_ids[new.num_prompt_tokens :])
 
     def _make_decode_context(self) -> DecodeContext | None:
         """CPU references only (Triton attends in the paged cache); budget: half the cache.
@@ -162,7 +182,7 @@ class ModelRunner:
     def execute(self, step: StepInput) -> StepOutput:
         """Apply the step's state changes, run the forward, sample, append the new tokens."""
         start = time.perf_counter()
-        apply_state_updates(self._seqs, step)
+        apply_state_updates(self._seqs, step, self._make_grammar)
         self.kv_cache.copy_blocks(step.block_copies)
         if not step.chunks:
             return StepOutput(step_id=step.step_id, execute_seconds=time.perf_counter() - start)

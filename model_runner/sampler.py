@@ -1,10 +1,13 @@
 """Turning the logits of the sampled rows into tokens, with vLLM's semantics.
 
-Order (as vLLM v1): raw logprobs (log_softmax of the model's logits) -> min_tokens mask ->
-logit_bias -> repetition/frequency/presence penalties -> greedy argmax, or temperature ->
-min_p -> top-k -> top-p -> a draw. A draw takes one uniform number per row; a seeded row
-takes it from its own generator, reseeded from (seed, output index) for every token, so
-its tokens depend neither on the rest of the batch nor on preemption.
+Order (as vLLM v1): raw logprobs (log_softmax of the model's logits) -> grammar bitmask ->
+min_tokens mask -> logit_bias -> repetition/frequency/presence penalties -> greedy argmax, or
+temperature -> min_p -> top-k -> top-p -> a draw. The grammar's -inf survives every later
+step, so stop strings, penalties and logprobs compose with it; logprobs stay the model's own
+(before the mask). A grammar that allows nothing but end-of-sequence wins over min_tokens.
+A draw takes one uniform number per row; a seeded row takes it from its own generator,
+reseeded from (seed, output index) for every token, so its tokens depend neither on the
+rest of the batch nor on preemption.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from model_runner.grammar import GrammarBitmask
 from model_runner.input_batch import SequenceState
 from model_runner.sampling_ops import (
     apply_min_p,
@@ -62,16 +66,20 @@ class Sampler:
         self.eos_token_ids = list(eos_token_ids)
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._bitmask = GrammarBitmask(vocab_size)
 
     def __call__(self, logits: torch.Tensor, seqs: list[SequenceState]) -> list[SampledToken]:
         """logits: [R, vocab] float32 (modified in place), one row per sequence in `seqs`."""
         if not seqs:
             return []
+        grammar_rows = self._bitmask.fill([s.grammar for s in seqs])
         if all(_plain_greedy(s) for s in seqs):
+            self._bitmask.apply(logits, grammar_rows)
             tokens = greedy_argmax(logits).tolist()
             return [SampledToken(s.seq_id, t) for s, t in zip(seqs, tokens, strict=True)]
         want = [s.sampling.logprobs is not None for s in seqs]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want) else None
+        self._bitmask.apply(logits, grammar_rows)
         self._apply_min_tokens(logits, seqs)
         self._apply_logit_bias(logits, seqs)
         self._apply_penalties(logits, seqs)
@@ -85,6 +93,8 @@ class Sampler:
         cols: list[int] = []
         for i, s in enumerate(seqs):
             if _min_tokens_active(s):
+                if s.grammar is not None and self._bitmask.allows_only(i, self.eos_token_ids):
+                    continue  # NOTE: the grammar is complete; masking its end leaves nothing
                 stops = set(s.sampling.stop_token_ids)
                 if not s.sampling.ignore_eos:
                     stops.update(self.eos_token_ids)

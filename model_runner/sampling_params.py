@@ -4,6 +4,22 @@ from __future__ import annotations
 
 import msgspec
 
+GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "ebnf", "structural_tag")
+
+
+class GrammarSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A structured-output constraint, compiled by the engine (xgrammar) into a token mask.
+
+    `kind` is one of GRAMMAR_KINDS; `spec` is its text: a JSON schema, a regex, an EBNF
+    grammar or an xgrammar structural tag (JSON); empty for `json_object`. With `strict`, a
+    JSON schema admits no properties beyond the declared ones. NOTE: the struct is its own
+    cache key (frozen, hashable): equal specs share one compiled grammar.
+    """
+
+    kind: str
+    spec: str = ""
+    strict: bool = True
+
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """How to pick tokens and when to stop; field names and defaults follow vLLM.
@@ -30,6 +46,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs per output token; 0 = sampled only
     skip_special_tokens: bool = True
+    grammar: GrammarSpec | None = None  # structured output: only tokens the grammar allows
 
     @property
     def greedy(self) -> bool:

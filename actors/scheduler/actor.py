@@ -2,6 +2,10 @@
 
 Exactly one step is in flight: a StepPlan goes to the executor, its StepResult comes back,
 the policy updates, the step's tokens go to the detokenizer, and the next step is planned.
+
+A request with a grammar first passes the admission checks, then waits outside the policy
+(no slot, no blocks) while the executor compiles its grammar; GrammarReady queues it,
+GrammarFailed refuses it. When it finishes, ReleaseGrammars unpins its grammar.
 """
 
 from __future__ import annotations
@@ -11,9 +15,13 @@ import msgspec
 from actors.actor import Actor
 from actors.protocol import (
     Abort,
+    CompileGrammar,
     EngineReady,
     ExecutorReady,
+    GrammarFailed,
+    GrammarReady,
     PrefixCacheReset,
+    ReleaseGrammars,
     RequestError,
     ResetPrefixCache,
     StepFailed,
@@ -25,6 +33,7 @@ from actors.protocol import (
 from actors.scheduler.errors import AdmissionError
 from actors.scheduler.scheduler import Scheduler
 from actors.transport import Transport
+from model_runner.grammar_cache import GrammarCacheStats
 
 
 class SchedulerActor(Actor):
@@ -36,6 +45,10 @@ class SchedulerActor(Actor):
         self.policy: Scheduler | None = None
         self.step_in_flight = False
         self.pending: list[TokenizedRequest] = []  # arrived before the executor was ready
+        self.compiling: dict[str, TokenizedRequest] = {}  # waiting for their grammar
+        self.releases: list[str] = []  # grammars to unpin, sent with the next plan
+        self.grammar_stats: GrammarCacheStats | None = None
+        self.grammar_stats_changed = False
         self.executor = transport.outbox("executor")
         self.detokenizer = transport.outbox("detokenizer")
         self.api = transport.outbox("api")
@@ -48,16 +61,21 @@ class SchedulerActor(Actor):
                 else:
                     self.admit(msg)
             case Abort(request_id=rid, index=index, reason=reason):
-                if self.policy is not None:
-                    self.policy.abort(rid, index, reason)
-                else:
-                    self.pending = [r for r in self.pending if r.request_id != rid]
+                self.abort(rid, index, reason)
             case StepResult(output=output):
                 self.step_in_flight = False
                 self.emit(self.policy.update(output))
             case StepFailed(step_id=step_id):
                 self.step_in_flight = False
                 self.emit(self.policy.fail_step(step_id))
+            case GrammarReady(request_id=rid, stats=stats):
+                self.grammar_stats, self.grammar_stats_changed = stats, True
+                if (req := self.compiling.pop(rid, None)) is not None:
+                    self.enqueue(req)
+            case GrammarFailed(request_id=rid, stats=stats):
+                self.grammar_stats, self.grammar_stats_changed = stats, True
+                if self.compiling.pop(rid, None) is not None:
+                    self.refuse(rid, AdmissionError(msg.status, msg.message, code=msg.code))
             case ExecutorReady():
                 self.on_executor_ready(msg)
             case ResetPrefixCache():
@@ -86,27 +104,68 @@ class SchedulerActor(Actor):
             self.admit(req)
 
     def admit(self, req: TokenizedRequest) -> None:
+        """Queue a request, or first have its grammar compiled (it waits without a slot)."""
+        grammar = req.sampling.grammar
+        try:
+            if grammar is None:
+                self.policy.add_request(req)
+                return
+            if req.request_id in self.compiling:
+                raise AdmissionError(
+                    400, f"Request id {req.request_id!r} is already in use.",
+                    code="duplicate_request_id",
+                )  # fmt: skip
+            self.policy.check_request(req)
+        except AdmissionError as e:
+            self.refuse(req.request_id, e)
+            return
+        self.compiling[req.request_id] = req
+        self.executor.send(CompileGrammar(request_id=req.request_id, grammar=grammar))
+
+    def enqueue(self, req: TokenizedRequest) -> None:
+        """Its grammar is compiled: queue it (the queue may have filled meanwhile)."""
         try:
             self.policy.add_request(req)
         except AdmissionError as e:
-            self.api.send(
-                RequestError(
-                    request_id=req.request_id,
-                    status=e.status,
-                    message=e.message,
-                    type="ServiceUnavailableError" if e.status == 503 else "BadRequestError",
-                    param=e.param,
-                    code=e.code,
-                    retry_after=e.retry_after,
-                )
+            self.releases.append(req.request_id)
+            self.refuse(req.request_id, e)
+
+    def abort(self, request_id: str, index: int | None, reason: str) -> None:
+        if self.compiling.pop(request_id, None) is not None:
+            self.releases.append(request_id)
+        elif self.policy is not None:
+            self.policy.abort(request_id, index, reason)
+        else:
+            self.pending = [r for r in self.pending if r.request_id != request_id]
+
+    def refuse(self, request_id: str, e: AdmissionError) -> None:
+        self.api.send(
+            RequestError(
+                request_id=request_id,
+                status=e.status,
+                message=e.message,
+                type=e.type,
+                param=e.param,
+                code=e.code,
+                retry_after=e.retry_after,
             )
+        )
 
     def emit(self, tokens: StepTokens) -> None:
         if tokens.outputs or tokens.started:
             self.detokenizer.send(tokens)
 
     def plan_next_step(self) -> None:
-        if self.policy is None or self.step_in_flight:
+        if self.policy is None:
+            return
+        # NOTE: before the next StepPlan, so the executor never unpins a grammar late.
+        self.releases.extend(self.policy.take_finished_grammars())
+        if self.releases:
+            self.executor.send(ReleaseGrammars(request_ids=self.releases))
+            self.releases = []
+        if self.step_in_flight:
+            if self.grammar_stats_changed:  # NOTE: compile counters need not wait for a step
+                self.send_stats()
             return
         step = self.policy.schedule()
         # NOTE: after schedule(): it may itself finish a sequence that can never grow.
@@ -114,4 +173,11 @@ class SchedulerActor(Actor):
         if step is not None:
             self.executor.send(StepPlan(step=step))
             self.step_in_flight = True
-        self.api.send(self.policy.stats())
+        self.send_stats()
+
+    def send_stats(self) -> None:
+        stats = self.policy.stats()
+        if self.grammar_stats is not None:
+            stats = msgspec.structs.replace(stats, grammar=self.grammar_stats)
+        self.api.send(stats)
+        self.grammar_stats_changed = False

@@ -7,8 +7,9 @@ class AdmissionError(Exception):
     """A request refused at admission, in OpenAI's error shape.
 
     400: it can never fit (prompt + max_tokens beyond max_model_len, prompt larger than the
-    whole KV cache, empty prompt, duplicate request id). 503: the waiting queue is full;
-    `retry_after` (seconds) goes to the `Retry-After` header.
+    whole KV cache, empty prompt, duplicate request id) or its grammar did not compile.
+    503: the waiting queue is full; `retry_after` (seconds) goes to the `Retry-After`
+    header. 500: the engine could not build what the request needs (a grammar compiler).
     """
 
     def __init__(
@@ -28,7 +29,9 @@ class AdmissionError(Exception):
 
     @property
     def type(self) -> str:
-        return "ServiceUnavailableError" if self.status == 503 else "BadRequestError"
+        return {500: "InternalServerError", 503: "ServiceUnavailableError"}.get(
+            self.status, "BadRequestError"
+        )
 
     def __repr__(self) -> str:
         return f"AdmissionError({self.status}, {self.message!r}, param={self.param!r})"

@@ -13,10 +13,15 @@ def check_stop(
     seq: Sequence, token: int, eos_token_ids: Set[int], max_model_len: int
 ) -> tuple[str | None, int | None]:
     """(finish_reason, stop_reason) after `token` was appended to `seq`, (None, None) if it
-    goes on. No eos or stop-token finish before min_tokens; eos is ignored with ignore_eos."""
+    goes on. No eos or stop-token finish before min_tokens; eos is ignored with ignore_eos.
+    NOTE: under a grammar, eos always ends: the grammar allows it only once it is complete
+    (min_tokens then yields to it in the sampler), and a finished grammar allows nothing else.
+    """
     request = seq.request
     sp = request.sampling
     num_out = seq.num_output_tokens
+    if sp.grammar is not None and token in eos_token_ids:
+        return "stop", None
     if num_out >= sp.min_tokens:
         if not sp.ignore_eos and token in eos_token_ids:
             return "stop", None

@@ -29,6 +29,10 @@ WAITING, RUNNING = SeqStatus.WAITING, SeqStatus.RUNNING
 FORK_PENDING, FINISHED = SeqStatus.FORK_PENDING, SeqStatus.FINISHED
 
 
+def _seq_ids(request_id: str, n: int) -> list[str]:
+    return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+
+
 class Scheduler:
     """Plans steps and tracks requests; see the module docstring.
 
@@ -64,28 +68,34 @@ class Scheduler:
         self._queries = 0
         self._hits = 0
         self._preemptions = 0
+        self._grammar_done: list[str] = []  # finished requests whose grammar can be unpinned
 
     # --- requests --------------------------------------------------------------------
 
-    def add_request(self, req: TokenizedRequest) -> None:
-        """Queue a request; raise AdmissionError for what can never fit or a full queue."""
-        rid, sp = req.request_id, req.sampling
-        n = max(1, sp.n)
-        seq_ids = [rid] if n == 1 else [f"{rid}#{i}" for i in range(n)]
-        if rid in self._requests or any(s in self._seqs for s in seq_ids):
+    def check_request(self, req: TokenizedRequest) -> None:
+        """Raise AdmissionError for what can never fit, a full queue, or an id in use."""
+        rid, n = req.request_id, max(1, req.sampling.n)
+        if rid in self._requests or any(s in self._seqs for s in _seq_ids(rid, n)):
             raise AdmissionError(
                 400, f"Request id {rid!r} is already in use.", code="duplicate_request_id"
             )
-        prompt_len = len(req.prompt_token_ids)
         check_admission(
-            prompt_len,
-            sp.max_tokens,
+            len(req.prompt_token_ids),
+            req.sampling.max_tokens,
             max_model_len=self.max_model_len,
             num_blocks=self.blocks.num_blocks,
             block_size=self.block_size,
             num_waiting=len(self.waiting),
             max_waiting=self.max_waiting,
         )
+
+    def add_request(self, req: TokenizedRequest) -> None:
+        """Queue a request; raise AdmissionError for what can never fit or a full queue."""
+        self.check_request(req)
+        rid, sp = req.request_id, req.sampling
+        n = max(1, sp.n)
+        seq_ids = _seq_ids(rid, n)
+        prompt_len = len(req.prompt_token_ids)
         extra = extra_keys(req.cache_salt, getattr(req, "lora_name", None))
         max_tokens = effective_max_tokens(sp.max_tokens, prompt_len, self.max_model_len)
         request = Request(rid, list(req.prompt_token_ids), sp, max_tokens, extra)
@@ -188,6 +198,11 @@ class Scheduler:
                 self._retire(victim)
                 self._emit_finish(victim, "error")
         return self.take_finished_aborts()
+
+    def take_finished_grammars(self) -> list[str]:
+        """Ids of the requests with a grammar that finished since the last call."""
+        done, self._grammar_done = self._grammar_done, []
+        return done
 
     def take_finished_aborts(self) -> StepTokens:
         """Outputs not yet sent: aborts, errors, and anything finished outside update()."""
@@ -390,3 +405,5 @@ class Scheduler:
         request.num_live -= 1
         if request.num_live == 0:
             del self._requests[request.request_id]
+            if request.sampling.grammar is not None:
+                self._grammar_done.append(request.request_id)

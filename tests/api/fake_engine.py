@@ -51,6 +51,10 @@ class FakeEngine:
         self.stats: SchedulerStats | None = EMPTY_STATS
         self.resets = 0
 
+    def set_output(self, text: str) -> None:
+        """What every sample streams from now on (one token per delta)."""
+        self.output_ids = self.tokenizer.encode(text, add_special_tokens=False)
+
     def health(self) -> tuple[bool, str]:
         return self.healthy
 

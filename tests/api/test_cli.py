@@ -97,3 +97,49 @@ def test_python_dash_m_api():
     for flag in ("--max-model-len", "--kv-cache-memory", "--no-enable-prefix-caching",
                  "--served-model-name", "--api-key"):  # fmt: skip
         assert flag in out.stdout
+
+
+def test_tool_flags_reach_the_server_config(tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages[0].content }}")
+    args = parse("--enable-auto-tool-choice", "--tool-call-parser", "llama3_json",
+                 "--exclude-tools-when-tool-choice-none", "--chat-template", str(template),
+                 "--structured-outputs-timeout", "2.5")  # fmt: skip
+    cfg = server_config(args)
+    tools = cfg.tool_config
+    assert (tools.enable_auto_tool_choice, tools.tool_call_parser) == (True, "llama3_json")
+    assert tools.exclude_tools_when_tool_choice_none is True
+    assert cfg.chat_template == "{{ messages[0].content }}"
+    assert engine_config(args).structured_outputs_timeout == 2.5
+    defaults = server_config(parse())
+    assert defaults.tool_config.tool_call_parser is None and defaults.chat_template is None
+
+
+def test_a_plugin_parser_resolves_by_name(tmp_path):
+    plugin = tmp_path / "plugin_parser.py"
+    plugin.write_text(
+        "from api.tool_parsers import register_tool_parser\n"
+        "from api.tool_parsers.llama3_json import Llama3JsonToolParser\n"
+        "@register_tool_parser('cli_plugin')\n"
+        "class Plugin(Llama3JsonToolParser):\n"
+        "    pass\n"
+    )
+    args = parse("--tool-parser-plugin", str(plugin), "--tool-call-parser", "cli_plugin")
+    assert server_config(args).tool_config.tool_call_parser == "cli_plugin"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--enable-auto-tool-choice"], "requires --tool-call-parser"),
+        (["--tool-call-parser", "nope"], "unknown tool call parser"),
+        (["--tool-parser-plugin", "/no/such/plugin.py"], "not a file"),
+        (["--chat-template", "/no/such/template.jinja"], "--chat-template"),
+    ],
+)
+def test_bad_tool_flags_exit_2_with_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        server_config(parse(*argv))
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import re
 
+import msgspec
 import pytest
 
 from actors.protocol import SchedulerStats
 from api.server import ServerConfig, create_app
+from model_runner.grammar_cache import GrammarCacheStats
+from tests.api.fake_engine import EMPTY_STATS
 
 KEY = "sk-test-123"
 
@@ -64,6 +67,19 @@ async def test_metrics_from_engine_stats(client, engine):
     assert metric(text, "prefix_cache_hits_total") == 64
     assert metric(text, "num_preemptions_total") == 1
     assert 'model_name="fake-model"' in text
+    assert metric(text, "grammar_compiles_total") == 0
+
+
+async def test_grammar_metrics_from_engine_stats(client, engine):
+    grammar = GrammarCacheStats(
+        compiles=4, compile_seconds=1.5, cache_hits=9, cache_bytes=4096, cache_entries=3
+    )
+    engine.stats = msgspec.structs.replace(EMPTY_STATS, grammar=grammar)
+    text = await (await client.get("/metrics")).get_data(as_text=True)
+    assert metric(text, "grammar_compiles_total") == 4
+    assert metric(text, "grammar_compile_seconds_total") == 1.5
+    assert metric(text, "grammar_cache_hits_total") == 9
+    assert metric(text, "grammar_cache_bytes") == 4096
 
 
 async def test_metrics_count_requests(client, engine):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from api import LLM, SamplingParams
+from model_runner.sampling_params import GrammarSpec
 from tests.conftest import GREEDY_NEW_TOKENS, GREEDY_PROMPTS
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=GREEDY_NEW_TOKENS)
@@ -65,3 +68,25 @@ def test_chunked_prefill_keeps_greedy_output(hf_greedy):
         chunked.shutdown()
     for prompt in GREEDY_PROMPTS[:6]:
         assert got[prompt] == hf_greedy[prompt], prompt
+
+
+def test_grammar_requests_keep_their_output_through_preemption(llm):
+    """Each sample has its own matcher; a preempted one replays its tokens into a new one."""
+    spec = GrammarSpec(kind="regex", spec=r"(\d\d\d-){5}\d\d\d")
+    constrained = SamplingParams(temperature=0.0, max_tokens=48, grammar=spec)
+    roomy = [o.outputs[0].text for o in llm.generate(GREEDY_PROMPTS[:8], constrained)]
+    small = LLM(dtype="float32", kv_cache_memory=16 * 16 * 2 * 30 * 3 * 64 * 4 / 2**30,
+                max_model_len=256, max_num_seqs=8)  # fmt: skip
+    try:
+        cramped = [o.outputs[0].text for o in small.generate(GREEDY_PROMPTS[:8], constrained)]
+        assert small.stats().num_preemptions > 0
+        assert small.stats().num_blocks_in_use == 0
+        sampled = small.generate(["Digits:"], SamplingParams(n=3, seed=5, max_tokens=48,
+                                                             grammar=spec))[0]  # fmt: skip
+        with pytest.raises(ValueError, match="Invalid grammar"):
+            small.generate(["x"], SamplingParams(grammar=GrammarSpec(kind="regex", spec="(")))
+    finally:
+        small.shutdown()
+    assert cramped == roomy
+    for text in roomy + [o.text for o in sampled.outputs]:
+        assert re.fullmatch(spec.spec, text), text
