@@ -115,8 +115,50 @@ def layer_weights(layer) -> LayerWeights | None:
     return LayerWeights(tensors, tuple(m.planes for m in methods))
 
 
-# Sequence counts the warm-up compiles for: 1 (specialized by torch.compile) and 2 (dynamic).
-WARM_ROWS = (1, 2)
+def warm_shapes(model) -> list[tuple[int, int, int]]:
+    """(sequences, context length, context buffer length) of the warm-up calls: one row
+    (torch.compile specializes size 1) and several, with a mask. Their sizes are ones no
+    other argument has: dynamic sizes that are equal share one symbol, and a 2-row graph
+    would guard on rows == the 2 of `scales_zeros`, recompiling for 3 rows."""
+    cfg = model.config
+    taken = {
+        2,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.hidden_size // GROUP_SIZE,
+        cfg.intermediate_size // GROUP_SIZE,
+    }
+    for layer in model.layers:
+        for proj in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+            taken.update(proj.method.packed.shape)
+            taken.update(proj.method.scales_zeros.shape)  # fmt: skip
+
+    def free(n: int) -> int:
+        while n in taken:
+            n += 1
+        taken.add(n)
+        return n
+
+    rows, length = free(5), free(37)
+    return [(1, length, free(2 * length)), (rows, length, free(2 * length + 1))]
+
+
+def _mark_dynamic(args: list, rows: int) -> None:
+    """Mark the sequence and context dimensions of `_layer`'s arguments dynamic, the rest
+    static: (fully dynamic shapes made a one-row step ~25% slower here)."""
+    for t in args[:4]:  # hidden, residual, cos, sin: [S, ...]
+        if rows > 1:
+            torch._dynamo.mark_dynamic(t, 0)
+    for t in args[4:6]:  # k_ctx, v_ctx: [S, L, KVH, D]
+        if rows > 1:
+            torch._dynamo.mark_dynamic(t, 0)
+        torch._dynamo.mark_dynamic(t, 1)
+    if args[6] is not None:  # mask: [S, 1, 1, L + 1]
+        torch._dynamo.mark_dynamic(args[6], 0)
+        torch._dynamo.mark_dynamic(args[6], 3)
 
 
 class CompiledDecode:
@@ -157,12 +199,16 @@ class CompiledDecode:
         start = time.perf_counter()
         cfg = self.model.config
         try:
-            for rows in WARM_ROWS:
+            for rows, length, buffer_length in warm_shapes(self.model):
                 hidden = torch.zeros(rows, cfg.hidden_size, dtype=torch.bfloat16)
                 cos = torch.ones(rows, 1, cfg.head_dim, dtype=torch.bfloat16)
-                ctx = torch.zeros(rows, 31, cfg.num_kv_heads, cfg.head_dim, dtype=torch.bfloat16)
-                mask = None if rows == 1 else torch.ones(rows, 1, 1, 32, dtype=torch.bool)
-                self._layer(0, hidden, hidden.float(), cos, cos, ctx, ctx, mask)
+                # a slice of a longer buffer, as the decode context's (its strides)
+                shape = (rows, buffer_length, cfg.num_kv_heads, cfg.head_dim)
+                k_ctx, v_ctx = (torch.zeros(shape, dtype=torch.bfloat16)[:, :length] for _ in "kv")
+                mask = None if rows == 1 else torch.ones(rows, 1, 1, length + 1, dtype=torch.bool)
+                args = [hidden, hidden.float(), cos, cos.clone(), k_ctx, v_ctx, mask]
+                _mark_dynamic(args, rows)
+                self._layer(0, *args)
         except Exception as e:  # a missing C++ compiler, an inductor bug: serve eagerly
             log.warning("compiled decode steps are off (%s); steps run eagerly", e)
             self.enabled = False
