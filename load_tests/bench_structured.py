@@ -221,7 +221,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--ttft-requests", type=int, default=8, help="of each kind")
-    p.add_argument("--itl-len", type=int, default=96, help="tokens of each of the 8 streams")
+    p.add_argument(
+        "--itl-len",
+        type=int,
+        default=400,
+        help="tokens of each of the 8 streams (they must outlast the window)",
+    )
     p.add_argument(
         "--compile-delay",
         type=float,
