@@ -51,6 +51,13 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    _add_capacity_args(p)
+    _add_step_args(p)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """What is loaded, on which device, in which formats."""
     p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
     p.add_argument(
         "--dtype",
@@ -68,6 +75,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "activations on the CPU, else none (dense weights in the activation dtype)",
     )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--hf-config-path", default=None, help="config for --load-format dummy")
+
+
+def _add_capacity_args(p: argparse.ArgumentParser) -> None:
+    """Sequence lengths, batch sizes, the KV cache and the waiting queue."""
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -82,9 +94,20 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", default=True, action=argparse.BooleanOptionalAction)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=1024,
+        help="waiting-queue bound; beyond it requests get 503 + Retry-After",
+    )
+
+
+def _add_step_args(p: argparse.ArgumentParser) -> None:
+    """How a model step runs: compiled or eager, CPU weight layouts, batch invariance."""
+    p.add_argument(
         "--enforce-eager",
         action="store_true",
-        help="vLLM compatibility; CUDA graphs are not built yet, so steps are always eager",
+        help="no compiled decode steps on the CPU (CUDA graphs are not built yet, so CUDA "
+        "steps are always eager)",
     )
     p.add_argument(
         "--cpu-packed-batch",
@@ -108,13 +131,6 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="CPU: a request's tokens do not depend on what else is batched with it (4-bit "
         "GEMMs at every row count, one attention call per sequence); slower",
     )
-    p.add_argument(
-        "--max-waiting",
-        type=int,
-        default=1024,
-        help="waiting-queue bound; beyond it requests get 503 + Retry-After",
-    )
-    p.add_argument("--hf-config-path", default=None, help="config for --load-format dummy")
 
 
 def _add_tool_args(p: argparse.ArgumentParser) -> None:

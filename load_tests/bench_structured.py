@@ -190,6 +190,10 @@ async def run(args: argparse.Namespace) -> dict:
         return out
 
 
+def _listed(values: list[float], digits: int) -> str:
+    return ", ".join(f"{v:.{digits}f}" for v in values)
+
+
 def report(out: dict) -> None:
     if "throughput" in out:
         t = out["throughput"]
@@ -197,7 +201,7 @@ def report(out: dict) -> None:
             print(f"round {n}: plain {r['plain']['output_throughput']:.1f} tok/s, grammar "
                   f"{r['grammar']['output_throughput']:.1f} tok/s")  # fmt: skip
         print(f"grammar / plain output tok/s: median {t['ratio_median']:.3f} "
-              f"(rounds {', '.join(f'{x:.3f}' for x in t['ratios'])})")  # fmt: skip
+              f"(rounds {_listed(t['ratios'], 3)})")  # fmt: skip
     if "ttft" in out:
         f = out["ttft"]
         print(f"TTFT plain {f['plain_ttft_ms']:.1f} ms, cached grammar "
@@ -208,8 +212,8 @@ def report(out: dict) -> None:
         i = out["itl"]
         print(f"ITL p99 of 8 streams: alone {i['itl_p99_alone_ms']:.1f} ms, while a 64-tool "
               f"grammar compiles {i['itl_p99_during_compile_ms']:.1f} ms (x{i['ratio']:.2f}; "
-              f"compiles {', '.join(f'{s:.2f}' for s in i['compile_s'])} s in windows of "
-              f"{', '.join(f'{s:.2f}' for s in i['window_s'])} s; gaps {i['gaps']})")  # fmt: skip
+              f"compiles {_listed(i['compile_s'], 2)} s in windows of "
+              f"{_listed(i['window_s'], 2)} s; gaps {i['gaps']})")  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
