@@ -7,7 +7,7 @@ Python lists and one `torch.tensor` call per tensor, never per-token tensor ops.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -109,6 +109,44 @@ def apply_state_updates(
         table.extend(chunk.block_ids)
 
 
+@dataclass
+class _FlatBatch:
+    """A step's chunks as flat Python lists, before they become tensors."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    query_start_loc: list[int] = field(default_factory=lambda: [0])
+    tables: list[list[int]] = field(default_factory=list)
+    logits_indices: list[int] = field(default_factory=list)
+    sample_seqs: list[SequenceState] = field(default_factory=list)
+    max_query_len: int = 0
+
+    def add(self, seq: SequenceState, num: int, block_size: int) -> None:
+        """Append `num` tokens of `seq` from its num_computed on, and advance it."""
+        start, table = seq.num_computed, seq.block_table
+        end = start + num
+        if num == 1:
+            self.input_ids.append(seq.token_ids[start])
+            self.positions.append(start)
+            self.slots.append(table[start // block_size] * block_size + start % block_size)
+        else:
+            self.input_ids.extend(seq.token_ids[start:end])
+            self.positions.extend(range(start, end))
+            self.slots.extend(
+                table[p // block_size] * block_size + p % block_size for p in range(start, end)
+            )
+        self.seq_lens.append(end)
+        self.query_start_loc.append(self.query_start_loc[-1] + num)
+        self.tables.append(table[: -(-end // block_size)])
+        self.max_query_len = max(self.max_query_len, num)
+        seq.num_computed = end
+        if end == len(seq.token_ids):
+            self.logits_indices.append(self.query_start_loc[-1] - 1)
+            self.sample_seqs.append(seq)
+
+
 def build_model_inputs(
     seqs: dict[str, SequenceState],
     step: StepInput,
@@ -120,46 +158,18 @@ def build_model_inputs(
 
     `per_sequence`: attention inputs per sequence too (batch-invariant steps).
     """
-    input_ids: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    seq_lens: list[int] = []
-    query_start_loc = [0]
-    tables: list[list[int]] = []
-    logits_indices: list[int] = []
-    sample_seqs: list[SequenceState] = []
-    max_query_len = 0
+    flat = _FlatBatch()
     for chunk in step.chunks:
-        seq = seqs[chunk.seq_id]
-        start, num = seq.num_computed, chunk.num_tokens
-        end = start + num
-        table = seq.block_table
-        if num == 1:
-            input_ids.append(seq.token_ids[start])
-            positions.append(start)
-            slots.append(table[start // block_size] * block_size + start % block_size)
-        else:
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(
-                table[p // block_size] * block_size + p % block_size for p in range(start, end)
-            )
-        seq_lens.append(end)
-        query_start_loc.append(query_start_loc[-1] + num)
-        tables.append(table[: -(-end // block_size)])
-        max_query_len = max(max_query_len, num)
-        seq.num_computed = end
-        if end == len(seq.token_ids):
-            logits_indices.append(query_start_loc[-1] - 1)
-            sample_seqs.append(seq)
+        flat.add(seqs[chunk.seq_id], chunk.num_tokens, block_size)
+    tables, seq_lens, query_start_loc = flat.tables, flat.seq_lens, flat.query_start_loc
     width = max(len(t) for t in tables)
     padded = [t + [0] * (width - len(t)) for t in tables]
     meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        slot_mapping=torch.tensor(flat.slots, dtype=torch.long, device=device),
         block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
-        max_query_len=max_query_len,
+        max_query_len=flat.max_query_len,
         max_seq_len=max(seq_lens),
         all_slots_valid=True,  # NOTE: the flat batch has no padding
         per_sequence=(
@@ -167,9 +177,9 @@ def build_model_inputs(
         ),
     )
     return ModelInputs(
-        input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
-        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        input_ids=torch.tensor(flat.input_ids, dtype=torch.long, device=device),
+        positions=torch.tensor(flat.positions, dtype=torch.long, device=device),
         meta=meta,
-        logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=device),
-        sample_seqs=sample_seqs,
+        logits_indices=torch.tensor(flat.logits_indices, dtype=torch.long, device=device),
+        sample_seqs=flat.sample_seqs,
     )
