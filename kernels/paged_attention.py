@@ -134,12 +134,16 @@ def _masked_attention(
 
 
 def decode_visible_mask(
-    seq_lens: torch.Tensor, ctx_len: int, sliding_window: int | None
+    seq_lens: torch.Tensor, ctx_len: int, sliding_window: int | None, before_new: bool = False
 ) -> torch.Tensor:
-    """[seqs, 1, 1, ctx_len] bool: which context positions the one new token attends to."""
+    """[seqs, 1, 1, ctx_len] bool: which context positions the one new token attends to.
+
+    `before_new`: the columns hold the context before the new token (its own position
+    excluded), for attention with the new token's K/V appended after them.
+    """
     k_pos = torch.arange(ctx_len, device=seq_lens.device)
     lens = seq_lens.long()[:, None]
-    visible = k_pos[None, :] < lens
+    visible = k_pos[None, :] < (lens - 1 if before_new else lens)
     if sliding_window is not None:
         visible &= (lens - 1) - k_pos[None, :] < sliding_window
     return visible[:, None, None, :]

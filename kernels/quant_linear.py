@@ -38,6 +38,20 @@ def int4_linear(
     )
 
 
+def int4_linear_planes(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales_zeros: torch.Tensor,
+    group_size: int,
+    planes: int,
+) -> torch.Tensor:
+    """`int4_linear` of a weight stored as `planes` (1 or 2) 4-bit planes side by side along
+    K: with two, x is repeated so that each plane meets the same inputs (w = high + low)."""
+    if planes == 2:
+        x = torch.cat([x, x], dim=1)
+    return int4_linear(x, packed, scales_zeros, group_size)
+
+
 def int4_dequantize(q: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """The float32 weight [N, K] that q [N, K] and its scales and zeros stand for."""
     scales = scales_zeros[..., 0].float().t().repeat_interleave(group_size, dim=1)

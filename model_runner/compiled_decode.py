@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.quant_linear import int4_linear
+from kernels import ops
+from kernels.quant_linear import int4_linear_planes
 from model_runner.attention import AttentionMetadata
 from model_runner.quant.int4_weights import GROUP_SIZE
 from model_runner.quant.quantized_linear import QuantizedLinear
@@ -49,9 +50,7 @@ class LayerShape:
 
 
 def _int4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, planes: int) -> torch.Tensor:
-    if planes == 2:
-        x = torch.cat([x, x], dim=1)
-    return int4_linear(x, packed, sz, GROUP_SIZE)
+    return int4_linear_planes(x, packed, sz, GROUP_SIZE, planes)
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -149,26 +148,21 @@ def warm_shapes(model) -> list[tuple[int, int, int]]:
 def _mark_dynamic(args: list, rows: int) -> None:
     """Mark the sequence and context dimensions of `_layer`'s arguments dynamic, the rest
     static: (fully dynamic shapes made a one-row step ~25% slower here)."""
-    for t in args[:4]:  # hidden, residual, cos, sin: [S, ...]
-        if rows > 1:
-            torch._dynamo.mark_dynamic(t, 0)
-    for t in args[4:6]:  # k_ctx, v_ctx: [S, L, KVH, D]
-        if rows > 1:
-            torch._dynamo.mark_dynamic(t, 0)
-        torch._dynamo.mark_dynamic(t, 1)
-    if args[6] is not None:  # mask: [S, 1, 1, L + 1]
-        torch._dynamo.mark_dynamic(args[6], 0)
-        torch._dynamo.mark_dynamic(args[6], 3)
+    seq = [0] if rows > 1 else []  # size 1 stays specialized
+    dims = [seq] * 4 + [seq + [1]] * 2 + [[0, 3]]  # hidden, residual, cos, sin, k, v, mask
+    for t, marked in zip(args, dims, strict=True):
+        for dim in marked if t is not None else ():
+            torch._dynamo.mark_dynamic(t, dim)
 
 
 class CompiledDecode:
     """The compiled decode path of one model (see the module); `run` or eager."""
 
-    def __init__(self, model, max_rows: int):
+    def __init__(self, model, layers: list[LayerWeights], max_rows: int):
         cfg = model.config
         self.model = model
         self.max_rows = max_rows
-        self.layers = [layer_weights(layer) for layer in model.layers]
+        self.layers = layers
         self.shape = LayerShape(
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
             cfg.rms_norm_eps, cfg.head_dim**-0.5,
@@ -178,16 +172,18 @@ class CompiledDecode:
         self.enabled = True
 
     @classmethod
-    def create(cls, model, plan, config) -> CompiledDecode | None:
-        """The compiled path where it applies (CPU, 4-bit projections, bf16), else None."""
-        if config.enforce_eager or config.batch_invariant or plan.device.type != "cpu":
+    def create(cls, model, plan, config, has_decode_context: bool) -> CompiledDecode | None:
+        """The compiled path where it applies (CPU, 4-bit projections, bf16, and a decode
+        context to continue: none in batch-invariant mode), else None."""
+        if config.enforce_eager or not has_decode_context or plan.device.type != "cpu":
             return None
         if plan.quantization == "none" or plan.dtype != torch.bfloat16:
             return None
-        if any(layer_weights(layer) is None for layer in model.layers):
+        layers = [layer_weights(layer) for layer in model.layers]
+        if any(w is None for w in layers):
             return None
         max_rows = plan.int4_max_rows if plan.int4_max_rows is not None else 8
-        return cls(model, max_rows) if max_rows >= 1 else None
+        return cls(model, layers, max_rows) if max_rows >= 1 else None
 
     def applies(self, meta: AttentionMetadata, rows: int) -> bool:
         ctx = meta.decode_context
@@ -222,8 +218,6 @@ class CompiledDecode:
 
     def run(self, input_ids, positions, kv_caches, meta, logits_indices) -> torch.Tensor:
         """The model's forward for an applicable decode step: float32 logits."""
-        from kernels import ops
-
         model, ctx = self.model, meta.decode_context
         residual = F.embedding(input_ids, model.embedding).float()
         hidden = torch.zeros_like(residual, dtype=torch.bfloat16)

@@ -31,7 +31,7 @@ class DecodeContextStep:
     """One decode step's use of the context: its mode and per-step index tensors."""
 
     __slots__ = (
-        "append", "buffers", "ctx_len", "gather_index", "mask", "max_len", "new_slots",
+        "_mask", "append", "buffers", "ctx_len", "gather_index", "max_len", "new_slots",
         "seq_lens", "sliding_window",
     )  # fmt: skip
 
@@ -40,6 +40,7 @@ class DecodeContextStep:
         buffers: list[tuple[torch.Tensor, torch.Tensor]],
         append: bool,
         seq_lens: torch.Tensor,
+        max_len: int,
         ctx_len: int,
         new_slots: torch.Tensor,
         gather_index: torch.Tensor | None,
@@ -48,10 +49,10 @@ class DecodeContextStep:
         self.buffers = buffers
         self.append = append
         self.seq_lens = seq_lens  # [seqs] int32, this step's token included
-        self.max_len = int(seq_lens.max())
+        self.max_len = max_len
         self.ctx_len = ctx_len
         self.sliding_window = sliding_window
-        self.mask = decode_visible_mask(seq_lens, ctx_len, sliding_window)  # [S, 1, 1, ctx]
+        self._mask: torch.Tensor | None = None  # built by the first `attend`, shared by layers
         self.new_slots = new_slots  # [seqs] row * capacity + position of the new token
         self.gather_index = gather_index  # [seqs * blocks] block ids, gather mode only
 
@@ -60,13 +61,8 @@ class DecodeContextStep:
 
         For attention over the context *before* this step's token with the token appended.
         """
-        lens = self.seq_lens.long()[:, None]
-        k_pos = torch.arange(length, device=lens.device)[None, :]
-        visible = k_pos < lens - 1
-        if self.sliding_window is not None:
-            visible &= (lens - 1) - k_pos < self.sliding_window
-        new = torch.ones_like(visible[:, :1])
-        return torch.cat([visible, new], dim=1)[:, None, None, :]
+        visible = decode_visible_mask(self.seq_lens, length, self.sliding_window, before_new=True)
+        return torch.cat([visible, torch.ones_like(visible[..., :1])], dim=-1)
 
     def append_rows(
         self, buffers: tuple[torch.Tensor, torch.Tensor], key: torch.Tensor, value: torch.Tensor
@@ -95,7 +91,9 @@ class DecodeContextStep:
                 gathered = gathered.view(num_seqs, -1, *cache.shape[2:])  # whole blocks per row
                 buf[:num_seqs, : gathered.shape[1]] = gathered
         keys, values = k_buf[:num_seqs, : self.ctx_len], v_buf[:num_seqs, : self.ctx_len]
-        return decode_attention(query, keys, values, self.mask, scale)
+        if self._mask is None:
+            self._mask = decode_visible_mask(self.seq_lens, self.ctx_len, self.sliding_window)
+        return decode_attention(query, keys, values, self._mask, scale)
 
 
 class DecodeContext:
@@ -161,7 +159,7 @@ class DecodeContext:
         # (a bare max length moved the attention kernel's vector tails: not batch-invariant).
         ctx_len = -(-max_len // block_size) * block_size
         return DecodeContextStep(
-            self.buffers, append, seq_lens_t, ctx_len, new_slots, gather_index,
+            self.buffers, append, seq_lens_t, max_len, ctx_len, new_slots, gather_index,
             self.sliding_window,
         )  # fmt: skip
 

@@ -94,8 +94,10 @@ class ModelRunner:
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.seed)
         self._seqs: dict[str, SequenceState] = {}
         self.decode_context = self._make_decode_context()
-        self.compiled = CompiledDecode.create(self.model, self.linear_plan, config)
-        if self.compiled is not None and self.decode_context is not None:
+        self.compiled = CompiledDecode.create(
+            self.model, self.linear_plan, config, self.decode_context is not None
+        )
+        if self.compiled is not None:
             self.compiled.warm_up()
         source, vocab, eos = self.source, self.vocab_size, self.eos_token_ids
         self.grammars = GrammarCache(

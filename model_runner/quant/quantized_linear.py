@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from kernels.quant_linear import int4_dequantize, int4_linear, int4_pack
+from kernels.quant_linear import int4_dequantize, int4_linear_planes, int4_pack
 from model_runner.gguf_loader import GGUFBlocks
 from model_runner.linear import (
     DenseLinear,
@@ -113,7 +113,7 @@ class QuantizedLinear(LinearMethod):
 
     def _dense_copy(self, planes: Int4Planes) -> DenseLinear:
         """The same weight as the kernel sees it, rounded to `dtype`, for many-row steps."""
-        weight = int4_dequantize(planes.q, planes.scales_zeros(self.dtype), GROUP_SIZE)
+        weight = int4_dequantize(planes.q, self.scales_zeros, GROUP_SIZE)
         if planes.planes == 2:
             k = self.in_features
             weight = weight[:, :k] + weight[:, k:]
@@ -125,16 +125,13 @@ class QuantizedLinear(LinearMethod):
             self.dense_options,
             weight=weight.to(self.dtype),
         )
-        dense.rows_loaded = self.out_features
         dense.finalize()
         return dense
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.packed is None or (self.dense is not None and x.shape[0] > self.max_rows):
             return self.dense.apply(x, bias)
-        if self.planes == 2:
-            x = torch.cat([x, x], dim=1)
-        out = int4_linear(x, self.packed, self.scales_zeros, GROUP_SIZE)
+        out = int4_linear_planes(x, self.packed, self.scales_zeros, GROUP_SIZE, self.planes)
         return out if bias is None else out.add_(bias)
 
     def nbytes(self) -> int:
