@@ -36,8 +36,9 @@ LEVELS = (1, 8, 32)
 
 
 def cache_root() -> Path:
-    root = os.environ.get("TOKENMILL_CACHE_DIR") or Path.home() / ".cache" / "tokenmill"
-    return Path(root) / "llama.cpp" / LLAMA_CPP_PYTHON
+    from model_runner.config import cache_dir
+
+    return cache_dir() / "llama.cpp" / LLAMA_CPP_PYTHON
 
 
 def build_llama_server(root: Path) -> Path:
@@ -70,12 +71,6 @@ def build_llama_server(root: Path) -> Path:
 def llama_server(args: argparse.Namespace) -> Path:
     given = args.llama_server or os.environ.get("LLAMA_SERVER")
     return Path(given) if given else build_llama_server(cache_root())
-
-
-def default_gguf() -> Path:
-    from model_runner.model_source import default_gguf_path
-
-    return default_gguf_path()
 
 
 def sweep(base_url: str, args: argparse.Namespace) -> dict[int, dict]:
@@ -133,7 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--start-timeout", type=float, default=600.0)
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
-    exe, gguf = llama_server(args), Path(args.model) if args.model else default_gguf()
+    from model_runner.model_source import default_gguf_path
+
+    exe, gguf = llama_server(args), Path(args.model) if args.model else default_gguf_path()
     if args.model:
         args.tokenmill_flag = [str(gguf), *args.tokenmill_flag]
     rounds = []

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -54,6 +56,12 @@ class EngineConfig:
 
 DEFAULT_CPU_KV_CACHE_GIB = 2.0
 DEFAULT_MAX_MODEL_LEN_CAP = 8192
+
+
+def cache_dir() -> Path:
+    """Where tokenmill keeps what it derives once per machine (converted tokenizers, the CPU
+    profile): `$TOKENMILL_CACHE_DIR`, default ~/.cache/tokenmill."""
+    return Path(os.environ.get("TOKENMILL_CACHE_DIR") or Path.home() / ".cache" / "tokenmill")
 
 
 def resolve_device(config: EngineConfig) -> torch.device:

@@ -14,6 +14,7 @@ count, so the choice does not flip between restarts on a noisy machine.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,9 +24,10 @@ import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
+
+from model_runner.config import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class CpuProfile:
     timings_ms: dict[str, float]
 
 
+@functools.cache  # NOTE: both decisions of a start read /proc/cpuinfo once
 def cpu_name_and_flags() -> tuple[str, tuple[str, ...]]:
     """The CPU model name and which BF16_FLAGS it reports (Linux /proc/cpuinfo)."""
     name, flags = platform.processor() or platform.machine(), set()
@@ -68,8 +71,7 @@ class ProfileCache:
     def __init__(self, cpu: str, flags: tuple[str, ...]):
         key = f"{cpu}|{','.join(flags)}|{torch.__version__}|{torch.get_num_threads()}"
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-        root = os.environ.get("TOKENMILL_CACHE_DIR") or Path.home() / ".cache" / "tokenmill"
-        self.path = Path(root) / "cpu" / f"{digest}.json"
+        self.path = cache_dir() / "cpu" / f"{digest}.json"
 
     def read(self) -> dict:
         try:

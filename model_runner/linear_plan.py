@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from model_runner.linear import DenseLinear, DenseOptions, Linear, LinearMethod
+from model_runner.quant.int4_weights import GGUF_INT4_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def resolve_quantization(
     """
     check_quantization(requested, device, source_format)
     if requested == "auto":
-        native = source_format == "gguf" and {"Q4_0", "Q4_1", "Q8_0"} & set(gguf_types)
+        native = source_format == "gguf" and set(GGUF_INT4_TYPES) & set(gguf_types)
         fast = device.type == "cpu" and dtype == torch.bfloat16
         return "gguf" if native and fast else "none"
     if requested == "none":
@@ -153,20 +154,29 @@ def plan_linears(
         log.warning("packed GEMM weights skipped: too little free memory")
         pack = 0
     dense = DenseOptions(transpose=device.type == "cpu" and dtype == torch.float32, pack_batch=pack)
-    max_rows = None
-    if quant != "none" and config.cpu_int4_max_rows is not None:
-        max_rows = None if config.cpu_int4_max_rows < 0 else config.cpu_int4_max_rows
-    elif quant != "none" and not config.batch_invariant:  # NOTE: one kernel for all rows
-        from model_runner.cpu_profile import int4_max_rows
-
-        max_rows = int4_max_rows(projection_shapes(model_config))
-    if max_rows is not None:
-        if 2 * weights > available_bytes // 2:
-            log.warning("no dense copy of the quantized weights: too little free memory")
-            max_rows = None
+    max_rows = _int4_max_rows(config, quant, model_config, 2 * weights > available_bytes // 2)
     log.info(
         "linear layers: %s%s",
         quant,
         "" if max_rows is None else f" (4-bit GEMM up to {max_rows} rows, dense bf16 above)",
     )
     return LinearPlan(dtype, device, quant, dense, max_rows)
+
+
+def _int4_max_rows(config, quant: str, model_config, copy_too_big: bool) -> int | None:
+    """Steps of up to this many rows take the 4-bit GEMM, larger ones the dense copy; None:
+    no dense copy (every step 4-bit). Checked for memory before anything is measured."""
+    if quant == "none":
+        return None
+    if config.cpu_int4_max_rows is not None and config.cpu_int4_max_rows < 0:
+        return None
+    if config.batch_invariant and config.cpu_int4_max_rows is None:
+        return None  # NOTE: one kernel for all rows
+    if copy_too_big:
+        log.warning("no dense copy of the quantized weights: too little free memory")
+        return None
+    if config.cpu_int4_max_rows is not None:
+        return config.cpu_int4_max_rows
+    from model_runner.cpu_profile import int4_max_rows
+
+    return int4_max_rows(projection_shapes(model_config))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model_runner.config import EngineConfig
+from model_runner.config import EngineConfig, cache_dir
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -171,8 +171,7 @@ def _tokenizer_cache_dir(gguf_path: Path) -> Path:
     stat = gguf_path.stat()
     key = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     digest = hashlib.sha256(key.encode()).hexdigest()
-    root = os.environ.get("TOKENMILL_CACHE_DIR") or Path.home() / ".cache" / "tokenmill"
-    return Path(root) / "tokenizers" / digest
+    return cache_dir() / "tokenizers" / digest
 
 
 def load_tokenizer(source: ModelSource):

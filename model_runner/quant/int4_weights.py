@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 
 from kernels.quant_linear import INT4_OFFSET
 from model_runner.gguf_loader import GGUFBlocks
@@ -83,7 +84,7 @@ def from_gguf_blocks(blocks: GGUFBlocks) -> Int4Planes:
     """The 4-bit planes of a Q4_0, Q4_1 or Q8_0 tensor (exact up to bf16 scales)."""
     rows, cols = blocks.shape
     kind = blocks.type_name
-    block_bytes = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[kind]
+    block_bytes = GGML_QUANT_SIZES[blocks.qtype][1]
     raw = blocks.data.reshape(rows, cols // GROUP_SIZE, block_bytes)
     d = _fp16(raw, 0)
     if kind == "Q8_0":
