@@ -153,7 +153,11 @@ def plan_linears(
     elif 1.3 * weights * elem > available_bytes // 2:
         log.warning("packed GEMM weights skipped: too little free memory")
         pack = 0
-    dense = DenseOptions(transpose=device.type == "cpu" and dtype == torch.float32, pack_batch=pack)
+    transpose = device.type == "cpu" and dtype == torch.float32
+    if pack and not _packing_works(dtype, DenseOptions(transpose, pack), model_config.hidden_size):
+        log.warning("the packed GEMM disagrees with F.linear here: packing turned off")
+        pack = 0
+    dense = DenseOptions(transpose=transpose, pack_batch=pack)
     max_rows = _int4_max_rows(config, quant, model_config, 2 * weights > available_bytes // 2)
     log.info(
         "linear layers: %s%s",
@@ -180,3 +184,12 @@ def _int4_max_rows(config, quant: str, model_config, copy_too_big: bool) -> int 
     from model_runner.cpu_profile import int4_max_rows
 
     return int4_max_rows(projection_shapes(model_config))
+
+
+def _packing_works(dtype: torch.dtype, options: DenseOptions, size: int) -> bool:
+    """Self-check of the library's packed GEMM on one random [size, size] weight, before any
+    model weight is packed (a library that disagrees with F.linear is not used)."""
+    weight = torch.randn(size, size).to(dtype)
+    probe = DenseLinear(size, size, dtype, torch.device("cpu"), options, weight=weight)
+    probe.finalize()
+    return probe.packing_works()

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from model_runner.gguf_loader import iter_gguf_weights, open_gguf
-from model_runner.linear import DenseLinear, Linear, WeightSource, as_float_tensor
+from model_runner.linear import WeightSource, as_float_tensor
 from model_runner.linear_plan import LinearPlan
 from model_runner.llama import LinearSlot, LlamaForCausalLM
 from model_runner.model_source import ModelConfig, ModelSource, ModelSourceError
@@ -45,25 +45,9 @@ def load_model(
 
 
 def finalize_linears(model: LlamaForCausalLM) -> None:
-    """Kernel layouts for every projection; packing is dropped if its self-check fails."""
-    linears = model.linears()
-    for linear in linears:
+    """Kernel layouts for every projection (the plan already self-checked packing)."""
+    for linear in model.linears():
         linear.finalize()
-    dense = [m for m in _dense_methods(linears) if m.packed is not None]
-    if dense and not dense[0].packing_works():
-        log.warning("the packed GEMM disagrees with F.linear here: packing turned off")
-        for method in dense:
-            method.packed = None
-
-
-def _dense_methods(linears: list[Linear]) -> Iterator[DenseLinear]:
-    for linear in linears:
-        method = linear.method
-        inner = getattr(method, "dense", None)
-        if isinstance(method, DenseLinear):
-            yield method
-        elif isinstance(inner, DenseLinear):
-            yield inner
 
 
 def available_memory_bytes() -> int:
