@@ -74,6 +74,27 @@ class Transport(ABC):
         """Close every socket this transport opened."""
 
 
+# --- asyncio queues (actors in one process) ---------------------------------------------
+
+
+class _QueueInbox(Inbox):
+    def __init__(self, name: str, queue: asyncio.Queue[bytes]) -> None:
+        super().__init__(name)
+        self.queue = queue
+
+    async def recv_bytes(self) -> bytes:
+        return await self.queue.get()
+
+
+class _QueueOutbox(Outbox):
+    def __init__(self, queue: asyncio.Queue[bytes]) -> None:
+        self.queue = queue
+
+    def send_bytes(self, data: bytes) -> None:
+        # NOTE: bytes, not objects, cross the queue, so in-process runs test the same codec.
+        self.queue.put_nowait(data)
+
+
 # --- ZeroMQ -----------------------------------------------------------------------------
 
 
@@ -107,23 +128,22 @@ class _ZmqOutbox(Outbox):
         self.socket.send(data, copy=False)
 
 
-class _ColocatedInbox(Inbox):
+class _ColocatedInbox(_QueueInbox):
     """The inbox of an actor whose peers share its process: a queue, also fed from ZeroMQ.
 
-    Senders in the same process put bytes on the queue; the ZeroMQ socket still takes
-    messages from other processes, forwarded by a task.
+    Senders in the same process put bytes on the queue; the ZeroMQ socket (owned and closed
+    by the transport) still takes messages from other processes, forwarded by a task.
     """
 
     def __init__(self, name: str, queue: asyncio.Queue[bytes], socket: zmq.asyncio.Socket):
-        super().__init__(name)
-        self.queue = queue
+        super().__init__(name, queue)
         self.socket = socket
         self._forward: asyncio.Task | None = None
 
     async def recv_bytes(self) -> bytes:
         if self._forward is None:
             self._forward = asyncio.create_task(self._forward_remote())
-        return await self.queue.get()
+        return await super().recv_bytes()
 
     async def _forward_remote(self) -> None:
         while True:
@@ -132,7 +152,6 @@ class _ColocatedInbox(Inbox):
     def close(self) -> None:
         if self._forward is not None:
             self._forward.cancel()
-        self.socket.close(linger=0)
 
 
 class ZmqTransport(Transport):
@@ -168,7 +187,7 @@ class ZmqTransport(Transport):
 
     def outbox(self, name: str) -> Outbox:
         if name in self.local_queues:
-            return _LocalOutbox(self.local_queues[name])
+            return _QueueOutbox(self.local_queues[name])
         sock = self.sync_ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.LINGER, 0)
@@ -187,32 +206,6 @@ class ZmqTransport(Transport):
 # --- in-process -------------------------------------------------------------------------
 
 
-class _QueueInbox(Inbox):
-    def __init__(self, name: str, queue: asyncio.Queue[bytes]) -> None:
-        super().__init__(name)
-        self.queue = queue
-
-    async def recv_bytes(self) -> bytes:
-        return await self.queue.get()
-
-
-class _LocalOutbox(Outbox):
-    def __init__(self, queue: asyncio.Queue[bytes]) -> None:
-        self.queue = queue
-
-    def send_bytes(self, data: bytes) -> None:
-        self.queue.put_nowait(data)
-
-
-class _QueueOutbox(Outbox):
-    def __init__(self, transport: InProcessTransport, name: str) -> None:
-        self.transport, self.name = transport, name
-
-    def send_bytes(self, data: bytes) -> None:
-        # NOTE: bytes, not objects, cross the queue, so in-process runs test the same codec.
-        self.transport.queue_of(self.name).put_nowait(data)
-
-
 class InProcessTransport(Transport):
     """Every actor in one event loop (tests, the offline `LLM`): asyncio queues of bytes."""
 
@@ -227,4 +220,4 @@ class InProcessTransport(Transport):
         return _QueueInbox(name, self.queue_of(name))
 
     def outbox(self, name: str) -> Outbox:
-        return _QueueOutbox(self, name)
+        return _QueueOutbox(self.queue_of(name))
