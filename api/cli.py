@@ -244,8 +244,9 @@ def engine_config(args: argparse.Namespace):
     )
 
 
-def check_engine_config(cfg) -> str | None:
-    """A start-up error the user caused (bad model path, format or quantization), or None."""
+def check_engine_config(cfg) -> None:
+    """Fail fast on a start-up error the user caused (bad model path, format or quantization)
+    before any process starts. NOTE: the engine's linear plan checks the quantization again."""
     from model_runner.config import resolve_device
     from model_runner.linear_plan import QuantizationError, check_quantization
     from model_runner.model_source import ModelSourceError, resolve_model
@@ -254,8 +255,7 @@ def check_engine_config(cfg) -> str | None:
         source = resolve_model(cfg)
         check_quantization(cfg.quantization, resolve_device(cfg), source.format)
     except (ModelSourceError, QuantizationError) as e:
-        return str(e)
-    return None
+        startup_error(str(e))
 
 
 def server_config(args: argparse.Namespace):
@@ -347,9 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     engine_cfg = engine_config(args)
-    if (error := check_engine_config(engine_cfg)) is not None:
-        print(f"tokenmill: error: {error}", file=sys.stderr)
-        return 2
+    check_engine_config(engine_cfg)
     run(serve(engine_cfg, server_config(args)))
     return 0
 

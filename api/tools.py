@@ -81,8 +81,7 @@ def plan_tools(req, config: ToolConfig) -> ToolPlan:
                 "tool_choice",
             )
         parser = get_tool_parser(config.tool_call_parser)
-        names = frozenset(t.name for t in tools)
-        return ToolPlan(req.tools, parser, names, at_most_one=at_most_one)
+        return ToolPlan(req.tools, parser, _names(tools), at_most_one=at_most_one)
     return _forced_plan(req, config, tools, named, at_most_one)
 
 
@@ -101,8 +100,13 @@ def _forced_plan(req, config: ToolConfig, tools: list[FunctionTool], named: int 
     fmt = parser.forced_calls_format([tools[i] for i in indices], at_most_one or named is not None)
     tag = json.dumps({"type": "structural_tag", "format": fmt}, ensure_ascii=False)
     forced = Constraint(GrammarSpec(kind="structural_tag", spec=tag), "tools")
-    names = frozenset(t.name for t in tools)
-    return ToolPlan(req.tools, parser, names, forced, named is not None, at_most_one, tuple(checks))
+    return ToolPlan(
+        req.tools, parser, _names(tools), forced, named is not None, at_most_one, tuple(checks)
+    )
+
+
+def _names(tools: list[FunctionTool]) -> frozenset[str]:
+    return frozenset(t.name for t in tools)
 
 
 def check_tools(tools: Any) -> list[FunctionTool]:
