@@ -29,7 +29,7 @@ from api.openai_protocol import (
 )
 from api.responses import ChatStreamer, CompletionStreamer, chat_response, completion_response
 from api.streaming import Accumulator, DeltaStream
-from api.structured_outputs import checked_constraint, has_structured_fields, off_the_loop
+from api.structured_outputs import checked_constraint, off_the_loop
 from api.tools import chat_constraints
 from api.validation import (
     Limits,
@@ -149,9 +149,7 @@ class OpenAIServing:
     async def chat(self, body: bytes) -> Response:
         req = decode_body(body, ChatCompletionRequest)
         check_model(req.model, self.engine.model_name)
-        tool_plan, constraint = await off_the_loop(
-            has_structured_fields(req), chat_constraints, req, self.config.tool_config
-        )
+        tool_plan, constraint = await off_the_loop(chat_constraints, req, self.config.tool_config)
         sampling = chat_sampling_params(req, self.limits, constraint and constraint.grammar)
         prompt = render_chat(
             self.engine.tokenizer,
@@ -187,7 +185,7 @@ class OpenAIServing:
     async def completions(self, body: bytes) -> Response:
         req = decode_body(body, CompletionRequest)
         check_model(req.model, self.engine.model_name)
-        constraint = await off_the_loop(has_structured_fields(req), checked_constraint, req)
+        constraint = await off_the_loop(checked_constraint, req)
         sampling = completion_sampling_params(req, self.limits, constraint and constraint.grammar)
         prompts = completion_prompts(req, self.limits)
         request_id = f"cmpl-{uuid.uuid4().hex}"

@@ -140,18 +140,16 @@ def _structured_outputs(fields: dict[str, Any] | None) -> Constraint | None:
     return _one(key, value, param)
 
 
+GUIDED_KEYS = ("json", "regex", "choice", "grammar")  # vLLM's older guided_<key> fields
+
+
 def _guided(req) -> list[Constraint | None]:
     if req.guided_whitespace_pattern is not None:
         raise bad_request(
             "`guided_whitespace_pattern` is not supported: JSON is generated compactly.",
             "guided_whitespace_pattern",
         )
-    fields = {
-        "json": req.guided_json,
-        "regex": req.guided_regex,
-        "choice": req.guided_choice,
-        "grammar": req.guided_grammar,
-    }
+    fields = {k: getattr(req, f"guided_{k}") for k in GUIDED_KEYS}
     return [_one(k, v, f"guided_{k}") for k, v in fields.items() if v is not None]
 
 
@@ -221,17 +219,14 @@ def checked_constraint(req) -> Constraint | None:
     return constraint
 
 
-def has_structured_fields(req) -> bool:
-    """Whether checking the request means schema or grammar work (done off the loop)."""
-    return any(
-        getattr(req, name, None) is not None
-        for name in ("response_format", "structured_outputs", "guided_json", "guided_regex",
-                     "guided_choice", "guided_grammar", "tools")
-    )  # fmt: skip
+SCHEMA_FIELDS = ("response_format", "structured_outputs", "tools",
+                 *(f"guided_{k}" for k in GUIDED_KEYS))  # fmt: skip
 
 
-async def off_the_loop(has_work: bool, check, *args):
-    """Run a check in a thread when it has schema work (pure-Python JSON-schema validation
-    of many tools takes tens of milliseconds; xgrammar's conversions release the GIL), so
-    other requests' chunks keep streaming; inline otherwise."""
-    return await asyncio.to_thread(check, *args) if has_work else check(*args)
+async def off_the_loop(check, req, *args):
+    """`check(req, *args)`, in a thread when the request has schema or grammar work
+    (pure-Python JSON-schema validation of many tools takes tens of milliseconds;
+    xgrammar's conversions release the GIL), so other requests' chunks keep streaming."""
+    if any(getattr(req, name, None) is not None for name in SCHEMA_FIELDS):
+        return await asyncio.to_thread(check, req, *args)
+    return check(req, *args)
