@@ -83,10 +83,14 @@ class Bench:
         prompts = make_prompts(count, self.args.input_len, self.seed)
         return [{**bs.make_payload(opts, self.model, p, None), **extra} for p in prompts]
 
-    async def metric(self, name: str) -> float:
+    async def metrics(self, *names: str) -> list[float]:
+        """The values of `tokenmill:<name>` for each name, from one scrape."""
         text = (await self.client.get(self.args.base_url.rstrip("/") + "/metrics")).text
-        match = re.search(rf"^tokenmill:{name}\S* (\S+)$", text, re.M)
-        return float(match.group(1)) if match else 0.0
+        matches = [re.search(rf"^tokenmill:{n}\S* (\S+)$", text, re.M) for n in names]
+        return [float(m.group(1)) if m else 0.0 for m in matches]
+
+    async def metric(self, name: str) -> float:
+        return (await self.metrics(name))[0]
 
     async def compiled_after(self, count: float) -> float:
         """The time `tokenmill:grammar_compiles_total` is first seen above `count`."""
@@ -141,9 +145,8 @@ class Bench:
             for with_tools in (True, False):
                 streams = [asyncio.create_task(self.one(b)) for b in self.bodies(8, a.itl_len)]
                 await asyncio.sleep(a.compile_delay)
-                count, seconds = (
-                    await self.metric("grammar_compiles_total"),
-                    await self.metric("grammar_compile_seconds_total"),
+                count, seconds = await self.metrics(
+                    "grammar_compiles_total", "grammar_compile_seconds_total"
                 )
                 sent = time.perf_counter()
                 if with_tools:
