@@ -153,14 +153,14 @@ def decode_attention(
     query: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    visible: torch.Tensor,
+    visible: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
     """One query token per sequence over each sequence's contiguous context.
 
     query: [seqs, heads, dim]; keys/values: [seqs, ctx, kv_heads, dim], any row stride;
-    visible: `decode_visible_mask`. NOTE: a KV head's query heads are adjacent
-    (head // group), so folding the group into SDPA's query length gives GQA with no
+    visible: `decode_visible_mask` (None: every position). NOTE: a KV head's query heads
+    are adjacent (head // group), so folding the group into SDPA's query length gives GQA with no
     repeat; SDPA reads the `[seqs, kv_heads, ctx, dim]` transposed view in place (no
     head-major copy). 2-4x faster on the CPU than per-head matmuls, bf16 above all.
     """

@@ -63,6 +63,11 @@ def rotary_tables(
     )
 
 
+def rotate_with_tables(heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """heads [T, H, D] rotated by `rotary_tables` (NeoX, every feature), in their dtype."""
+    return heads * cos + heads.roll(heads.shape[-1] // 2, dims=-1) * sin
+
+
 def rotary_embedding_ref(
     positions: torch.Tensor,
     query: torch.Tensor,
@@ -80,9 +85,7 @@ def rotary_embedding_ref(
     rot_dim = cos_sin_cache.shape[-1]
     num_q_heads = query.shape[1]
     if tables is not None and is_neox and rot_dim == query.shape[-1]:
-        cos, sin = tables
-        both = torch.cat([query, key], dim=1)
-        rot = both * cos + both.roll(rot_dim // 2, dims=-1) * sin
+        rot = rotate_with_tables(torch.cat([query, key], dim=1), *tables)
         return rot[:, :num_q_heads], rot[:, num_q_heads:]
     cos, sin = cos_sin_cache[positions.long()].chunk(2, dim=-1)
     # One rotation of query and key heads together: half the small ops of two.
