@@ -21,6 +21,7 @@ from actors.scheduler.block_manager import Allocation, BlockManager
 from actors.scheduler.errors import AdmissionError
 from actors.scheduler.finishing import check_stop, detok_params
 from actors.scheduler.plan import Plan
+from actors.scheduler.prefix_cache import PrefixCache
 from actors.scheduler.prefix_hash import extra_keys
 from actors.scheduler.sequence import Request, SeqStatus, Sequence
 from model_runner.step_input import NewSequence, ScheduledChunk, StepInput, StepOutput
@@ -56,6 +57,7 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         caching = getattr(config, "enable_prefix_caching", True)
         self.blocks = BlockManager(num_blocks, block_size, caching)
+        self.prefix_cache = PrefixCache(self.blocks, block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # NOTE: oldest first; preemption pops the newest
         self._requests: dict[str, Request] = {}
@@ -65,8 +67,6 @@ class Scheduler:
         self._finished_ids: list[str] = []  # for the next StepInput.finished_seq_ids
         self._started: list[DetokParams] = []
         self._outputs: list[SeqOutput] = []
-        self._queries = 0
-        self._hits = 0
         self._preemptions = 0
         self._grammar_done: list[str] = []  # finished requests whose grammar can be unpinned
 
@@ -170,7 +170,7 @@ class Scheduler:
                 self.blocks.free(seq.seq_id)
                 continue
             seq.num_computed += num_tokens
-            self._cache_computed(seq, num_tokens)
+            self.prefix_cache.register_computed(seq, num_tokens)
             if seq.forks and seq.num_computed >= seq.prompt_len:
                 self._fork(seq)
         any_finished = False
@@ -218,8 +218,8 @@ class Scheduler:
             num_waiting=len(self.waiting),
             kv_cache_usage=self.blocks.usage,
             num_blocks_in_use=self.blocks.num_used_blocks,
-            prefix_cache_queries=self._queries,
-            prefix_cache_hits=self._hits,
+            prefix_cache_queries=self.prefix_cache.queries,
+            prefix_cache_hits=self.prefix_cache.hits,
             num_preemptions=self._preemptions,
         )
 
@@ -263,7 +263,7 @@ class Scheduler:
             seq = self.waiting[0]
             if self.running and 1 + len(seq.forks) > seats:
                 break
-            hits = self._lookup(seq)
+            hits = self.prefix_cache.lookup(seq)
             num_computed = len(hits) * self.block_size
             num_tokens = min(seq.num_tokens - num_computed, plan.budget)
             alloc = self.blocks.allocate(seq.seq_id, num_computed, num_tokens, hits)
@@ -279,7 +279,7 @@ class Scheduler:
             seq.status = RUNNING
             seq.num_computed = num_computed
             self.running.append(seq)
-            self._count_prefix_query(seq, num_computed)
+            self.prefix_cache.count_query(seq, num_computed)
             self._add_to_plan(plan, seq, num_tokens, alloc)
 
     def _add_to_plan(self, plan: Plan, seq: Sequence, num_tokens: int, alloc: Allocation):
@@ -314,33 +314,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self._preemptions += 1
 
-    def _lookup(self, seq: Sequence) -> list[int]:
-        if not self.blocks.enable_prefix_caching:
-            return []
-        keys = seq.full_block_keys(self.block_size, seq.num_tokens // self.block_size)
-        return self.blocks.find_cached_prefix(keys, seq.num_tokens)
-
-    def _count_prefix_query(self, seq: Sequence, hit_tokens: int) -> None:
-        request = seq.request
-        if request.counted or not self.blocks.enable_prefix_caching:
-            return
-        request.counted = True
-        request.num_cached_tokens = hit_tokens
-        self._queries += seq.num_tokens
-        self._hits += hit_tokens
-
     # --- results ---------------------------------------------------------------------
-
-    def _cache_computed(self, seq: Sequence, num_new: int) -> None:
-        """Register the blocks this step filled (full and computed)."""
-        num_full = seq.num_computed // self.block_size
-        if (
-            not self.blocks.enable_prefix_caching
-            or num_full == (seq.num_computed - num_new) // self.block_size
-        ):
-            return
-        keys = seq.full_block_keys(self.block_size, num_full)
-        self.blocks.cache_full_blocks(seq.seq_id, keys, num_full)
 
     def _fork(self, parent: Sequence) -> None:
         """Sample 0's prompt is computed: its pending samples share all its blocks."""
