@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# OpenAI's error type by status (the API's own table: api.errors; actors do not import it)
+_TYPES = {500: "InternalServerError", 503: "ServiceUnavailableError"}
+
 
 class AdmissionError(Exception):
     """A request refused at admission, in OpenAI's error shape.
@@ -29,9 +32,7 @@ class AdmissionError(Exception):
 
     @property
     def type(self) -> str:
-        return {500: "InternalServerError", 503: "ServiceUnavailableError"}.get(
-            self.status, "BadRequestError"
-        )
+        return _TYPES.get(self.status, "BadRequestError")
 
     def __repr__(self) -> str:
         return f"AdmissionError({self.status}, {self.message!r}, param={self.param!r})"
