@@ -197,26 +197,35 @@ def _listed(values: list[float], digits: int) -> str:
     return ", ".join(f"{v:.{digits}f}" for v in values)
 
 
+def _report_throughput(t: dict) -> None:
+    for n, r in enumerate(t["rounds"]):
+        print(f"round {n}: plain {r['plain']['output_throughput']:.1f} tok/s, grammar "
+              f"{r['grammar']['output_throughput']:.1f} tok/s")  # fmt: skip
+    print(f"grammar / plain output tok/s: median {t['ratio_median']:.3f} "
+          f"(rounds {_listed(t['ratios'], 3)})")  # fmt: skip
+
+
+def _report_ttft(f: dict) -> None:
+    print(f"TTFT plain {f['plain_ttft_ms']:.1f} ms, cached grammar "
+          f"{f['cached_grammar_ttft_ms']:.1f} ms (+{f['cached_added_ms']:.1f}), first "
+          f"compile of 10 properties {f['first_compile_ttft_ms']:.1f} ms "
+          f"(+{f['first_compile_added_ms']:.1f})")  # fmt: skip
+
+
+def _report_itl(i: dict) -> None:
+    print(f"ITL p99 of 8 streams: alone {i['itl_p99_alone_ms']:.1f} ms, while a 64-tool "
+          f"grammar compiles {i['itl_p99_during_compile_ms']:.1f} ms (x{i['ratio']:.2f}; "
+          f"compiles {_listed(i['compile_s'], 2)} s in windows of "
+          f"{_listed(i['window_s'], 2)} s; gaps {i['gaps']})")  # fmt: skip
+
+
+REPORTS = {"throughput": _report_throughput, "ttft": _report_ttft, "itl": _report_itl}
+
+
 def report(out: dict) -> None:
-    if "throughput" in out:
-        t = out["throughput"]
-        for n, r in enumerate(t["rounds"]):
-            print(f"round {n}: plain {r['plain']['output_throughput']:.1f} tok/s, grammar "
-                  f"{r['grammar']['output_throughput']:.1f} tok/s")  # fmt: skip
-        print(f"grammar / plain output tok/s: median {t['ratio_median']:.3f} "
-              f"(rounds {_listed(t['ratios'], 3)})")  # fmt: skip
-    if "ttft" in out:
-        f = out["ttft"]
-        print(f"TTFT plain {f['plain_ttft_ms']:.1f} ms, cached grammar "
-              f"{f['cached_grammar_ttft_ms']:.1f} ms (+{f['cached_added_ms']:.1f}), first "
-              f"compile of 10 properties {f['first_compile_ttft_ms']:.1f} ms "
-              f"(+{f['first_compile_added_ms']:.1f})")  # fmt: skip
-    if "itl" in out:
-        i = out["itl"]
-        print(f"ITL p99 of 8 streams: alone {i['itl_p99_alone_ms']:.1f} ms, while a 64-tool "
-              f"grammar compiles {i['itl_p99_during_compile_ms']:.1f} ms (x{i['ratio']:.2f}; "
-              f"compiles {_listed(i['compile_s'], 2)} s in windows of "
-              f"{_listed(i['window_s'], 2)} s; gaps {i['gaps']})")  # fmt: skip
+    for name, print_phase in REPORTS.items():
+        if name in out:
+            print_phase(out[name])
 
 
 def parser() -> argparse.ArgumentParser:
