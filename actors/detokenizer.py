@@ -101,6 +101,8 @@ class DetokenizerActor(Actor):
             num_prompt_tokens=p.num_prompt_tokens,
             num_cached_tokens=p.num_cached_tokens,
             num_output_tokens=sample.num_output_tokens,
+            gpu_seconds=out.gpu_seconds,
+            queue_seconds=p.queue_seconds,
         )
 
     def finish_sample(self, request_id: str, index: int) -> None:

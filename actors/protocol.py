@@ -34,6 +34,7 @@ class GenerateRequest(_Message, kw_only=True):
     sampling: SamplingParams
     cache_salt: str | None = None
     arrival_time: float
+    feature: str = "none"  # cost-attribution label, already checked and bounded by the API
 
 
 # --- tokenizer -> scheduler, api -> scheduler, detokenizer -> scheduler -----------------
@@ -45,6 +46,7 @@ class TokenizedRequest(_Message, kw_only=True):
     sampling: SamplingParams
     cache_salt: str | None = None
     arrival_time: float
+    feature: str = "none"
 
 
 class Abort(_Message, kw_only=True):
@@ -57,6 +59,11 @@ class Abort(_Message, kw_only=True):
 
 class ResetPrefixCache(_Message, kw_only=True):
     """Drop every cached block that no live request holds."""
+
+
+class Drain(_Message, kw_only=True):
+    """Shutting down: refuse new requests (503) and abort every request not yet started;
+    running ones go on."""
 
 
 # --- executor <-> scheduler -------------------------------------------------------------
@@ -134,6 +141,7 @@ class DetokParams(msgspec.Struct, frozen=True, kw_only=True):
     num_prompt_tokens: int
     num_cached_tokens: int
     prompt_tail: list[int]  # the prompt's last ids: context for the first output token's text
+    queue_seconds: float = 0.0  # arrival to first scheduled
 
 
 class SeqOutput(msgspec.Struct, frozen=True, array_like=True):
@@ -145,6 +153,7 @@ class SeqOutput(msgspec.Struct, frozen=True, array_like=True):
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | None = None  # the stop token id that ended it, if any
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+    gpu_seconds: float = 0.0  # the request's device time so far (all its samples)
 
 
 class StepTokens(_Message, kw_only=True):
@@ -175,6 +184,8 @@ class TextDelta(msgspec.Struct, frozen=True, array_like=True):
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_output_tokens: int = 0  # total so far for this sample
+    gpu_seconds: float = 0.0  # the engine request's device time so far (all its samples)
+    queue_seconds: float = 0.0  # arrival to first scheduled
 
 
 class TextDeltas(_Message, kw_only=True):
@@ -202,6 +213,10 @@ class SchedulerStats(_Message, kw_only=True):
     prefix_cache_hits: int  # tokens, cumulative
     num_preemptions: int
     grammar: GrammarCacheStats | None = None  # the executor's, as of its last compile answer
+    gpu_seconds_by_feature: dict[str, float] = {}  # cumulative device time per feature label
+    prompt_tokens_computed: int = 0  # cumulative prefill tokens (recomputes included)
+    generation_tokens: int = 0  # cumulative sampled tokens
+    iteration_tokens: list[int] = []  # tokens of each step finished since the last stats
 
 
 class EngineReady(_Message, kw_only=True):
@@ -232,6 +247,7 @@ SchedulerInbox = Union[
     TokenizedRequest,
     Abort,
     ResetPrefixCache,
+    Drain,
     ExecutorReady,
     StepResult,
     StepFailed,

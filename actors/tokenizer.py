@@ -53,5 +53,6 @@ class TokenizerActor(Actor):
                 sampling=req.sampling,
                 cache_salt=req.cache_salt,
                 arrival_time=req.arrival_time,
+                feature=req.feature,
             )
         )

@@ -11,6 +11,8 @@ import sys
 
 log = logging.getLogger("tokenmill")
 
+STATS_LOG_INTERVAL_S = 10.0
+
 DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 QUANTIZATIONS = ("auto", "gguf", "int8", "int4", "none")  # model_runner.linear_plan
@@ -47,6 +49,36 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-logprobs", type=int, default=20)
     p.add_argument(
         "--log-level", default="info", choices=("debug", "info", "warning", "error", "critical")
+    )
+    _add_operations_args(p)
+
+
+def _add_operations_args(p: argparse.ArgumentParser) -> None:
+    """Shutdown, cost attribution and logs: what an operator tunes."""
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/SIGINT: seconds running requests get to finish before they are "
+        "aborted (a second signal stops at once)",
+    )
+    p.add_argument(
+        "--max-feature-tags",
+        type=int,
+        default=64,
+        help="distinct cost-attribution feature labels (X-Feature header or "
+        'metadata.feature); beyond them requests count as "other"',
+    )
+    p.add_argument(
+        "--enable-log-requests",
+        action="store_true",
+        help="log one JSON line per finished request (ids, feature, token counts, "
+        "gpu_seconds, TTFT, e2e, finish reason; never the prompt)",
+    )
+    p.add_argument(
+        "--disable-log-stats",
+        action="store_true",
+        help="no engine stats line every 10 s while busy",
     )
 
 
@@ -268,6 +300,10 @@ def server_config(args: argparse.Namespace):
         max_logprobs=args.max_logprobs,
         tool_config=tool_config(args),
         chat_template=chat_template_text(args.chat_template),
+        max_feature_tags=args.max_feature_tags,
+        enable_log_requests=args.enable_log_requests,
+        log_stats_interval=None if args.disable_log_stats else STATS_LOG_INTERVAL_S,
+        shutdown_timeout=args.shutdown_timeout,
     )
 
 
@@ -276,7 +312,7 @@ def bind_address(host: str, port: int) -> str:
 
 
 async def serve_app(app, server_cfg, stop: asyncio.Event) -> None:
-    """Serve a Quart app on hypercorn until `stop` is set (open requests get 5 s to finish)."""
+    """Serve a Quart app on hypercorn until `stop` is set (open connections then get 5 s)."""
     from hypercorn.asyncio import serve as hypercorn_serve
     from hypercorn.config import Config
 
@@ -288,21 +324,24 @@ async def serve_app(app, server_cfg, stop: asyncio.Event) -> None:
 
 
 async def serve(engine_cfg, server_cfg) -> None:
-    """Start the engine, serve until SIGTERM/SIGINT, then shut the engine down."""
+    """Start the engine, serve until SIGTERM/SIGINT, drain, then shut the engine down."""
     from api.engine_client import EngineClient
     from api.server import create_app
+    from api.shutdown import GracefulShutdown
 
-    stop = asyncio.Event()
+    engine = EngineClient(engine_cfg)
+    shutdown = GracefulShutdown(engine, server_cfg.shutdown_timeout)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    engine = EngineClient(engine_cfg)
+        loop.add_signal_handler(sig, shutdown.on_signal)
     try:
-        if not await _start_unless_stopped(engine, stop):
+        if not await _start_unless_stopped(engine, shutdown.requested):
             return
         address = bind_address(server_cfg.host, server_cfg.port)
         log.info("serving %s on http://%s", engine.model_name, address)
-        await serve_app(create_app(engine, server_cfg), server_cfg, stop)
+        drain = asyncio.create_task(shutdown.drain())
+        await serve_app(create_app(engine, server_cfg), server_cfg, shutdown.stop)
+        drain.cancel()
     finally:
         log.info("shutting down")
         await engine.shutdown()

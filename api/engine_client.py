@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from actors.protocol import (
     Abort,
+    Drain,
     EngineReady,
     GenerateRequest,
     PrefixCacheReset,
@@ -51,8 +52,11 @@ class EngineClient:
         self.info: EngineReady | None = None
         self.ready = asyncio.Event()
         self.reset_waiters: list[asyncio.Future] = []
+        self.to_scheduler = None
         self.tokenizer = None
         self.model_name = ""
+        self.draining = False
+        self.stats_listeners: list = []  # called with every SchedulerStats
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -120,6 +124,8 @@ class EngineClient:
         problems = self.problems()
         if problems:
             return False, "; ".join(problems)
+        if self.draining:
+            return False, "shutting down"
         if not self.ready.is_set():
             return False, "starting"
         return True, "ok"
@@ -160,6 +166,8 @@ class EngineClient:
                         queue.put_nowait(msg)
                 case SchedulerStats():
                     self.stats = msg
+                    for listener in self.stats_listeners:
+                        listener(msg)
                 case EngineReady():
                     self.info = msg
                     self.ready.set()
@@ -178,6 +186,7 @@ class EngineClient:
         sampling: SamplingParams,
         add_special_tokens: bool = True,
         cache_salt: str | None = None,
+        feature: str = "none",
     ) -> AsyncIterator[TextDelta]:
         if request_id in self.streams:
             raise ValueError(f"duplicate request id {request_id}")
@@ -192,6 +201,7 @@ class EngineClient:
                 sampling=sampling,
                 cache_salt=cache_salt,
                 arrival_time=time.time(),
+                feature=feature,
             )
         )
         unfinished = sampling.n
@@ -213,6 +223,28 @@ class EngineClient:
 
     async def abort(self, request_id: str) -> None:
         self.to_scheduler.send(Abort(request_id=request_id))
+
+    # --- shutdown -----------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Stop taking requests: /health 503, new requests 503, waiting ones aborted."""
+        self.draining = True
+        if self.to_scheduler is not None:
+            self.to_scheduler.send(Drain())
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is open (True) or `timeout` seconds passed (False)."""
+        deadline = time.monotonic() + timeout
+        while self.streams:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    def abort_all(self) -> None:
+        """End every open request with finish_reason "abort"."""
+        for request_id in list(self.streams):
+            self.to_scheduler.send(Abort(request_id=request_id))
 
     async def reset_prefix_cache(self) -> bool:
         fut = asyncio.get_running_loop().create_future()

@@ -6,6 +6,7 @@ interface) and serves it; the CLI runs the app on hypercorn under uvloop.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from werkzeug.exceptions import HTTPException
 from api.errors import ApiError, error_body
 from api.metrics import ServingMetrics
 from api.serving import OpenAIServing, json_response
+from api.stats_log import log_engine_stats
 from api.tools import ToolConfig
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,10 @@ class ServerConfig:
     max_prompts: int = 256
     tool_config: ToolConfig = field(default_factory=ToolConfig)
     chat_template: str | None = None  # --chat-template: the file's text
+    max_feature_tags: int = 64  # distinct cost-attribution labels; beyond them "other"
+    enable_log_requests: bool = False  # one JSON line per finished request
+    log_stats_interval: float | None = 10.0  # engine stats log line period; None: off
+    shutdown_timeout: float = 30.0  # --shutdown-timeout: the drain's grace for running requests
 
 
 def tokenmill_version() -> str:
@@ -65,6 +71,11 @@ def create_app(engine, config: ServerConfig | None = None) -> Quart:
     _register_errors(app)
     if config.api_key:
         _register_api_key(app, config.api_key)
+    _register_drain_refusal(app, engine)
+    if hasattr(engine, "stats_listeners"):
+        engine.stats_listeners.append(metrics.observe_stats)
+    if config.log_stats_interval:
+        _register_stats_log(app, engine, config.log_stats_interval)
     _register_routes(app, engine, serving, metrics)
     return app
 
@@ -81,6 +92,30 @@ def _register_api_key(app: Quart, api_key: str) -> None:
             return None
         body = error_body("Invalid or missing API key.", 401, code="invalid_api_key")
         return json_response(body, 401, {"WWW-Authenticate": "Bearer"})
+
+
+def _register_drain_refusal(app: Quart, engine) -> None:
+    """Shutting down: new generation requests get 503 (another replica may take them)."""
+
+    @app.before_request
+    async def refuse_while_draining():
+        if request.method == "POST" and getattr(engine, "draining", False):
+            body = error_body("The server is shutting down.", 503, code="shutting_down")
+            return json_response(body, 503, {"Retry-After": "1"})
+        return None
+
+
+def _register_stats_log(app: Quart, engine, interval: float) -> None:
+    tasks = []
+
+    @app.before_serving
+    async def start_stats_log():
+        tasks.append(asyncio.create_task(log_engine_stats(engine, interval)))
+
+    @app.after_serving
+    async def stop_stats_log():
+        for task in tasks:
+            task.cancel()
 
 
 def _register_errors(app: Quart) -> None:
@@ -102,11 +137,11 @@ def _register_errors(app: Quart) -> None:
 def _register_routes(app: Quart, engine, serving: OpenAIServing, metrics: ServingMetrics) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions():
-        return await serving.chat(await request.get_data())
+        return await serving.chat(await request.get_data(), request.headers.get("X-Feature"))
 
     @app.post("/v1/completions")
     async def completions():
-        return await serving.completions(await request.get_data())
+        return await serving.completions(await request.get_data(), request.headers.get("X-Feature"))
 
     @app.get("/v1/models")
     async def models():

@@ -20,13 +20,15 @@ from quart.wrappers.response import ResponseBody
 
 from api.chat_template import ChatTemplates, render_chat, uses_tools
 from api.errors import ApiError, bad_request, error_body
-from api.metrics import RequestTracker, ServingMetrics
+from api.features import FeatureTags
+from api.metrics import ServingMetrics
 from api.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
 )
+from api.request_tracker import RequestTracker
 from api.responses import ChatStreamer, CompletionStreamer, chat_response, completion_response
 from api.streaming import Accumulator, DeltaStream
 from api.structured_outputs import checked_constraint, off_the_loop
@@ -50,6 +52,11 @@ INLINE_TOKENIZE_CHARS = 20_000  # longer texts are tokenized off the event loop
 
 def json_response(body: dict, status: int = 200, headers: dict | None = None) -> Response:
     return Response(_encode(body), status, headers, content_type="application/json")
+
+
+def _json_line(log):
+    """`log` called with one record as a JSON line."""
+    return lambda record: log("%s", _encode(record).decode())
 
 
 def sse(chunk: dict) -> bytes:
@@ -117,6 +124,8 @@ class OpenAIServing:
         self.created = int(time.time())
         self._limits: Limits | None = None
         self.templates = ChatTemplates(engine.tokenizer, config.chat_template)
+        self.features = FeatureTags(config.max_feature_tags)
+        self.request_log = logging.getLogger("tokenmill.requests")
 
     @property
     def limits(self) -> Limits:
@@ -146,9 +155,10 @@ class OpenAIServing:
         }
         return {"object": "list", "data": [card]}
 
-    async def chat(self, body: bytes) -> Response:
+    async def chat(self, body: bytes, feature_header: str | None = None) -> Response:
         req = decode_body(body, ChatCompletionRequest)
         check_model(req.model, self.engine.model_name)
+        feature = self.features.label(feature_header, req.metadata)
         tool_plan, constraint = await off_the_loop(chat_constraints, req, self.config.tool_config)
         sampling = chat_sampling_params(req, self.limits, constraint and constraint.grammar)
         prompt = render_chat(
@@ -168,23 +178,26 @@ class OpenAIServing:
             sampling=sampling,
             add_special_tokens=req.add_special_tokens,
             cache_salt=req.cache_salt,
+            feature=feature,
         )
         acc = Accumulator(1, sampling.n)
+        tracker = self.track(request_id, feature, sampling.n)
         created, model = int(time.time()), self.engine.model_name
         if req.stream:
             streamer = ChatStreamer(
                 request_id, created, model, acc, logprobs=req.logprobs, tool_plan=tool_plan,
                 **_usage_options(req),
             )  # fmt: skip
-            return await self._stream([it], streamer)
-        await self._collect([it], acc)
+            return await self._stream([it], streamer, tracker)
+        await self._collect([it], acc, tracker)
         return json_response(
             chat_response(request_id, created, model, acc, req.logprobs, tool_plan)
         )
 
-    async def completions(self, body: bytes) -> Response:
+    async def completions(self, body: bytes, feature_header: str | None = None) -> Response:
         req = decode_body(body, CompletionRequest)
         check_model(req.model, self.engine.model_name)
+        feature = self.features.label(feature_header, req.metadata)
         constraint = await off_the_loop(checked_constraint, req)
         sampling = completion_sampling_params(req, self.limits, constraint and constraint.grammar)
         prompts = completion_prompts(req, self.limits)
@@ -197,9 +210,11 @@ class OpenAIServing:
                 sampling=sampling,
                 add_special_tokens=req.add_special_tokens,
                 cache_salt=req.cache_salt,
+                feature=feature,
             )
             for i, p in enumerate(prompts)
         ]
+        tracker = self.track(request_id, feature, sampling.n)
         echo = None
         if req.echo:
             echo = [p if isinstance(p, str) else self.engine.tokenizer.decode(p) for p in prompts]
@@ -210,14 +225,19 @@ class OpenAIServing:
             streamer = CompletionStreamer(
                 request_id, created, model, acc, logprobs=logprobs, echo=echo, **_usage_options(req)
             )
-            return await self._stream(iterators, streamer)
-        await self._collect(iterators, acc)
+            return await self._stream(iterators, streamer, tracker)
+        await self._collect(iterators, acc, tracker)
         body = completion_response(request_id, created, model, acc, logprobs, echo)
         return json_response(body)
 
-    async def _collect(self, iterators: list, acc: Accumulator) -> None:
-        """Run the engine requests to the end; a disconnect cancels this and aborts them."""
-        tracker = self.metrics.track()
+    def track(self, request_id: str, feature: str, n: int) -> RequestTracker:
+        log_line = self.request_log.info if self.config.enable_log_requests else None
+        tracker = self.metrics.track(request_id, feature, n, log_line and _json_line(log_line))
+        return tracker
+
+    async def _collect(self, iterators: list, acc: Accumulator, tracker: RequestTracker) -> None:
+        """Run the engine requests to the end; a disconnect cancels this and aborts them.
+        Cut short by a shutdown, the request is a 503 (streams end "abort" instead)."""
         stream = DeltaStream(iterators, tracker.on_delta)
         await stream.open()
         try:
@@ -226,9 +246,13 @@ class OpenAIServing:
         finally:
             await stream.aclose()
             tracker.finish(acc)
+        if getattr(self.engine, "draining", False) and any(
+            c.finish_reason == "abort" for c in acc.choices
+        ):
+            raise ApiError(503, "The server shut down before the request finished.",
+                           code="shutting_down", retry_after=1.0)  # fmt: skip
 
-    async def _stream(self, iterators: list, streamer) -> Response:
-        tracker = self.metrics.track()
+    async def _stream(self, iterators: list, streamer, tracker: RequestTracker) -> Response:
         stream = DeltaStream(iterators, tracker.on_delta)
         await stream.open()  # NOTE: before the headers, so a refusal keeps its status
         body = SSEBody(sse_events(stream, streamer, tracker), stream)

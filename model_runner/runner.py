@@ -38,6 +38,7 @@ from model_runner.model_source import (
 )
 from model_runner.sampler import Sampler
 from model_runner.step_input import NewSequence, StepInput, StepOutput
+from model_runner.step_timer import StepTimer
 
 
 def load_model_config(source: ModelSource, gguf_reader=None) -> ModelConfig:
@@ -58,6 +59,7 @@ class ModelRunner:
         self.config = config
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, self.device)
+        self.step_timer = StepTimer(self.device)
         self.source = resolve_model(config)
         self.model_name = self.source.name
         reader = open_gguf(self.source.path) if self.source.format == "gguf" else None
@@ -184,10 +186,16 @@ class ModelRunner:
     def execute(self, step: StepInput) -> StepOutput:
         """Apply the step's state changes, run the forward, sample, append the new tokens."""
         start = time.perf_counter()
+        self.step_timer.start()
         apply_state_updates(self._seqs, step, self._make_grammar)
         self.kv_cache.copy_blocks(step.block_copies)
         if not step.chunks:
-            return StepOutput(step_id=step.step_id, execute_seconds=time.perf_counter() - start)
+            device_seconds = self.step_timer.stop()
+            return StepOutput(
+                step_id=step.step_id,
+                execute_seconds=time.perf_counter() - start,
+                device_seconds=device_seconds,
+            )
         with torch.inference_mode():
             inputs = build_model_inputs(
                 self._seqs, step, self.block_size, self.device, self.config.batch_invariant
@@ -208,8 +216,12 @@ class ModelRunner:
             if meta.decode_context is not None:
                 self.decode_context.commit()
             sampled = self.sampler(logits, inputs.sample_seqs)
+        device_seconds = self.step_timer.stop()
         for seq, token in zip(inputs.sample_seqs, sampled, strict=True):
             seq.append(token.token_id)
         return StepOutput(
-            step_id=step.step_id, sampled=sampled, execute_seconds=time.perf_counter() - start
+            step_id=step.step_id,
+            sampled=sampled,
+            execute_seconds=time.perf_counter() - start,
+            device_seconds=device_seconds,
         )

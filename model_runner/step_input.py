@@ -60,4 +60,5 @@ class SampledToken(msgspec.Struct, frozen=True, array_like=True):
 class StepOutput(msgspec.Struct, frozen=True, kw_only=True):
     step_id: int
     sampled: list[SampledToken] = []
-    execute_seconds: float = 0.0
+    execute_seconds: float = 0.0  # host wall time of the whole step
+    device_seconds: float = 0.0  # the device's time for it (CUDA events; on the CPU, wall time)

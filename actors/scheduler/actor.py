@@ -16,6 +16,7 @@ from actors.actor import Actor
 from actors.protocol import (
     Abort,
     CompileGrammar,
+    Drain,
     EngineReady,
     ExecutorReady,
     GrammarFailed,
@@ -35,6 +36,10 @@ from actors.scheduler.scheduler import Scheduler
 from actors.transport import Transport
 from model_runner.grammar_cache import GrammarCacheStats
 
+SHUTTING_DOWN = AdmissionError(
+    503, "The server is shutting down.", code="shutting_down", retry_after=1.0
+)
+
 
 class SchedulerActor(Actor):
     name = "scheduler"
@@ -49,6 +54,7 @@ class SchedulerActor(Actor):
         self.releases: list[str] = []  # grammars to unpin, sent with the next plan
         self.grammar_stats: GrammarCacheStats | None = None
         self.grammar_stats_changed = False
+        self.draining = False
         self.executor = transport.outbox("executor")
         self.detokenizer = transport.outbox("detokenizer")
         self.api = transport.outbox("api")
@@ -56,7 +62,7 @@ class SchedulerActor(Actor):
     async def handle(self, msg: msgspec.Struct) -> None:
         match msg:
             case TokenizedRequest():
-                if self.policy is None:
+                if self.policy is None and not self.draining:
                     self.pending.append(msg)
                 else:
                     self.admit(msg)
@@ -78,6 +84,8 @@ class SchedulerActor(Actor):
                     self.refuse(rid, AdmissionError(msg.status, msg.message, code=msg.code))
             case ExecutorReady():
                 self.on_executor_ready(msg)
+            case Drain():
+                self.drain()
             case ResetPrefixCache():
                 ok = self.policy is not None and self.policy.reset_prefix_cache()
                 self.api.send(PrefixCacheReset(ok=ok))
@@ -106,6 +114,9 @@ class SchedulerActor(Actor):
     def admit(self, req: TokenizedRequest) -> None:
         """Queue a request, or first have its grammar compiled (it waits without a slot)."""
         grammar = req.sampling.grammar
+        if self.draining:
+            self.refuse(req.request_id, SHUTTING_DOWN)
+            return
         try:
             if grammar is None:
                 self.policy.add_request(req)
@@ -137,6 +148,18 @@ class SchedulerActor(Actor):
             self.policy.abort(request_id, index, reason)
         else:
             self.pending = [r for r in self.pending if r.request_id != request_id]
+
+    def drain(self) -> None:
+        """Shutting down: requests waiting for a grammar or a slot end "abort"; new ones 503."""
+        self.draining = True
+        for rid in list(self.compiling):
+            self.abort(rid, None, "abort")
+            self.refuse(rid, SHUTTING_DOWN)
+        for req in self.pending:
+            self.refuse(req.request_id, SHUTTING_DOWN)
+        self.pending = []
+        if self.policy is not None:
+            self.policy.drain()
 
     def refuse(self, request_id: str, e: AdmissionError) -> None:
         self.api.send(

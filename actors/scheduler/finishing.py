@@ -45,4 +45,5 @@ def detok_params(request: Request) -> DetokParams:
         num_prompt_tokens=len(request.prompt_token_ids),
         num_cached_tokens=request.num_cached_tokens,
         prompt_tail=list(request.prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]),
+        queue_seconds=request.queue_seconds or 0.0,
     )

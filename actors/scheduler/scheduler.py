@@ -13,11 +13,13 @@ own first token); writes into shared blocks are copied on write (`StepInput.bloc
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from actors.protocol import DetokParams, SchedulerStats, SeqOutput, StepTokens, TokenizedRequest
 from actors.scheduler.admission import check_admission, effective_max_tokens
 from actors.scheduler.block_manager import Allocation, BlockManager
+from actors.scheduler.cost import CostLedger
 from actors.scheduler.errors import AdmissionError
 from actors.scheduler.finishing import check_stop, detok_params
 from actors.scheduler.plan import Plan
@@ -69,6 +71,8 @@ class Scheduler:
         self._outputs: list[SeqOutput] = []
         self._preemptions = 0
         self._grammar_done: list[str] = []  # finished requests whose grammar can be unpinned
+        self.costs = CostLedger()
+        self.draining = False  # shutting down: no new requests
 
     # --- requests --------------------------------------------------------------------
 
@@ -78,6 +82,10 @@ class Scheduler:
         if rid in self._requests or any(s in self._seqs for s in _seq_ids(rid, n)):
             raise AdmissionError(
                 400, f"Request id {rid!r} is already in use.", code="duplicate_request_id"
+            )
+        if self.draining:
+            raise AdmissionError(
+                503, "The server is shutting down.", code="shutting_down", retry_after=1.0
             )
         check_admission(
             len(req.prompt_token_ids),
@@ -98,7 +106,10 @@ class Scheduler:
         prompt_len = len(req.prompt_token_ids)
         extra = extra_keys(req.cache_salt, getattr(req, "lora_name", None))
         max_tokens = effective_max_tokens(sp.max_tokens, prompt_len, self.max_model_len)
-        request = Request(rid, list(req.prompt_token_ids), sp, max_tokens, extra)
+        request = Request(
+            rid, list(req.prompt_token_ids), sp, max_tokens, extra,
+            feature=req.feature, arrival_time=req.arrival_time,
+        )  # fmt: skip
         for i, seq_id in enumerate(seq_ids):
             seq = Sequence(seq_id, request, i, WAITING if i == 0 else FORK_PENDING)
             request.seqs.append(seq)
@@ -125,6 +136,14 @@ class Scheduler:
             self._retire(seq)
             if reason != "stop":
                 self._emit_finish(seq, reason)
+
+    def drain(self) -> None:
+        """Shutting down: refuse new requests; abort the waiting ones never started (those
+        preempted after they started go on)."""
+        self.draining = True
+        never_started = [s for s in self.waiting if s.request.queue_seconds is None]
+        for seq in never_started:
+            self.abort(seq.request.request_id)
 
     @property
     def has_unfinished(self) -> bool:
@@ -164,6 +183,8 @@ class Scheduler:
             raise ValueError(f"step {output.step_id} is not the step in flight")
         scheduled = self._in_flight[1]
         self._in_flight = None
+        self.costs.charge(scheduled, output.device_seconds)
+        self.costs.count_sampled(len(output.sampled))
         for seq, num_tokens in scheduled:
             seq.in_flight = False
             if seq.status is FINISHED:  # aborted while the step ran
@@ -221,6 +242,10 @@ class Scheduler:
             prefix_cache_queries=self.prefix_cache.queries,
             prefix_cache_hits=self.prefix_cache.hits,
             num_preemptions=self._preemptions,
+            gpu_seconds_by_feature=dict(self.costs.gpu_seconds_by_feature),
+            prompt_tokens_computed=self.costs.prompt_tokens_computed,
+            generation_tokens=self.costs.generation_tokens,
+            iteration_tokens=self.costs.take_iteration_tokens(),
         )
 
     def reset_prefix_cache(self) -> bool:
@@ -276,6 +301,8 @@ class Scheduler:
                 continue
             self.waiting.popleft()
             seats -= 1 + len(seq.forks)
+            if seq.request.queue_seconds is None:
+                seq.request.queue_seconds = max(0.0, time.time() - seq.request.arrival_time)
             seq.status = RUNNING
             seq.num_computed = num_computed
             self.running.append(seq)
@@ -339,7 +366,15 @@ class Scheduler:
         if sampled.logprob is not None:
             logprobs = [(token, sampled.logprob, list(sampled.top_logprobs or ()))]
         self._outputs.append(
-            SeqOutput(request.request_id, seq.index, [token], reason, stop_reason, logprobs)
+            SeqOutput(
+                request.request_id,
+                seq.index,
+                [token],
+                reason,
+                stop_reason,
+                logprobs,
+                request.gpu_seconds,
+            )  # fmt: skip
         )
         if reason is None:
             return False
@@ -349,7 +384,10 @@ class Scheduler:
     def _emit_finish(self, seq: Sequence, reason: str) -> None:
         if not seq.request.started:
             self._started.append(detok_params(seq.request))
-        self._outputs.append(SeqOutput(seq.request.request_id, seq.index, [], reason))
+        request = seq.request
+        self._outputs.append(
+            SeqOutput(request.request_id, seq.index, [], reason, gpu_seconds=request.gpu_seconds)
+        )
 
     def _retire(self, seq: Sequence, unlink: bool = True) -> None:
         """Mark finished, unlink from its queue, free its blocks (after the step in flight),

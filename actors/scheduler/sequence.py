@@ -30,6 +30,10 @@ class Request:
         "started",
         "num_cached_tokens",
         "counted",
+        "feature",
+        "arrival_time",
+        "queue_seconds",
+        "gpu_seconds",
     )
 
     def __init__(
@@ -39,6 +43,8 @@ class Request:
         sampling: SamplingParams,
         max_tokens: int,
         extra_key: bytes,
+        feature: str = "none",
+        arrival_time: float = 0.0,
     ) -> None:
         self.request_id = request_id
         self.sampling = sampling
@@ -51,6 +57,10 @@ class Request:
         self.started = False  # DetokParams sent
         self.num_cached_tokens = 0  # prefix-cache hit tokens of the first admission
         self.counted = False  # prefix-cache query counted in the stats
+        self.feature = feature  # cost-attribution label
+        self.arrival_time = arrival_time  # wall clock, when the API accepted it
+        self.queue_seconds: float | None = None  # arrival to first scheduled, once scheduled
+        self.gpu_seconds = 0.0  # device time charged so far (actors/scheduler/cost.py)
 
 
 class Sequence:

@@ -85,10 +85,12 @@ class FakeEngine:
         sampling: SamplingParams,
         add_special_tokens: bool = True,
         cache_salt: str | None = None,
+        feature: str = "none",
     ):
         self.calls.append(
             dict(
                 request_id=request_id,
+                feature=feature,
                 prompt=prompt,
                 sampling=sampling,
                 prompt_token_ids=prompt_token_ids,

@@ -33,7 +33,8 @@ async def test_chat_non_streamed_shape(client, engine, tokenizer):
     num_prompt = len(tokenizer.encode(prompt, add_special_tokens=False))
     assert body["usage"] == {"prompt_tokens": num_prompt, "completion_tokens": 5,
                              "total_tokens": num_prompt + 5,
-                             "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
+                             "prompt_tokens_details": {"cached_tokens": 0},
+                             "gpu_seconds": 0.0}  # fmt: skip
     [call] = engine.calls
     assert call["prompt"] == prompt and call["add_special_tokens"] is False
     assert call["sampling"].max_tokens == 5

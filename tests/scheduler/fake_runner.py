@@ -10,12 +10,15 @@ another sequence reads. A chunk reaching the end of its tokens samples one new t
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 
 from actors.protocol import TokenizedRequest
 from actors.scheduler.scheduler import Scheduler
 from model_runner.sampling_params import SamplingParams
 from model_runner.step_input import SampledToken, StepInput, StepOutput
+
+SECONDS_PER_TOKEN = 0.001
 
 
 class _RunnerSeq:
@@ -83,7 +86,9 @@ class FakeRunner:
                 token = self.next_token(chunk.seq_id, seq.token_ids)
                 seq.token_ids.append(token)
                 sampled.append(SampledToken(chunk.seq_id, token))
-        return StepOutput(step_id=step.step_id, sampled=sampled)
+        # NOTE: 1 ms of device time per computed token, so each request's share is exact
+        device_seconds = SECONDS_PER_TOKEN * sum(c.num_tokens for c in step.chunks)
+        return StepOutput(step_id=step.step_id, sampled=sampled, device_seconds=device_seconds)
 
 
 class Config:
@@ -104,7 +109,11 @@ def make_scheduler(
 
 
 def request(
-    request_id: str, prompt: list[int], cache_salt: str | None = None, **sampling
+    request_id: str,
+    prompt: list[int],
+    cache_salt: str | None = None,
+    feature: str = "none",
+    **sampling,
 ) -> TokenizedRequest:
     sampling.setdefault("max_tokens", 8)
     return TokenizedRequest(
@@ -112,7 +121,8 @@ def request(
         prompt_token_ids=list(prompt),
         sampling=SamplingParams(**sampling),
         cache_salt=cache_salt,
-        arrival_time=0.0,
+        arrival_time=time.time(),
+        feature=feature,
     )
 
 

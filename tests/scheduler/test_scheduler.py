@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from actors.protocol import DetokParams, SeqOutput
@@ -46,7 +47,9 @@ def test_chunked_prefill_splits_a_prompt_under_the_token_budget():
     assert step.new_sequences == [] and chunks(step) == [("a", 8, 2, [2, 3])]
     step, tokens = d.step()
     assert chunks(step) == [("a", 4, 4, [4])]
-    assert tokens.started == [
+    assert 0 <= tokens.started[0].queue_seconds < 5  # arrival to first scheduled
+    started = [msgspec.structs.replace(p, queue_seconds=0.0) for p in tokens.started]
+    assert started == [
         DetokParams(
             request_id="a",
             n=1,
