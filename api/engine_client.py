@@ -48,6 +48,7 @@ class EngineClient:
         self.actor_tasks: list[asyncio.Task] = []
         self.tasks: list[asyncio.Task] = []
         self.streams: dict[str, asyncio.Queue] = {}
+        self.unstarted: set[str] = set()  # sent, no delta yet: waiting, in prefill or in transit
         self.stats: SchedulerStats | None = None
         self.info: EngineReady | None = None
         self.ready = asyncio.Event()
@@ -190,8 +191,10 @@ class EngineClient:
     ) -> AsyncIterator[TextDelta]:
         if request_id in self.streams:
             raise ValueError(f"duplicate request id {request_id}")
+        self._refuse_when_overloaded()
         queue: asyncio.Queue = asyncio.Queue()
         self.streams[request_id] = queue
+        self.unstarted.add(request_id)
         self.to_tokenizer.send(
             GenerateRequest(
                 request_id=request_id,
@@ -213,13 +216,28 @@ class EngineClient:
                         status=item.status, message=item.message, type=item.type,
                         param=item.param, code=item.code, retry_after=item.retry_after,
                     )  # fmt: skip
+                self.unstarted.discard(request_id)
                 if item.finish_reason is not None:
                     unfinished -= 1
                 yield item
         finally:
             del self.streams[request_id]
+            self.unstarted.discard(request_id)
             if unfinished:
                 self.to_scheduler.send(Abort(request_id=request_id))
+
+    def _refuse_when_overloaded(self) -> None:
+        """The queue bound, answered here at once when the engine is certainly full: more
+        requests without a first token than the waiting queue and the batch hold together.
+        NOTE: the scheduler applies the exact bound (`--max-waiting`) on arrival."""
+        bound = self.config.max_waiting + self.config.max_num_seqs
+        if len(self.unstarted) >= bound:
+            raise EngineRequestError(
+                status=503, type="ServiceUnavailableError", code="server_overloaded",
+                message=f"The server is overloaded: {len(self.unstarted)} requests wait for "
+                f"their first token (max_waiting {self.config.max_waiting}). Please retry later.",
+                retry_after=1.0,
+            )  # fmt: skip
 
     async def abort(self, request_id: str) -> None:
         self.to_scheduler.send(Abort(request_id=request_id))
