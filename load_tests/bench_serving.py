@@ -67,6 +67,8 @@ def make_payload(args: argparse.Namespace, model: str, user: str, system: str | 
     }
     if args.ignore_eos:
         body["ignore_eos"] = True
+    if args.feature:
+        body["metadata"] = {"feature": args.feature}
     if args.endpoint == "chat":
         messages = [{"role": "system", "content": system}] if system else []
         body["messages"] = messages + [{"role": "user", "content": user}]
@@ -259,6 +261,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--feature", default=None, help="metadata.feature on every request")
     p.add_argument("--warmup", type=int, default=1, help="requests sent before timing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
