@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -29,10 +30,23 @@ def run(*cmd: str) -> str:
 
 
 def test_promtool_checks_config_and_rules(promtool):
+    rule_files = load_yaml("prometheus.yml")["rule_files"]
     out = run(promtool, "check", "config", "prometheus.yml")
-    assert f"SUCCESS: {len(load_yaml('prometheus.yml')['rule_files'])} rule files found" in out
-    for name in load_yaml("prometheus.yml")["rule_files"]:
+    assert f"SUCCESS: {len(rule_files)} rule files found" in out
+    for name in rule_files:
         assert "SUCCESS" in run(promtool, "check", "rules", name)
+
+
+def test_commented_kubernetes_job_relabels_to_the_annotated_port():
+    # NOTE: not via promtool: Debian's Prometheus is built without Kubernetes discovery
+    text = (PROM / "prometheus.yml").read_text()
+    commented = text.split("# On Kubernetes", 1)[1].split("\n", 1)[1]
+    (job,) = yaml.safe_load(re.sub(r"(?m)^  # ", "  ", commented))
+    assert job["kubernetes_sd_configs"] == [{"role": "pod"}]
+    address = next(r for r in job["relabel_configs"] if r.get("target_label") == "__address__")
+    joined = ";".join(["10.1.2.3:9999", "8000"])  # __address__;the prometheus.io/port annotation
+    match = re.fullmatch(address["regex"], joined)  # NOTE: Prometheus anchors its regexes
+    assert match.expand(address["replacement"].replace("$", "\\")) == "10.1.2.3:8000"
 
 
 def test_promtool_rule_unit_tests_pass(promtool):
