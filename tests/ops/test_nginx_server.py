@@ -101,7 +101,7 @@ def test_client_abort_through_nginx_frees_the_request(nginx_bin, tmp_path, serve
             for _ in range(3):
                 while not next(lines).startswith("data:"):
                     pass
-            assert gauge(server.base_url, "num_requests_running") == 1
+            assert gauge(server.base_url, "num_requests_running") >= 1
             assert gauge(server.base_url, "kv_cache_usage_perc") > 0
         # leaving the block closes the connection: nginx closes its upstream one
         deadline = time.monotonic() + 10
