@@ -311,6 +311,11 @@ def bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# NOTE: longer than nginx's upstream keepalive_timeout (ops/nginx/tokenmill.conf), so that the
+# proxy, not the server, closes an idle kept-alive connection.
+HYPERCORN_KEEP_ALIVE_S = 75.0
+
+
 async def serve_app(app, server_cfg, stop: asyncio.Event) -> None:
     """Serve a Quart app on hypercorn until `stop` is set (open connections then get 5 s)."""
     from hypercorn.asyncio import serve as hypercorn_serve
@@ -320,6 +325,7 @@ async def serve_app(app, server_cfg, stop: asyncio.Event) -> None:
     hconfig.bind = [bind_address(server_cfg.host, server_cfg.port)]
     hconfig.accesslog = None
     hconfig.graceful_timeout = 5.0
+    hconfig.keep_alive_timeout = HYPERCORN_KEEP_ALIVE_S
     await hypercorn_serve(app, hconfig, shutdown_trigger=stop.wait)
 
 

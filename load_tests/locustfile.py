@@ -1,6 +1,6 @@
 """Locust load test: users streaming chat completions from a tokenmill (or any OpenAI) server.
 
-    pip install 'tokenmill[bench]'     # locust
+    pip install 'tokenmill[test]'      # locust
     locust -f load_tests/locustfile.py --host http://127.0.0.1:8000 \\
         --headless -u 16 -r 4 --run-time 2m
 
