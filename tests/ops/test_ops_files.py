@@ -33,7 +33,8 @@ def exported_series() -> set[str]:
     series = set()
     for name, kind in re.findall(r"^# TYPE tokenmill:(\S+) (\S+)$", text, re.M):
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
-        series |= {name.removesuffix("_total") + s for s in suffixes.get(kind, [""])}
+        base = name.removesuffix("_total") if kind == "counter" else name
+        series |= {base + s for s in suffixes.get(kind, [""])}
     return series
 
 
