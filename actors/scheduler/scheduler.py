@@ -72,7 +72,6 @@ class Scheduler:
         self._preemptions = 0
         self._grammar_done: list[str] = []  # finished requests whose grammar can be unpinned
         self.costs = CostLedger()
-        self.draining = False  # shutting down: no new requests
 
     # --- requests --------------------------------------------------------------------
 
@@ -82,10 +81,6 @@ class Scheduler:
         if rid in self._requests or any(s in self._seqs for s in _seq_ids(rid, n)):
             raise AdmissionError(
                 400, f"Request id {rid!r} is already in use.", code="duplicate_request_id"
-            )
-        if self.draining:
-            raise AdmissionError(
-                503, "The server is shutting down.", code="shutting_down", retry_after=1.0
             )
         check_admission(
             len(req.prompt_token_ids),
@@ -138,9 +133,8 @@ class Scheduler:
                 self._emit_finish(seq, reason)
 
     def drain(self) -> None:
-        """Shutting down: refuse new requests; abort the waiting ones never started (those
-        preempted after they started go on)."""
-        self.draining = True
+        """Shutting down: abort the waiting requests never started (the preempted go on).
+        NOTE: the actor refuses new requests from then on."""
         never_started = [s for s in self.waiting if s.request.queue_seconds is None]
         for seq in never_started:
             self.abort(seq.request.request_id)
