@@ -18,8 +18,6 @@ from actors.scheduler.scheduler import Scheduler
 from model_runner.sampling_params import SamplingParams
 from model_runner.step_input import SampledToken, StepInput, StepOutput
 
-SECONDS_PER_TOKEN = 0.001
-
 
 class _RunnerSeq:
     def __init__(self, token_ids: list[int], table: list[int], num_computed: int) -> None:
@@ -35,8 +33,10 @@ class FakeRunner:
         block_size: int,
         next_token: Callable[[str, list[int]], int] | None = None,
         seed: int = 0,
+        seconds_per_token: float = 0.0,
     ) -> None:
         self.block_size = block_size
+        self.seconds_per_token = seconds_per_token  # device time per computed token
         self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
         self.seqs: dict[str, _RunnerSeq] = {}
         rng = random.Random(seed)
@@ -86,8 +86,7 @@ class FakeRunner:
                 token = self.next_token(chunk.seq_id, seq.token_ids)
                 seq.token_ids.append(token)
                 sampled.append(SampledToken(chunk.seq_id, token))
-        # NOTE: 1 ms of device time per computed token, so each request's share is exact
-        device_seconds = SECONDS_PER_TOKEN * sum(c.num_tokens for c in step.chunks)
+        device_seconds = self.seconds_per_token * sum(c.num_tokens for c in step.chunks)
         return StepOutput(step_id=step.step_id, sampled=sampled, device_seconds=device_seconds)
 
 

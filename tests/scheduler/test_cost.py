@@ -4,7 +4,23 @@ from __future__ import annotations
 
 import pytest
 
-from tests.scheduler.fake_runner import SECONDS_PER_TOKEN, Driver, make_scheduler, request
+from actors.scheduler.scheduler import Scheduler
+from tests.scheduler.fake_runner import (
+    Driver,
+    FakeRunner,
+    counter_tokens,
+    make_scheduler,
+    request,
+)
+
+SECONDS_PER_TOKEN = 0.001  # the fake device's time per computed token: each share is exact
+
+
+def timed_driver(sched: Scheduler) -> Driver:
+    blocks = sched.blocks
+    runner = FakeRunner(blocks.num_blocks, blocks.block_size, counter_tokens(),
+                        seconds_per_token=SECONDS_PER_TOKEN)  # fmt: skip
+    return Driver(sched, runner)
 
 
 def final_gpu_seconds(driver: Driver, request_id: str) -> float:
@@ -17,7 +33,7 @@ def test_each_request_pays_for_the_tokens_it_had_computed():
     sched.add_request(request("a", list(range(1, 21)), feature="search", max_tokens=5))
     sched.add_request(request("b", list(range(30, 37)), feature="chat", max_tokens=3))
     sched.add_request(request("c", list(range(40, 43)), feature="chat", max_tokens=4, n=2))
-    d = Driver(sched)
+    d = timed_driver(sched)
     d.run()
     # a prompt computed once, then one token per later output (the last sampled is never fed)
     assert final_gpu_seconds(d, "a") == pytest.approx((20 + 5 - 1) * SECONDS_PER_TOKEN)
@@ -36,7 +52,7 @@ def test_each_request_pays_for_the_tokens_it_had_computed():
 def test_iteration_tokens_are_reported_once_per_step():
     sched = make_scheduler(max_num_batched_tokens=8)
     sched.add_request(request("a", list(range(1, 13)), max_tokens=2))
-    d = Driver(sched)
+    d = timed_driver(sched)
     d.run()
     assert sched.stats().iteration_tokens == [8, 4, 1]
     assert sched.stats().iteration_tokens == []
@@ -45,7 +61,7 @@ def test_iteration_tokens_are_reported_once_per_step():
 def test_work_of_a_step_aborted_while_it_ran_is_charged():
     sched = make_scheduler()
     sched.add_request(request("a", list(range(1, 11)), feature="f", max_tokens=50))
-    d = Driver(sched)
+    d = timed_driver(sched)
     d.step()
     step = sched.schedule()
     sched.abort("a")
@@ -58,7 +74,7 @@ def test_drain_aborts_the_requests_never_started():
     sched = make_scheduler(max_num_seqs=1)
     sched.add_request(request("running", [1, 2, 3], max_tokens=6))
     sched.add_request(request("waiting", [4, 5, 6], max_tokens=6))
-    d = Driver(sched)
+    d = timed_driver(sched)
     d.step()
     sched.drain()
     d.run()
