@@ -18,7 +18,9 @@ from actors.wiring import DEFAULT_PLACEMENT
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_TIMEOUT_S = 30.0
+# NOTE: actors beat every second from their event loop, and CPU-heavy work (model steps,
+# loading, grammar compiles, tokenization) runs in threads, so 4 missed beats mean a hung loop.
+HEARTBEAT_TIMEOUT_S = 4.0
 STARTUP_GRACE_S = 600.0  # imports + model load on a busy 2-core machine, before the first beat
 
 

@@ -1,8 +1,13 @@
-"""The tokenizer actor: prompt text -> token ids, off the HTTP process's event loop."""
+"""The tokenizer actor: prompt text -> token ids, off the HTTP process's event loop.
+
+NOTE: encoding runs in one worker thread, one request at a time (arrival order kept), so a
+long prompt never stalls this actor's loop and its heartbeats.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 
@@ -18,6 +23,7 @@ class TokenizerActor(Actor):
         super().__init__(transport)
         self.load_tokenizer = tokenizer_loader
         self.tokenizer = None
+        self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self.scheduler = transport.outbox("scheduler")
         self.api = transport.outbox("api")
 
@@ -27,14 +33,17 @@ class TokenizerActor(Actor):
     async def handle(self, msg: msgspec.Struct) -> None:
         match msg:
             case GenerateRequest():
-                self.tokenize(msg)
+                await self.tokenize(msg)
 
-    def tokenize(self, req: GenerateRequest) -> None:
+    def encode(self, req: GenerateRequest) -> list[int]:
+        return self.tokenizer(req.prompt or "", add_special_tokens=req.add_special_tokens)[
+            "input_ids"
+        ]
+
+    async def tokenize(self, req: GenerateRequest) -> None:
         ids = req.prompt_token_ids
         if ids is None:
-            ids = self.tokenizer(req.prompt or "", add_special_tokens=req.add_special_tokens)[
-                "input_ids"
-            ]
+            ids = await asyncio.get_running_loop().run_in_executor(self.encoder, self.encode, req)
         if not ids:
             self.api.send(
                 RequestError(

@@ -329,8 +329,9 @@ async def serve_app(app, server_cfg, stop: asyncio.Event) -> None:
     await hypercorn_serve(app, hconfig, shutdown_trigger=stop.wait)
 
 
-async def serve(engine_cfg, server_cfg) -> None:
-    """Start the engine, serve until SIGTERM/SIGINT, drain, then shut the engine down."""
+async def serve(engine_cfg, server_cfg) -> int:
+    """Start the engine, serve until SIGTERM/SIGINT, drain, then shut the engine down.
+    Returns the exit code: 0 after a signal, 1 when the engine died (see api/shutdown.py)."""
     from api.engine_client import EngineClient
     from api.server import create_app
     from api.shutdown import GracefulShutdown
@@ -342,12 +343,15 @@ async def serve(engine_cfg, server_cfg) -> None:
         loop.add_signal_handler(sig, shutdown.on_signal)
     try:
         if not await _start_unless_stopped(engine, shutdown.requested):
-            return
+            return 0
         address = bind_address(server_cfg.host, server_cfg.port)
         log.info("serving %s on http://%s", engine.model_name, address)
-        drain = asyncio.create_task(shutdown.drain())
+        watchers = [asyncio.create_task(shutdown.drain()),
+                    asyncio.create_task(shutdown.exit_when_engine_dies())]  # fmt: skip
         await serve_app(create_app(engine, server_cfg), server_cfg, shutdown.stop)
-        drain.cancel()
+        for task in watchers:
+            task.cancel()
+        return shutdown.exit_code
     finally:
         log.info("shutting down")
         await engine.shutdown()
@@ -367,13 +371,12 @@ async def _start_unless_stopped(engine, stop: asyncio.Event) -> bool:
     return True
 
 
-def run(coro) -> None:
+def run(coro):
     try:
         import uvloop
     except ImportError:  # not on Windows; plain asyncio works too
-        asyncio.run(coro)
-        return
-    uvloop.run(coro)
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -393,8 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     engine_cfg = engine_config(args)
     check_engine_config(engine_cfg)
-    run(serve(engine_cfg, server_config(args)))
-    return 0
+    return run(serve(engine_cfg, server_config(args)))
 
 
 if __name__ == "__main__":

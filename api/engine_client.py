@@ -32,6 +32,8 @@ from model_runner.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
+HEALTH_POLL_S = 0.5
+
 
 class EngineClient:
     """Owns the actor system of one server (processes, or tasks when `in_process`).
@@ -134,7 +136,7 @@ class EngineClient:
     async def _watch_health(self) -> None:
         """Fail every open request when an actor dies, instead of leaving it hanging."""
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(HEALTH_POLL_S)
             problems = self.problems()
             if problems and self.streams:
                 error = RequestError(

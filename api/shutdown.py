@@ -1,4 +1,13 @@
-"""Graceful shutdown on SIGTERM/SIGINT (systemd stop, Kubernetes pod deletion, Ctrl-C)."""
+"""Graceful shutdown on SIGTERM/SIGINT (systemd stop, Kubernetes pod deletion, Ctrl-C), and
+the exit when the engine dies.
+
+A dead or hung engine process (exited, or 4 s without a heartbeat) is not restarted in place:
+its open requests are failed (an error event then `[DONE]`, or a 5xx), `/health` answers 503
+for `ENGINE_DEATH_GRACE_S`, and the server exits with code 1 for systemd (`Restart=
+on-failure`) or Kubernetes to start a fresh one. NOTE: a restart in place would have to
+rebuild the scheduler's and the API's view of every request and KV block; a fresh process
+starts from one known state, and the service manager already restarts with backoff.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +15,9 @@ import asyncio
 import logging
 
 log = logging.getLogger("tokenmill")
+
+ENGINE_POLL_S = 0.5
+ENGINE_DEATH_GRACE_S = 2.0  # failed requests flush their error events; /health shows 503
 
 
 class GracefulShutdown:
@@ -19,6 +31,7 @@ class GracefulShutdown:
         self.requested = asyncio.Event()  # a first signal came
         self.stop = asyncio.Event()  # hypercorn stops serving
         self.signals = 0
+        self.exit_code = 0
 
     def on_signal(self) -> None:
         self.signals += 1
@@ -40,4 +53,15 @@ class GracefulShutdown:
                         len(self.engine.streams), self.timeout)  # fmt: skip
             self.engine.abort_all()
             await self.engine.wait_idle(5.0)
+        self.stop.set()
+
+    async def exit_when_engine_dies(self) -> None:
+        """Stop serving, exit code 1, once an engine process died or hung."""
+        while not self.engine.problems():
+            await asyncio.sleep(ENGINE_POLL_S)
+        log.error("engine failed: %s; exiting for the service manager to restart the server",
+                  "; ".join(self.engine.problems()))  # fmt: skip
+        self.exit_code = 1
+        self.engine.draining = True
+        await asyncio.sleep(ENGINE_DEATH_GRACE_S)
         self.stop.set()
