@@ -76,7 +76,7 @@ def test_sigterm_drains_then_exits_cleanly(tmp_path):
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, TMPDIR=str(run_root)))  # fmt: skip
     try:
-        wait_until(lambda: _healthy(base, proc), 300, "server did not start")
+        wait_until(lambda: healthy(base, proc), 300, "server did not start")
         run_dirs = list(run_root.glob("tokenmill-*"))
         assert run_dirs, "no private run directory"
         children = children_of(proc.pid)
@@ -146,7 +146,7 @@ def test_sigterm_drains_then_exits_cleanly(tmp_path):
     assert PROMPT not in log_path.read_text()
 
 
-def _healthy(base: str, proc: subprocess.Popen) -> bool:
+def healthy(base: str, proc: subprocess.Popen) -> bool:
     assert proc.poll() is None, "server exited during start-up"
     try:
         return httpx.get(base + "/health", timeout=2).status_code == 200

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-from tests.ops.test_drain import Stream, children_of, wait_until
+from tests.ops.test_drain import Stream, children_of, healthy, wait_until
 
 
 def process_of(children: list[int], group: str) -> int:
@@ -41,7 +41,7 @@ def test_a_dead_or_hung_actor_fails_its_requests_and_the_server_exits(tmp_path, 
                                 env=dict(os.environ, TMPDIR=str(run_root)))  # fmt: skip
     victim = None
     try:
-        wait_until(lambda: _healthy(base, proc), 300, "server did not start")
+        wait_until(lambda: healthy(base, proc), 300, "server did not start")
         children = children_of(proc.pid)
         run_dirs = list(run_root.glob("tokenmill-*"))
         model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
@@ -82,11 +82,3 @@ def _health_503_before_exit(base: str, proc: subprocess.Popen) -> bool:
             pass
         time.sleep(0.1)
     return False
-
-
-def _healthy(base: str, proc: subprocess.Popen) -> bool:
-    assert proc.poll() is None, "server exited during start-up"
-    try:
-        return httpx.get(base + "/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
