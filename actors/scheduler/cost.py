@@ -8,8 +8,6 @@ requests caused. `Request.gpu_seconds` is what its responses report.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from actors.scheduler.sequence import Sequence
 
 
@@ -22,9 +20,11 @@ class CostLedger:
         self.generation_tokens = 0
         self._iteration_tokens: list[int] = []
 
-    def charge(self, scheduled: Iterable[tuple[Sequence, int]], device_seconds: float) -> None:
+    def charge(
+        self, scheduled: list[tuple[Sequence, int]], device_seconds: float, num_sampled: int
+    ) -> None:
         """One finished step: `scheduled` is (sequence, tokens computed) for each sequence."""
-        scheduled = list(scheduled)
+        self.generation_tokens += num_sampled
         total = sum(num_tokens for _, num_tokens in scheduled)
         if total == 0:
             return
@@ -40,9 +40,6 @@ class CostLedger:
             # computes one sampled token's K/V; the rest of the chunk is prompt.
             prompt_part = max(0, min(num_tokens, seq.prompt_len - seq.num_computed))
             self.prompt_tokens_computed += prompt_part
-
-    def count_sampled(self, num_tokens: int) -> None:
-        self.generation_tokens += num_tokens
 
     def take_iteration_tokens(self) -> list[int]:
         """Tokens of each step charged since the last call."""

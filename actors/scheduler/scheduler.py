@@ -25,15 +25,11 @@ from actors.scheduler.finishing import check_stop, detok_params
 from actors.scheduler.plan import Plan
 from actors.scheduler.prefix_cache import PrefixCache
 from actors.scheduler.prefix_hash import extra_keys
-from actors.scheduler.sequence import Request, SeqStatus, Sequence
+from actors.scheduler.sequence import Request, SeqStatus, Sequence, sample_seq_ids
 from model_runner.step_input import NewSequence, ScheduledChunk, StepInput, StepOutput
 
 WAITING, RUNNING = SeqStatus.WAITING, SeqStatus.RUNNING
 FORK_PENDING, FINISHED = SeqStatus.FORK_PENDING, SeqStatus.FINISHED
-
-
-def _seq_ids(request_id: str, n: int) -> list[str]:
-    return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
 
 
 class Scheduler:
@@ -78,7 +74,7 @@ class Scheduler:
     def check_request(self, req: TokenizedRequest) -> None:
         """Raise AdmissionError for what can never fit, a full queue, or an id in use."""
         rid, n = req.request_id, max(1, req.sampling.n)
-        if rid in self._requests or any(s in self._seqs for s in _seq_ids(rid, n)):
+        if rid in self._requests or any(s in self._seqs for s in sample_seq_ids(rid, n)):
             raise AdmissionError(
                 400, f"Request id {rid!r} is already in use.", code="duplicate_request_id"
             )
@@ -95,27 +91,14 @@ class Scheduler:
     def add_request(self, req: TokenizedRequest) -> None:
         """Queue a request; raise AdmissionError for what can never fit or a full queue."""
         self.check_request(req)
-        rid, sp = req.request_id, req.sampling
-        n = max(1, sp.n)
-        seq_ids = _seq_ids(rid, n)
         prompt_len = len(req.prompt_token_ids)
         extra = extra_keys(req.cache_salt, getattr(req, "lora_name", None))
-        max_tokens = effective_max_tokens(sp.max_tokens, prompt_len, self.max_model_len)
-        request = Request(
-            rid, list(req.prompt_token_ids), sp, max_tokens, extra,
-            feature=req.feature, arrival_time=req.arrival_time,
-        )  # fmt: skip
-        for i, seq_id in enumerate(seq_ids):
-            seq = Sequence(seq_id, request, i, WAITING if i == 0 else FORK_PENDING)
-            request.seqs.append(seq)
-            self._seqs[seq_id] = seq
-        leader = request.seqs[0]
-        leader.forks = request.seqs[1:]
-        for child in leader.forks:
-            child.fork_parent = leader
-        request.num_live = n
-        self._requests[rid] = request
-        self.waiting.append(leader)
+        max_tokens = effective_max_tokens(req.sampling.max_tokens, prompt_len, self.max_model_len)
+        request = Request.with_samples(req, max_tokens, extra)
+        for seq in request.seqs:
+            self._seqs[seq.seq_id] = seq
+        self._requests[req.request_id] = request
+        self.waiting.append(request.seqs[0])
 
     def abort(self, request_id: str, index: int | None = None, reason: str = "abort") -> None:
         """Finish a request's samples (index None: all); their blocks are freed at once, or
@@ -130,7 +113,7 @@ class Scheduler:
         for seq in targets:
             self._retire(seq)
             if reason != "stop":
-                self._emit_finish(seq, reason)
+                self._emit(seq, [], reason)
 
     def drain(self) -> None:
         """Shutting down: abort the waiting requests never started (the preempted go on).
@@ -177,8 +160,7 @@ class Scheduler:
             raise ValueError(f"step {output.step_id} is not the step in flight")
         scheduled = self._in_flight[1]
         self._in_flight = None
-        self.costs.charge(scheduled, output.device_seconds)
-        self.costs.count_sampled(len(output.sampled))
+        self.costs.charge(scheduled, output.device_seconds, len(output.sampled))
         for seq, num_tokens in scheduled:
             seq.in_flight = False
             if seq.status is FINISHED:  # aborted while the step ran
@@ -211,7 +193,7 @@ class Scheduler:
                 continue
             for victim in [*seq.forks, seq]:
                 self._retire(victim)
-                self._emit_finish(victim, "error")
+                self._emit(victim, [], "error")
         return self.take_finished_aborts()
 
     def take_finished_grammars(self) -> list[str]:
@@ -236,7 +218,7 @@ class Scheduler:
             prefix_cache_queries=self.prefix_cache.queries,
             prefix_cache_hits=self.prefix_cache.hits,
             num_preemptions=self._preemptions,
-            gpu_seconds_by_feature=dict(self.costs.gpu_seconds_by_feature),
+            gpu_seconds_by_feature=self.costs.gpu_seconds_by_feature,  # NOTE: encoded at send
             prompt_tokens_computed=self.costs.prompt_tokens_computed,
             generation_tokens=self.costs.generation_tokens,
             iteration_tokens=self.costs.take_iteration_tokens(),
@@ -265,7 +247,7 @@ class Scheduler:
                 self.running.pop()  # NOTE: seq is the newest left
                 if i == 0:  # it holds every used block and still cannot grow
                     self._retire(seq, unlink=False)
-                    self._emit_finish(seq, "length")
+                    self._emit(seq, [], "length")
                 else:
                     self._preempt(seq)
                     preempted = True
@@ -291,7 +273,7 @@ class Scheduler:
                     break
                 self.waiting.popleft()  # NOTE: cannot fit even alone; never deadlock
                 self._retire(seq, unlink=False)
-                self._emit_finish(seq, "length")
+                self._emit(seq, [], "length")
                 continue
             self.waiting.popleft()
             seats -= 1 + len(seq.forks)
@@ -352,35 +334,32 @@ class Scheduler:
         """Append one sampled token and emit it; returns whether the sequence finished."""
         token = sampled.token_id
         seq.token_ids.append(token)
-        request = seq.request
-        if not request.started:
-            self._started.append(detok_params(request))
         reason, stop_reason = check_stop(seq, token, self.eos_token_ids, self.max_model_len)
         logprobs = None
         if sampled.logprob is not None:
             logprobs = [(token, sampled.logprob, list(sampled.top_logprobs or ()))]
-        self._outputs.append(
-            SeqOutput(
-                request.request_id,
-                seq.index,
-                [token],
-                reason,
-                stop_reason,
-                logprobs,
-                request.gpu_seconds,
-            )  # fmt: skip
-        )
+        self._emit(seq, [token], reason, stop_reason, logprobs)
         if reason is None:
             return False
         self._retire(seq, unlink=False)
         return True
 
-    def _emit_finish(self, seq: Sequence, reason: str) -> None:
-        if not seq.request.started:
-            self._started.append(detok_params(seq.request))
+    def _emit(self, seq: Sequence, token_ids: list[int], reason: str | None,
+              stop_reason: int | None = None, logprobs=None) -> None:  # fmt: skip
+        """Queue one SeqOutput, after its request's DetokParams (sent once)."""
         request = seq.request
+        if not request.started:
+            self._started.append(detok_params(request))
         self._outputs.append(
-            SeqOutput(request.request_id, seq.index, [], reason, gpu_seconds=request.gpu_seconds)
+            SeqOutput(
+                request.request_id,
+                seq.index,
+                token_ids,
+                reason,
+                stop_reason,
+                logprobs,
+                request.gpu_seconds,
+            )  # fmt: skip
         )
 
     def _retire(self, seq: Sequence, unlink: bool = True) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 
+from actors.protocol import TokenizedRequest
 from actors.scheduler.prefix_hash import extend_block_keys
 from model_runner.sampling_params import SamplingParams
 
@@ -13,6 +14,11 @@ class SeqStatus(enum.Enum):
     RUNNING = "running"  # holds blocks; computed a bit more each step it is scheduled
     FORK_PENDING = "fork_pending"  # a sample of n > 1 waiting for sample 0's prompt
     FINISHED = "finished"
+
+
+def sample_seq_ids(request_id: str, n: int) -> list[str]:
+    """The sequence ids of a request's n samples."""
+    return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
 
 
 class Request:
@@ -61,6 +67,24 @@ class Request:
         self.arrival_time = arrival_time  # wall clock, when the API accepted it
         self.queue_seconds: float | None = None  # arrival to first scheduled, once scheduled
         self.gpu_seconds = 0.0  # device time charged so far (actors/scheduler/cost.py)
+
+    @classmethod
+    def with_samples(cls, req: TokenizedRequest, max_tokens: int, extra_key: bytes) -> Request:
+        """The request and its n samples: sample 0 waits, the others fork from it later."""
+        request = cls(
+            req.request_id, list(req.prompt_token_ids), req.sampling, max_tokens, extra_key,
+            feature=req.feature, arrival_time=req.arrival_time,
+        )  # fmt: skip
+        n = max(1, req.sampling.n)
+        for i, seq_id in enumerate(sample_seq_ids(req.request_id, n)):
+            request.seqs.append(Sequence(seq_id, request, i, SeqStatus.WAITING if i == 0
+                                         else SeqStatus.FORK_PENDING))  # fmt: skip
+        leader = request.seqs[0]
+        leader.forks = request.seqs[1:]
+        for child in leader.forks:
+            child.fork_parent = leader
+        request.num_live = n
+        return request
 
 
 class Sequence:
