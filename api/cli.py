@@ -1,17 +1,13 @@
-"""`tokenmill serve [MODEL]`: vLLM's flag names, hypercorn under uvloop, graceful shutdown."""
+"""`tokenmill serve [MODEL]`: vLLM's flag names, parsed into the engine and server configs."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
-import signal
 import sys
 
-log = logging.getLogger("tokenmill")
-
-STATS_LOG_INTERVAL_S = 10.0
+from api.lifecycle import run, serve
 
 DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
@@ -292,6 +288,7 @@ def check_engine_config(cfg) -> None:
 
 def server_config(args: argparse.Namespace):
     from api.server import ServerConfig
+    from api.stats_log import STATS_LOG_INTERVAL_S
 
     return ServerConfig(
         host=args.host,
@@ -305,78 +302,6 @@ def server_config(args: argparse.Namespace):
         log_stats_interval=None if args.disable_log_stats else STATS_LOG_INTERVAL_S,
         shutdown_timeout=args.shutdown_timeout,
     )
-
-
-def bind_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-# NOTE: longer than nginx's upstream keepalive_timeout (ops/nginx/tokenmill.conf), so that the
-# proxy, not the server, closes an idle kept-alive connection.
-HYPERCORN_KEEP_ALIVE_S = 75.0
-
-
-async def serve_app(app, server_cfg, stop: asyncio.Event) -> None:
-    """Serve a Quart app on hypercorn until `stop` is set (open connections then get 5 s)."""
-    from hypercorn.asyncio import serve as hypercorn_serve
-    from hypercorn.config import Config
-
-    hconfig = Config()
-    hconfig.bind = [bind_address(server_cfg.host, server_cfg.port)]
-    hconfig.accesslog = None
-    hconfig.graceful_timeout = 5.0
-    hconfig.keep_alive_timeout = HYPERCORN_KEEP_ALIVE_S
-    await hypercorn_serve(app, hconfig, shutdown_trigger=stop.wait)
-
-
-async def serve(engine_cfg, server_cfg) -> int:
-    """Start the engine, serve until SIGTERM/SIGINT, drain, then shut the engine down.
-    Returns the exit code: 0 after a signal, 1 when the engine died (see api/shutdown.py)."""
-    from api.engine_client import EngineClient
-    from api.server import create_app
-    from api.shutdown import GracefulShutdown
-
-    engine = EngineClient(engine_cfg)
-    shutdown = GracefulShutdown(engine, server_cfg.shutdown_timeout)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, shutdown.on_signal)
-    try:
-        if not await _start_unless_stopped(engine, shutdown.requested):
-            return 0
-        address = bind_address(server_cfg.host, server_cfg.port)
-        log.info("serving %s on http://%s", engine.model_name, address)
-        watchers = [asyncio.create_task(shutdown.drain()),
-                    asyncio.create_task(shutdown.exit_when_engine_dies())]  # fmt: skip
-        await serve_app(create_app(engine, server_cfg), server_cfg, shutdown.stop)
-        for task in watchers:
-            task.cancel()
-        return shutdown.exit_code
-    finally:
-        log.info("shutting down")
-        await engine.shutdown()
-
-
-async def _start_unless_stopped(engine, stop: asyncio.Event) -> bool:
-    """Start the engine; a signal while the model loads cancels the start."""
-    start = asyncio.create_task(engine.start())
-    stopped = asyncio.create_task(stop.wait())
-    await asyncio.wait([start, stopped], return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
-    if not start.done():
-        start.cancel()
-        await asyncio.gather(start, return_exceptions=True)
-        return False
-    start.result()
-    return True
-
-
-def run(coro):
-    try:
-        import uvloop
-    except ImportError:  # not on Windows; plain asyncio works too
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def main(argv: list[str] | None = None) -> int:

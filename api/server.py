@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException
 from api.errors import ApiError, error_body
 from api.metrics import ServingMetrics
 from api.serving import OpenAIServing, json_response
-from api.stats_log import log_engine_stats
+from api.stats_log import STATS_LOG_INTERVAL_S, log_engine_stats
 from api.tools import ToolConfig
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class ServerConfig:
     chat_template: str | None = None  # --chat-template: the file's text
     max_feature_tags: int = 64  # distinct cost-attribution labels; beyond them "other"
     enable_log_requests: bool = False  # one JSON line per finished request
-    log_stats_interval: float | None = 10.0  # engine stats log line period; None: off
+    log_stats_interval: float | None = STATS_LOG_INTERVAL_S  # the stats log line; None: off
     shutdown_timeout: float = 30.0  # --shutdown-timeout: the drain's grace for running requests
 
 

@@ -12,6 +12,8 @@ import time
 
 log = logging.getLogger("tokenmill.stats")
 
+STATS_LOG_INTERVAL_S = 10.0
+
 
 class StatsLine:
     """Rates between two SchedulerStats snapshots."""

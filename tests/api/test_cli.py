@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from api.cli import bind_address, build_parser, engine_config, main, server_config
+from api.cli import build_parser, engine_config, main, server_config
+from api.lifecycle import bind_address
 from model_runner.config import EngineConfig
 
 

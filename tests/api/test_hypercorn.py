@@ -9,7 +9,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from api.cli import serve_app
+from api.lifecycle import serve_app
 from api.server import ServerConfig, create_app
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from actors.protocol import SchedulerStats
 from api.features import FeatureTags
-from api.shutdown import GracefulShutdown
+from api.lifecycle import GracefulShutdown
 from api.stats_log import StatsLine, log_engine_stats
 
 

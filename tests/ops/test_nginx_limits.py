@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from api import cli
+from api import lifecycle
 
 from .test_nginx_server import assert_rate_limit_error, nginx_running, set_limit
 from .test_ops_files import OPS, nginx_bin  # noqa: F401 (nginx_bin: fixture)
@@ -120,7 +120,7 @@ def test_shipped_limits_and_upstream_keepalive(monkeypatch):
         assert line in site, line
     upstream = re.search(r"upstream tokenmill \{(.*?)\n\}", site, re.S).group(1)
     timeout = re.search(r"^\s*keepalive_timeout (\d+)s;", upstream, re.M)
-    assert float(timeout.group(1)) < cli.HYPERCORN_KEEP_ALIVE_S
+    assert float(timeout.group(1)) < lifecycle.HYPERCORN_KEEP_ALIVE_S
     # and serve_app gives hypercorn that keep-alive
     seen = {}
 
@@ -129,5 +129,5 @@ def test_shipped_limits_and_upstream_keepalive(monkeypatch):
 
     monkeypatch.setattr("hypercorn.asyncio.serve", fake_serve)
     cfg = type("Cfg", (), {"host": "127.0.0.1", "port": 0})
-    asyncio.run(cli.serve_app(None, cfg, asyncio.Event()))
-    assert seen["keep_alive"] == cli.HYPERCORN_KEEP_ALIVE_S
+    asyncio.run(lifecycle.serve_app(None, cfg, asyncio.Event()))
+    assert seen["keep_alive"] == lifecycle.HYPERCORN_KEEP_ALIVE_S
