@@ -163,8 +163,6 @@ class ServingMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def track(
-        self, request_id: str = "", feature: str = "none", n: int = 1, log_line=None
-    ) -> RequestTracker:
+    def track(self, request_id: str, feature: str, n: int, log_line=None) -> RequestTracker:
         """A tracker for one HTTP request; `log_line` takes its finished record (a dict)."""
         return RequestTracker(self, str(self.engine.model_name), request_id, feature, n, log_line)

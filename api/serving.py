@@ -44,6 +44,7 @@ from api.validation import (
 )
 
 log = logging.getLogger(__name__)
+_request_log = logging.getLogger("tokenmill.requests")
 
 _encode = msgspec.json.Encoder().encode
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -54,9 +55,9 @@ def json_response(body: dict, status: int = 200, headers: dict | None = None) ->
     return Response(_encode(body), status, headers, content_type="application/json")
 
 
-def _json_line(log):
-    """`log` called with one record as a JSON line."""
-    return lambda record: log("%s", _encode(record).decode())
+def log_request(record: dict) -> None:
+    """One finished request as a JSON line (`--enable-log-requests`)."""
+    _request_log.info("%s", _encode(record).decode())
 
 
 def sse(chunk: dict) -> bytes:
@@ -125,7 +126,7 @@ class OpenAIServing:
         self._limits: Limits | None = None
         self.templates = ChatTemplates(engine.tokenizer, config.chat_template)
         self.features = FeatureTags(config.max_feature_tags)
-        self.request_log = logging.getLogger("tokenmill.requests")
+        self.log_request = log_request if config.enable_log_requests else None
 
     @property
     def limits(self) -> Limits:
@@ -181,7 +182,7 @@ class OpenAIServing:
             feature=feature,
         )
         acc = Accumulator(1, sampling.n)
-        tracker = self.track(request_id, feature, sampling.n)
+        tracker = self.metrics.track(request_id, feature, sampling.n, self.log_request)
         created, model = int(time.time()), self.engine.model_name
         if req.stream:
             streamer = ChatStreamer(
@@ -214,7 +215,7 @@ class OpenAIServing:
             )
             for i, p in enumerate(prompts)
         ]
-        tracker = self.track(request_id, feature, sampling.n)
+        tracker = self.metrics.track(request_id, feature, sampling.n, self.log_request)
         echo = None
         if req.echo:
             echo = [p if isinstance(p, str) else self.engine.tokenizer.decode(p) for p in prompts]
@@ -229,11 +230,6 @@ class OpenAIServing:
         await self._collect(iterators, acc, tracker)
         body = completion_response(request_id, created, model, acc, logprobs, echo)
         return json_response(body)
-
-    def track(self, request_id: str, feature: str, n: int) -> RequestTracker:
-        log_line = self.request_log.info if self.config.enable_log_requests else None
-        tracker = self.metrics.track(request_id, feature, n, log_line and _json_line(log_line))
-        return tracker
 
     async def _collect(self, iterators: list, acc: Accumulator, tracker: RequestTracker) -> None:
         """Run the engine requests to the end; a disconnect cancels this and aborts them.
