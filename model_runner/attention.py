@@ -69,16 +69,13 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
-    context: tuple[torch.Tensor, torch.Tensor] | None = None,
+    layer: int = 0,
 ) -> torch.Tensor:
-    """Write the new K/V [T, KH, D] into the layer's cache, then attend: [T, H, D].
-
-    `context`: the layer's decode-context buffers, when `meta.decode_context` is set.
-    """
+    """Write the new K/V [T, KH, D] into layer `layer`'s cache, then attend: [T, H, D]."""
     key_cache, value_cache = kv_cache
     ops.write_kv(key, value, key_cache, value_cache, meta.slot_mapping, meta.all_slots_valid)
-    if meta.decode_context is not None:
-        return meta.decode_context.attend(context, query, key, value, kv_cache, scale)
+    if (ctx := meta.decode_context) is not None:
+        return ctx.attend(ctx.buffers[layer], query, key, value, kv_cache, scale)
     if meta.per_sequence is not None:
         # NOTE: each sequence's attention then has the shapes it would have alone, so its
         # result does not depend on what else runs in the step (kernels block by shape).

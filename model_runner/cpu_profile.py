@@ -191,6 +191,7 @@ def measure_dtypes() -> dict[str, float]:
 def measure_int4(shapes: list[tuple[int, int]]) -> dict[str, float]:
     """Milliseconds for copies of `shapes` (bf16 dense vs 4-bit, group 32), by rows."""
     from kernels.quant_linear import int4_kernel_available, int4_linear, int4_pack
+    from model_runner.quant.int4_weights import GROUP_SIZE
 
     if not int4_kernel_available(torch.device("cpu")):
         return {}
@@ -201,7 +202,7 @@ def measure_int4(shapes: list[tuple[int, int]]) -> dict[str, float]:
     q4 = [
         (
             int4_pack(torch.randint(0, 16, (o, i), generator=gen)),
-            torch.rand(i // 32, o, 2).bfloat16(),
+            torch.rand(i // GROUP_SIZE, o, 2).bfloat16(),
         )
         for o, i in shapes
     ]
@@ -210,7 +211,9 @@ def measure_int4(shapes: list[tuple[int, int]]) -> dict[str, float]:
         timings[f"bf16@{m}"] = _time_dense(dense, m, gen)
         xs = _inputs(m, [i for _, i in shapes], torch.bfloat16, gen)
         timings[f"int4@{m}"] = _median_ms(
-            lambda xs=xs: [int4_linear(xs[sz.shape[0] * 32], p, sz, 32) for p, sz in q4]
+            lambda xs=xs: [
+                int4_linear(xs[sz.shape[0] * GROUP_SIZE], p, sz, GROUP_SIZE) for p, sz in q4
+            ]
         )
     return timings
 

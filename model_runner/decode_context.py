@@ -149,15 +149,15 @@ class DecodeContext:
         )
         rows = torch.arange(len(seq_ids), dtype=torch.long)
         new_slots = rows * self.capacity + (seq_lens_t.long() - 1)
+        num_blocks = -(-max_len // block_size)
         gather_index = None
         if not append:
-            num_blocks = -(-max_len // block_size)
             gather_index = block_tables[:, :num_blocks].reshape(-1).long()
         self._pending = (ids, seq_lens)
         # NOTE: attend over whole blocks (masked past each length), as the paged path does: a
         # row's result then depends on its own length only, not on the longest in the batch
         # (a bare max length moved the attention kernel's vector tails: not batch-invariant).
-        ctx_len = -(-max_len // block_size) * block_size
+        ctx_len = num_blocks * block_size
         return DecodeContextStep(
             self.buffers, append, seq_lens_t, max_len, ctx_len, new_slots, gather_index,
             self.sliding_window,

@@ -69,10 +69,6 @@ class LinearMethod(ABC):
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [M, in_features] -> [M, out_features]."""
 
-    @abstractmethod
-    def nbytes(self) -> int:
-        """Bytes the weight takes in memory (every layout the method keeps)."""
-
 
 @dataclass(frozen=True)
 class DenseOptions:
@@ -125,10 +121,6 @@ class DenseLinear(LinearMethod):
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return linear(x, self.weight, bias, self.packed)
-
-    def nbytes(self) -> int:
-        extra = 0 if self.packed is None else self.packed.data.nbytes
-        return self.weight.nbytes + extra
 
 
 class Linear(nn.Module):

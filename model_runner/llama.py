@@ -120,9 +120,8 @@ class LlamaDecoderLayer(nn.Module):
         meta: AttentionMetadata,
         cos_sin: torch.Tensor,
         rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None,
-        context: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer over the step's flat batch; `context`: its decode-context buffers."""
+        """One layer over the step's flat batch."""
         if residual is None:
             residual = hidden.to(self.input_layernorm.dtype)
             hidden = ops.rms_norm(residual, self.input_layernorm, self.eps).to(hidden.dtype)
@@ -137,7 +136,9 @@ class LlamaDecoderLayer(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = ops.rotary_embedding(positions, q, k, cos_sin, True, rope_tables)
-        attn = paged_attention(q, k, v, kv_cache, meta, self.scale, self.sliding_window, context)
+        attn = paged_attention(
+            q, k, v, kv_cache, meta, self.scale, self.sliding_window, layer=self.index
+        )
         hidden = self.o_proj(attn.reshape(num_tokens, self.q_size))
         hidden, residual = ops.fused_add_rms_norm(
             hidden, residual, self.post_attention_layernorm, self.eps
@@ -155,7 +156,7 @@ class LlamaForCausalLM(nn.Module):
         kw = {"dtype": plan.dtype, "device": plan.device}
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, plan, i) for i in range(cfg.num_layers))
         self.norm = _param(cfg.hidden_size, dtype=residual_dtype(plan), device=plan.device)
-        self.refine_logits = residual_dtype(plan) != plan.dtype
+        self.refine_logits = self.norm.dtype != plan.dtype
         # NOTE: the LM head is always dense (LinearPlan.lm_head); a tied one is the table.
         self.lm_head = plan.lm_head(cfg.hidden_size, cfg.vocab_size)
         self.embed_tokens = (
@@ -185,11 +186,8 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         cos_sin = self.cos_sin_cache
         tables = ops.rotary_tables(positions, cos_sin, hidden.dtype)  # NOTE: once per step
-        contexts = meta.decode_context.buffers if meta.decode_context else [None] * len(kv_caches)
-        for layer, kv_cache, ctx in zip(self.layers, kv_caches, contexts, strict=True):
-            hidden, residual = layer(
-                positions, hidden, residual, kv_cache, meta, cos_sin, tables, ctx
-            )
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta, cos_sin, tables)
         return self.logits(hidden, residual, logits_indices)
 
     def logits(

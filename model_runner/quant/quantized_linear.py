@@ -133,7 +133,3 @@ class QuantizedLinear(LinearMethod):
             return self.dense.apply(x, bias)
         out = int4_linear_planes(x, self.packed, self.scales_zeros, GROUP_SIZE, self.planes)
         return out if bias is None else out.add_(bias)
-
-    def nbytes(self) -> int:
-        total = 0 if self.packed is None else self.packed.nbytes + self.scales_zeros.nbytes
-        return total + (0 if self.dense is None else self.dense.nbytes())
