@@ -42,7 +42,7 @@ class QuantizedLinear(LinearMethod):
     """Weights in 4-bit planes through the int4 GEMM (`mode`: gguf, int4 or int8).
 
     In `gguf` mode a projection whose shards are not all of one GGUF type in
-    GGUF_INT4_TYPES is dequantized and served dense instead (logged once per type mix).
+    GGUF_INT4_TYPES is dequantized and served dense instead (logged at debug level).
     """
 
     def __init__(
@@ -83,13 +83,7 @@ class QuantizedLinear(LinearMethod):
         self._staged = []
         planes = self._planes([source for _, source in staged])
         if planes is None:
-            self.dense = DenseLinear(
-                self.out_features,
-                self.in_features,
-                self.dtype,
-                torch.device("cpu"),
-                self.dense_options,
-            )
+            self.dense = self._new_dense()
             for start, source in staged:
                 self.dense.load(start, source)
             self.dense.finalize()
@@ -117,16 +111,14 @@ class QuantizedLinear(LinearMethod):
         if planes.planes == 2:
             k = self.in_features
             weight = weight[:, :k] + weight[:, k:]
-        dense = DenseLinear(
-            self.out_features,
-            self.in_features,
-            self.dtype,
-            torch.device("cpu"),
-            self.dense_options,
-            weight=weight.to(self.dtype),
-        )
+        dense = self._new_dense(weight.to(self.dtype))
         dense.finalize()
         return dense
+
+    def _new_dense(self, weight: torch.Tensor | None = None) -> DenseLinear:
+        """A dense CPU method of this projection's shape (its weight loaded later if None)."""
+        return DenseLinear(self.out_features, self.in_features, self.dtype, torch.device("cpu"),
+                           self.dense_options, weight=weight)  # fmt: skip
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.packed is None or (self.dense is not None and x.shape[0] > self.max_rows):
