@@ -11,13 +11,13 @@ def write_kv_ref(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
-    all_valid: bool | None = None,
+    all_valid: bool = False,
 ) -> None:
     """Store key/value [num_tokens, num_kv_heads, head_dim] in place at `slot_mapping`.
 
     A slot is `block_id * block_size + offset`; negative slots (padding) are skipped.
     key_cache/value_cache: [num_blocks, block_size, num_kv_heads, head_dim].
-    `all_valid`: the caller knows that no slot is negative (None: look).
+    `all_valid`: the caller knows that no slot is negative (else: look).
     """
     flat_k = key_cache.view(-1, *key_cache.shape[2:])
     flat_v = value_cache.view(-1, *value_cache.shape[2:])

@@ -62,7 +62,7 @@ def write_kv(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
-    all_valid: bool | None = None,
+    all_valid: bool = False,
 ) -> None:
     """Store K/V in the paged cache at `slot_mapping`; see `kernels.kv_cache.write_kv_ref`."""
     if use_triton(key):
