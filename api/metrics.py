@@ -66,8 +66,7 @@ class EngineStatsCollector:
         def counter(metric: str, doc: str, value: float) -> Metric:
             return _family(CounterMetricFamily, metric, doc, ["model_name"], {name: value})
 
-        health = getattr(self.engine, "health", None)
-        healthy = health()[0] if health is not None else False
+        healthy, _ = self.engine.health()
         yield gauge(
             "engine_healthy",
             "1 while every engine process is alive and taking requests, else 0 (starting, "

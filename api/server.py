@@ -72,8 +72,7 @@ def create_app(engine, config: ServerConfig | None = None) -> Quart:
     if config.api_key:
         _register_api_key(app, config.api_key)
     _register_drain_refusal(app, engine)
-    if hasattr(engine, "stats_listeners"):
-        engine.stats_listeners.append(metrics.observe_stats)
+    engine.stats_listeners.append(metrics.observe_stats)
     if config.log_stats_interval:
         _register_stats_log(app, engine, config.log_stats_interval)
     _register_routes(app, engine, serving, metrics)
@@ -99,7 +98,7 @@ def _register_drain_refusal(app: Quart, engine) -> None:
 
     @app.before_request
     async def refuse_while_draining():
-        if request.method == "POST" and getattr(engine, "draining", False):
+        if request.method == "POST" and engine.draining:
             body = error_body("The server is shutting down.", 503, code="shutting_down")
             return json_response(body, 503, {"Retry-After": "1"})
         return None

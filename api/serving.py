@@ -242,9 +242,7 @@ class OpenAIServing:
         finally:
             await stream.aclose()
             tracker.finish(acc)
-        if getattr(self.engine, "draining", False) and any(
-            c.finish_reason == "abort" for c in acc.choices
-        ):
+        if self.engine.draining and any(c.finish_reason == "abort" for c in acc.choices):
             raise ApiError(503, "The server shut down before the request finished.",
                            code="shutting_down", retry_after=1.0)  # fmt: skip
 

@@ -50,6 +50,8 @@ class FakeEngine:
         self.healthy: tuple[bool, str] = (True, "ok")
         self.stats: SchedulerStats | None = EMPTY_STATS
         self.resets = 0
+        self.draining = False
+        self.stats_listeners: list = []
 
     def set_output(self, text: str) -> None:
         """What every sample streams from now on (one token per delta)."""
