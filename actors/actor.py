@@ -37,6 +37,10 @@ class Actor(ABC):
     async def start(self) -> None:  # noqa: B027 (an optional hook)
         """Async set-up before the first message (load a model, say)."""
 
+    def open_requests(self) -> int:
+        """Requests this actor holds state for; 0 when idle (nothing may leak)."""
+        return 0
+
     @abstractmethod
     async def handle(self, msg: msgspec.Struct) -> None:
         """React to one message; dispatch with `match` on its type."""
@@ -52,14 +56,22 @@ class Actor(ABC):
                 log.exception("%s failed to handle %s", self.name, type(msg).__name__)
 
 
-async def send_heartbeats(transport: Transport, actor_names: list[str]) -> None:
+async def send_heartbeats(transport: Transport, actors: list[Actor]) -> None:
     """Tell the supervisor, every second, that these actors' event loop is alive."""
     supervisor = transport.outbox("supervisor")
     parent = os.getppid()
     while True:
-        for name in actor_names:
-            supervisor.send(Heartbeat(actor=name, pid=os.getpid(), time=time.time()))
+        for actor in actors:
+            supervisor.send(
+                Heartbeat(
+                    actor=actor.name,
+                    pid=os.getpid(),
+                    time=time.time(),
+                    open_requests=actor.open_requests(),
+                    rejected_messages=actor.inbox.rejected,
+                )
+            )
         await asyncio.sleep(HEARTBEAT_INTERVAL_S)
         if os.getppid() != parent:  # the supervisor's process is gone: so are we
-            log.error("supervisor process exited; stopping %s", actor_names)
+            log.error("supervisor process exited; stopping %s", [a.name for a in actors])
             os._exit(1)

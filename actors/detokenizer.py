@@ -49,6 +49,9 @@ class DetokenizerActor(Actor):
     async def start(self) -> None:
         self.tokenizer = await asyncio.to_thread(self.load_tokenizer)
 
+    def open_requests(self) -> int:
+        return len(self.requests)
+
     async def handle(self, msg: msgspec.Struct) -> None:
         match msg:
             case StepTokens(started=started, outputs=outputs):

@@ -81,6 +81,11 @@ class ExecutorActor(Actor):
         warm_up = loop.run_in_executor(self.compile_pool, lambda: r.grammars.compiler)
         warm_up.add_done_callback(_log_warm_up_failure)
 
+    def open_requests(self) -> int:
+        """Grammar compiles under way, and requests whose compiled grammar is pinned."""
+        pinned = self.runner.grammars.num_pinned() if self.runner is not None else 0
+        return len(self.compiles) + pinned
+
     async def handle(self, msg: msgspec.Struct) -> None:
         match msg:
             case StepPlan(step=step):
@@ -127,9 +132,9 @@ class ExecutorActor(Actor):
             )
         except GrammarError as e:
             self._fail(request_id, 400, f"Invalid grammar: {e}", "invalid_grammar")
-        except Exception as e:  # the compiler itself could not be built (no tokenizer, ...)
+        except Exception:  # the compiler itself could not be built (no tokenizer, ...)
             log.exception("grammar compile failed")
-            self._fail(request_id, 500, f"Structured output is unavailable: {e!r}", "grammar")
+            self._fail(request_id, 500, "Structured output is unavailable.", "grammar")
         else:
             grammars.pin(request_id, spec)
             self.scheduler.send(

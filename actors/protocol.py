@@ -236,9 +236,14 @@ class PrefixCacheReset(_Message, kw_only=True):
 
 
 class Heartbeat(_Message, kw_only=True):
+    """An actor's event loop is alive; with the state an operator (and the "nothing lost"
+    checks) reads from outside: requests the actor still tracks, inbox messages rejected."""
+
     actor: str
     pid: int
     time: float
+    open_requests: int = 0
+    rejected_messages: int = 0
 
 
 ApiInbox = Union[TextDeltas, RequestError, SchedulerStats, EngineReady, PrefixCacheReset]

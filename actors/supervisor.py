@@ -35,6 +35,7 @@ class Supervisor:
         self.placement = placement or DEFAULT_PLACEMENT
         self.processes: dict[str, subprocess.Popen] = {}
         self.last_beat: dict[str, float] = {}
+        self.beats: dict[str, Heartbeat] = {}  # each actor's latest
         self.inbox = transport.inbox("supervisor")
         self.started_at = 0.0
 
@@ -54,6 +55,7 @@ class Supervisor:
             msg = await self.inbox.recv()
             if isinstance(msg, Heartbeat):
                 self.last_beat[msg.actor] = time.monotonic()
+                self.beats[msg.actor] = msg
 
     def problems(self) -> list[str]:
         """What is wrong right now; empty when every actor is alive and beating."""

@@ -7,6 +7,7 @@ long prompt never stalls this actor's loop and its heartbeats.
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
@@ -14,6 +15,8 @@ import msgspec
 from actors.actor import Actor
 from actors.protocol import GenerateRequest, RequestError, TokenizedRequest
 from actors.transport import Transport
+
+log = logging.getLogger(__name__)
 
 
 class TokenizerActor(Actor):
@@ -24,11 +27,15 @@ class TokenizerActor(Actor):
         self.load_tokenizer = tokenizer_loader
         self.tokenizer = None
         self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self.encoding = 0  # requests handed to the encoder thread, not yet sent on
         self.scheduler = transport.outbox("scheduler")
         self.api = transport.outbox("api")
 
     async def start(self) -> None:
         self.tokenizer = await asyncio.to_thread(self.load_tokenizer)
+
+    def open_requests(self) -> int:
+        return self.encoding
 
     async def handle(self, msg: msgspec.Struct) -> None:
         match msg:
@@ -43,17 +50,18 @@ class TokenizerActor(Actor):
     async def tokenize(self, req: GenerateRequest) -> None:
         ids = req.prompt_token_ids
         if ids is None:
-            ids = await asyncio.get_running_loop().run_in_executor(self.encoder, self.encode, req)
+            self.encoding += 1
+            try:
+                loop = asyncio.get_running_loop()
+                ids = await loop.run_in_executor(self.encoder, self.encode, req)
+            except Exception:  # NOTE: a request is always answered, never left hanging
+                log.exception("tokenizing request %s failed", req.request_id)
+                self.refuse(req, "The prompt could not be tokenized.", "invalid_prompt")
+                return
+            finally:
+                self.encoding -= 1
         if not ids:
-            self.api.send(
-                RequestError(
-                    request_id=req.request_id,
-                    status=400,
-                    message="The prompt is empty after tokenization.",
-                    param="prompt",
-                    code="empty_prompt",
-                )
-            )
+            self.refuse(req, "The prompt is empty after tokenization.", "empty_prompt")
             return
         self.scheduler.send(
             TokenizedRequest(
@@ -63,5 +71,12 @@ class TokenizerActor(Actor):
                 cache_salt=req.cache_salt,
                 arrival_time=req.arrival_time,
                 feature=req.feature,
+            )
+        )
+
+    def refuse(self, req: GenerateRequest, message: str, code: str) -> None:
+        self.api.send(
+            RequestError(
+                request_id=req.request_id, status=400, message=message, param="prompt", code=code
             )
         )

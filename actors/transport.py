@@ -22,6 +22,10 @@ from actors.protocol import INBOX_TYPES
 log = logging.getLogger(__name__)
 _encoder = msgspec.msgpack.Encoder()
 
+# NOTE: above the HTTP body cap (api.server.MAX_BODY_BYTES, 32 MiB), so any request the API
+# accepts fits; ZeroMQ drops a bigger frame (and that peer's connection) before it is read.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
 
 class Inbox(ABC):
     """The receiving end of one actor's mailbox."""
@@ -34,9 +38,11 @@ class Inbox(ABC):
     def decode(self, data: bytes) -> msgspec.Struct | None:
         try:
             return self.decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        except Exception as e:  # DecodeError, ValidationError; whatever a frame holds
             self.rejected += 1
-            log.warning("%s inbox rejected a message: %s", self.name, e)
+            if self.rejected & (self.rejected - 1) == 0:  # the 1st, 2nd, 4th, ...: no log flood
+                log.warning("%s inbox rejected a message (%d so far): %s",
+                            self.name, self.rejected, e)  # fmt: skip
             return None
 
     async def recv(self) -> msgspec.Struct:
@@ -177,6 +183,7 @@ class ZmqTransport(Transport):
     def inbox(self, name: str) -> Inbox:
         sock = self.async_ctx.socket(zmq.PULL)
         sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         sock.bind(self.address(name))
         self.sockets.append(sock)
         if name in self.local_queues:

@@ -21,7 +21,7 @@ async def run_actors(actor_names: list[str], run_dir: str, config) -> None:
     transport = ZmqTransport(run_dir, colocated=tuple(actor_names))
     actors = [build_actor(name, transport, config) for name in actor_names]
     tasks = [asyncio.create_task(a.run(), name=a.name) for a in actors]
-    tasks.append(asyncio.create_task(send_heartbeats(transport, actor_names)))
+    tasks.append(asyncio.create_task(send_heartbeats(transport, actors)))
     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     for task in done:
         task.result()  # re-raise: a crashed actor ends its process, the supervisor reports it

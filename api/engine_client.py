@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import NamedTuple
 
 from actors.protocol import (
     Abort,
@@ -35,6 +36,11 @@ log = logging.getLogger(__name__)
 HEALTH_POLL_S = 0.5
 
 
+class ActorState(NamedTuple):
+    open_requests: int
+    rejected_messages: int
+
+
 class EngineClient:
     """Owns the actor system of one server (processes, or tasks when `in_process`).
 
@@ -48,6 +54,8 @@ class EngineClient:
         self.transport: Transport | None = None
         self.supervisor: Supervisor | None = None
         self.actor_tasks: list[asyncio.Task] = []
+        self.local_actors: list = []  # in_process: the actor objects
+        self.inbox = None
         self.tasks: list[asyncio.Task] = []
         self.streams: dict[str, asyncio.Queue] = {}
         self.unstarted: set[str] = set()  # sent, no delta yet: waiting, in prefill or in transit
@@ -74,6 +82,7 @@ class EngineClient:
             self.transport = InProcessTransport()
             actors = [build_actor(n, self.transport, self.config) for n in _all_actors()]
             self.actor_tasks = [asyncio.create_task(a.run(), name=a.name) for a in actors]
+            self.local_actors = actors
         else:
             self.transport = ZmqTransport(make_run_dir())
             self.supervisor = Supervisor(self.config, self.transport)
@@ -145,6 +154,21 @@ class EngineClient:
                 )  # fmt: skip
                 for queue in self.streams.values():
                     queue.put_nowait(error)
+
+    def actor_states(self) -> dict[str, ActorState]:
+        """Per actor: requests it still tracks and bus messages it rejected (the engine
+        actors' as of their last heartbeat). After every request ended, all open counts
+        are 0: the "nothing lost" invariant."""
+        rejected = self.inbox.rejected if self.inbox is not None else 0
+        states = {"api": ActorState(len(self.streams), rejected)}
+        if self.supervisor is not None:
+            sup = self.supervisor
+            states["supervisor"] = ActorState(0, sup.inbox.rejected)
+            for name, beat in sorted(sup.beats.items()):
+                states[name] = ActorState(beat.open_requests, beat.rejected_messages)
+        for actor in self.local_actors:
+            states[actor.name] = ActorState(actor.open_requests(), actor.inbox.rejected)
+        return states
 
     # --- traffic ------------------------------------------------------------------------
 

@@ -232,6 +232,11 @@ class GrammarCache:
         with self._lock:
             self._pins[owner] = spec
 
+    def num_pinned(self) -> int:
+        """Requests holding a pin (0 once every grammar request finished)."""
+        with self._lock:
+            return len(self._pins)
+
     def unpin(self, owner: str) -> None:
         with self._lock:
             if self._pins.pop(owner, None) is not None:

@@ -13,6 +13,7 @@ from model_runner.attention import AttentionMetadata
 from model_runner.compiled_decode import CompiledDecode
 from model_runner.config import EngineConfig, resolve_device, resolve_dtype, resolve_max_model_len
 from model_runner.decode_context import DecodeContext
+from model_runner.fault_injection import ForwardFaults
 from model_runner.gguf_loader import model_config_from_gguf, open_gguf
 from model_runner.grammar import SequenceGrammar
 from model_runner.grammar_cache import GrammarCache, hf_tokenizer_info
@@ -60,6 +61,7 @@ class ModelRunner:
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, self.device)
         self.step_timer = StepTimer(self.device)
+        self.faults = ForwardFaults()
         self.source = resolve_model(config)
         self.model_name = self.source.name
         reader = open_gguf(self.source.path) if self.source.format == "gguf" else None
@@ -201,6 +203,7 @@ class ModelRunner:
                 self._seqs, step, self.block_size, self.device, self.config.batch_invariant
             )
             meta = self._with_decode_context(step, inputs.meta)
+            self.faults.check()
             args = (
                 inputs.input_ids,
                 inputs.positions,

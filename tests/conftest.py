@@ -85,7 +85,9 @@ def free_port() -> int:
 class ServerProcess:
     """A real `tokenmill serve` process on a free loopback port."""
 
-    def __init__(self, *args: str, api_key: str | None = None) -> None:
+    def __init__(
+        self, *args: str, api_key: str | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -94,7 +96,9 @@ class ServerProcess:
         if api_key:
             cmd += ["--api-key", api_key]
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"tokenmill-{self.port}.log", "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
 
     def wait_healthy(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout

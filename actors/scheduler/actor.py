@@ -91,6 +91,11 @@ class SchedulerActor(Actor):
                 self.api.send(PrefixCacheReset(ok=ok))
         self.plan_next_step()
 
+    def open_requests(self) -> int:
+        """Requests waiting for the executor, compiling their grammar, queued or running."""
+        queued = self.policy.num_requests() if self.policy is not None else 0
+        return len(self.pending) + len(self.compiling) + queued
+
     def on_executor_ready(self, ready: ExecutorReady) -> None:
         self.policy = Scheduler(
             self.config,

@@ -209,6 +209,10 @@ class Scheduler:
 
     # --- stats and cache -------------------------------------------------------------
 
+    def num_requests(self) -> int:
+        """Requests admitted and not yet finished (waiting, running or preempted)."""
+        return len(self._requests)
+
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
             num_running=len(self.running),

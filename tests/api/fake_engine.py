@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from actors.protocol import SchedulerStats, TextDelta, TokenLogprob
+from api.engine_client import ActorState
 from api.errors import EngineRequestError
 from model_runner.sampling_params import SamplingParams
 
@@ -59,6 +60,9 @@ class FakeEngine:
 
     def health(self) -> tuple[bool, str]:
         return self.healthy
+
+    def actor_states(self) -> dict[str, ActorState]:
+        return {"api": ActorState(open_requests=0, rejected_messages=0)}
 
     async def start(self) -> None:
         pass
