@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import msgspec
 
 from actors.actor import Actor
+from actors.prompt_encoding import BadLiteralSpans, PromptEncoder
 from actors.protocol import GenerateRequest, RequestError, TokenizedRequest
 from actors.transport import Transport
 
@@ -23,12 +24,14 @@ class TokenizerActor(Actor):
         super().__init__(transport)
         self.load_tokenizer = tokenizer_loader
         self.tokenizer = None
+        self.encoder_of_prompts: PromptEncoder | None = None
         self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self.scheduler = transport.outbox("scheduler")
         self.api = transport.outbox("api")
 
     async def start(self) -> None:
         self.tokenizer = await asyncio.to_thread(self.load_tokenizer)
+        self.encoder_of_prompts = PromptEncoder(self.tokenizer)
 
     async def handle(self, msg: msgspec.Struct) -> None:
         match msg:
@@ -36,14 +39,22 @@ class TokenizerActor(Actor):
                 await self.tokenize(msg)
 
     def encode(self, req: GenerateRequest) -> list[int]:
-        return self.tokenizer(req.prompt or "", add_special_tokens=req.add_special_tokens)[
-            "input_ids"
-        ]
+        return self.encoder_of_prompts.encode(
+            req.prompt or "",
+            add_special_tokens=req.add_special_tokens,
+            literal_spans=req.literal_spans,
+        )
 
     async def tokenize(self, req: GenerateRequest) -> None:
         ids = req.prompt_token_ids
         if ids is None:
-            ids = await asyncio.get_running_loop().run_in_executor(self.encoder, self.encode, req)
+            loop = asyncio.get_running_loop()
+            try:
+                ids = await loop.run_in_executor(self.encoder, self.encode, req)
+            except BadLiteralSpans as e:
+                self.api.send(RequestError(request_id=req.request_id, status=400,
+                                           message=str(e), param="prompt"))  # fmt: skip
+                return
         if not ids:
             self.api.send(
                 RequestError(
