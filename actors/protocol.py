@@ -35,6 +35,9 @@ class GenerateRequest(_Message, kw_only=True):
     cache_salt: str | None = None
     arrival_time: float
     feature: str = "none"  # cost-attribution label, already checked and bounded by the API
+    # Character spans of `prompt` that client text wrote as control-token spellings: the
+    # tokenizer encodes them as plain text (sorted, non-overlapping).
+    literal_spans: list[tuple[int, int]] | None = None
 
 
 # --- tokenizer -> scheduler, api -> scheduler, detokenizer -> scheduler -----------------

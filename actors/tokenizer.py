@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import msgspec
 
 from actors.actor import Actor
+from actors.prompt_encoding import BadLiteralSpans, PromptEncoder
 from actors.protocol import GenerateRequest, RequestError, TokenizedRequest
 from actors.transport import Transport
 
@@ -26,6 +27,7 @@ class TokenizerActor(Actor):
         super().__init__(transport)
         self.load_tokenizer = tokenizer_loader
         self.tokenizer = None
+        self.encoder_of_prompts: PromptEncoder | None = None
         self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self.encoding = 0  # requests handed to the encoder thread, not yet sent on
         self.scheduler = transport.outbox("scheduler")
@@ -33,6 +35,7 @@ class TokenizerActor(Actor):
 
     async def start(self) -> None:
         self.tokenizer = await asyncio.to_thread(self.load_tokenizer)
+        self.encoder_of_prompts = PromptEncoder(self.tokenizer)
 
     def open_requests(self) -> int:
         return self.encoding
@@ -43,9 +46,11 @@ class TokenizerActor(Actor):
                 await self.tokenize(msg)
 
     def encode(self, req: GenerateRequest) -> list[int]:
-        return self.tokenizer(req.prompt or "", add_special_tokens=req.add_special_tokens)[
-            "input_ids"
-        ]
+        return self.encoder_of_prompts.encode(
+            req.prompt or "",
+            add_special_tokens=req.add_special_tokens,
+            literal_spans=req.literal_spans,
+        )
 
     async def tokenize(self, req: GenerateRequest) -> None:
         ids = req.prompt_token_ids
@@ -54,6 +59,9 @@ class TokenizerActor(Actor):
             try:
                 loop = asyncio.get_running_loop()
                 ids = await loop.run_in_executor(self.encoder, self.encode, req)
+            except BadLiteralSpans as e:
+                self.refuse(req, str(e), "invalid_prompt")
+                return
             except Exception:  # NOTE: a request is always answered, never left hanging
                 log.exception("tokenizing request %s failed", req.request_id)
                 self.refuse(req, "The prompt could not be tokenized.", "invalid_prompt")

@@ -6,6 +6,11 @@ gets the bundled hermes template (`api/templates/hermes.jinja`), whose `<tool_ca
 the hermes parser and the forced-call grammar share.
 The rendered prompt already holds the template's special tokens, so the engine gets it with
 `add_special_tokens=False` (the request's `add_special_tokens`, default False for chat).
+The server's templates render through `tokenizer.apply_chat_template` (transformers renders
+in jinja2's ImmutableSandboxedEnvironment); a request's own `chat_template`, allowed only
+with `--trust-request-chat-template`, renders in the bounded sandbox of
+`api.template_sandbox`. Control-token spellings in client data stay text
+(`api.control_tokens`): the result carries their spans for the tokenizer.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from typing import Any
 import jinja2
 import jinja2.meta
 
+from api.control_tokens import ControlTokenSpellings
 from api.errors import bad_request
 from api.openai_protocol import ChatMessage
+from api.template_sandbox import TemplateLimitError, render_request_template
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 TEXT_PART_TYPES = frozenset({"text", "input_text"})
@@ -42,8 +49,18 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
         "truncation",
         "max_length",
         "return_assistant_tokens_mask",
+        "sanitize_control_tokens",
     }
 )
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker for continue_final_message
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    """A rendered prompt and the spans of client-written control-token spellings in it."""
+
+    text: str
+    literal_spans: list[tuple[int, int]] = field(default_factory=list)
 
 
 def message_text(content: str | list[dict[str, Any]] | None, param: str) -> str | None:
@@ -160,6 +177,10 @@ class ChatTemplates:
     def model_supports_tools(self) -> bool:
         return template_supports_tools(getattr(self.tokenizer, "chat_template", None))
 
+    @cached_property
+    def spellings(self) -> ControlTokenSpellings:
+        return ControlTokenSpellings(self.tokenizer)
+
     def pick(self, with_tools: bool) -> str | None:
         """The template text to render with (None: the tokenizer's own)."""
         if self.override is not None:
@@ -179,32 +200,71 @@ def render_chat(
     documents: list[dict[str, Any]] | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
     template: str | None = None,
-) -> str:
-    """Render a chat with `template` (None: the tokenizer's own); a template error is a 400
-    on `messages`."""
+    request_template: str | None = None,
+    spellings: ControlTokenSpellings | None = None,
+) -> RenderedChat:
+    """Render a chat with `request_template` (a request's own, sandboxed), else `template`
+    (None: the tokenizer's own); a template error is a 400 on `messages` (on `chat_template`
+    for a request's template). `spellings`: the tokenizer's, when the caller keeps them."""
     conv = conversation(messages)
     extra = dict(chat_template_kwargs or {})
     if reserved := sorted(RESERVED_TEMPLATE_KWARGS.intersection(extra)):
         raise bad_request(
             f"chat_template_kwargs may not set {', '.join(reserved)}.", "chat_template_kwargs"
         )
-    if template is None and getattr(tokenizer, "chat_template", None) is None:
-        raise bad_request("This model has no chat template; use /v1/completions.", "messages")
+    if request_template is None and template is None:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise bad_request("This model has no chat template; use /v1/completions.", "messages")
+    mask = (spellings or ControlTokenSpellings(tokenizer)).masker()
+    if mask is not None:
+        conv, tools, documents, extra = (mask.mask(x) for x in (conv, tools, documents, extra))
+    options = dict(
+        tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message, extra=extra,
+    )  # fmt: skip
+    if request_template is not None:
+        prompt = _render_request_template(tokenizer, request_template, conv, **options)
+    else:
+        prompt = _render_server_template(tokenizer, template, conv, **options)
+    if not isinstance(prompt, str) or not prompt:
+        raise bad_request("The chat template rendered an empty prompt.", "messages")
+    if mask is None:
+        return RenderedChat(prompt)
+    return RenderedChat(*mask.unmask(prompt))
+
+
+def _render_server_template(tokenizer, template, conv, *, extra, **options) -> str:
     try:
-        prompt = tokenizer.apply_chat_template(
-            conv,
-            tools=tools,
-            documents=documents,
-            chat_template=template,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-            **extra,
+        return tokenizer.apply_chat_template(
+            conv, chat_template=template, tokenize=False, **options, **extra
         )
     except Exception as e:  # jinja2 errors, raise_exception() in templates, bad tool specs
         raise bad_request(
             f"The chat template could not render the messages: {e}", "messages"
         ) from None
-    if not isinstance(prompt, str) or not prompt:
-        raise bad_request("The chat template rendered an empty prompt.", "messages")
+
+
+def _render_request_template(
+    tokenizer, template, conv, *, continue_final_message, extra, **options
+) -> str:
+    """As transformers renders a template (same context, same continue_final_message cut),
+    in the bounded sandbox. Runs in a worker thread (the caller's)."""
+    if continue_final_message:
+        conv = [*conv[:-1], {**conv[-1], "content": conv[-1]["content"] + _CONTINUE_TAG}]
+    context = {**getattr(tokenizer, "special_tokens_map", {}), **extra, **options, "messages": conv}
+    try:
+        prompt = render_request_template(template, context)
+    except (TemplateLimitError, jinja2.exceptions.SecurityError) as e:
+        raise bad_request(
+            f"The request's chat template was stopped: {e}.", "chat_template"
+        ) from None
+    except Exception as e:  # syntax errors, raise_exception(), errors of its own
+        raise bad_request(f"The request's chat template failed: {e}", "chat_template") from None
+    if continue_final_message:
+        cut = prompt.rfind(_CONTINUE_TAG.strip())
+        if cut < 0:
+            raise bad_request(
+                "The chat template dropped the final message to continue.", "chat_template"
+            )
+        prompt = prompt[:cut] if prompt.startswith(_CONTINUE_TAG, cut) else prompt[:cut].rstrip()
     return prompt

@@ -188,6 +188,11 @@ def _add_tool_args(p: argparse.ArgumentParser) -> None:
         help="a Jinja chat template that replaces the model's own",
     )
     p.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="accept a request's own chat_template (rendered sandboxed, 1 s and 4 MiB at most)",
+    )
+    p.add_argument(
         "--exclude-tools-when-tool-choice-none",
         action="store_true",
         help='leave the tools out of the prompt when tool_choice is "none"',
@@ -297,6 +302,7 @@ def server_config(args: argparse.Namespace):
         max_logprobs=args.max_logprobs,
         tool_config=tool_config(args),
         chat_template=chat_template_text(args.chat_template),
+        trust_request_chat_template=args.trust_request_chat_template,
         max_feature_tags=args.max_feature_tags,
         enable_log_requests=args.enable_log_requests,
         log_stats_interval=None if args.disable_log_stats else STATS_LOG_INTERVAL_S,

@@ -214,6 +214,7 @@ class EngineClient:
         add_special_tokens: bool = True,
         cache_salt: str | None = None,
         feature: str = "none",
+        literal_spans: list[tuple[int, int]] | None = None,
     ) -> AsyncIterator[TextDelta]:
         if request_id in self.streams:
             raise ValueError(f"duplicate request id {request_id}")
@@ -231,6 +232,7 @@ class EngineClient:
                 cache_salt=cache_salt,
                 arrival_time=time.time(),
                 feature=feature,
+                literal_spans=literal_spans or None,
             )
         )
         unfinished = sampling.n

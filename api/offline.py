@@ -12,11 +12,13 @@ import threading
 import uuid
 import weakref
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import msgspec
 from tqdm.auto import tqdm
 
+from actors.prompt_encoding import PromptEncoder
 from api.chat_template import render_chat
 from api.errors import ApiError
 from api.openai_protocol import ChatMessage
@@ -111,6 +113,10 @@ class LLM:
     def _call(self, coro, timeout: float | None = None):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
+    @cached_property
+    def prompt_encoder(self) -> PromptEncoder:
+        return PromptEncoder(self.engine.tokenizer)
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 
@@ -166,7 +172,7 @@ class LLM:
         for conv in conversations:
             try:
                 msgs = msgspec.convert(conv, list[ChatMessage])
-                text = render_chat(
+                rendered = render_chat(
                     self.engine.tokenizer,
                     msgs,
                     add_generation_prompt=add_generation_prompt,
@@ -174,8 +180,12 @@ class LLM:
                 )
             except (ApiError, msgspec.ValidationError) as e:
                 raise ValueError(str(e)) from None
-            texts.append(text)
-            ids.append(self.engine.tokenizer.encode(text, add_special_tokens=False))
+            texts.append(rendered.text)
+            ids.append(
+                self.prompt_encoder.encode(
+                    rendered.text, add_special_tokens=False, literal_spans=rendered.literal_spans
+                )
+            )
         return self._run(texts, ids, sampling_params, use_tqdm)
 
     def _run(self, texts, ids, sampling_params, use_tqdm) -> list[RequestOutput]:

@@ -40,6 +40,7 @@ class ServerConfig:
     max_prompts: int = 256
     tool_config: ToolConfig = field(default_factory=ToolConfig)
     chat_template: str | None = None  # --chat-template: the file's text
+    trust_request_chat_template: bool = False  # --trust-request-chat-template
     max_feature_tags: int = 64  # distinct cost-attribution labels; beyond them "other"
     enable_log_requests: bool = False  # one JSON line per finished request
     log_stats_interval: float | None = STATS_LOG_INTERVAL_S  # the stats log line; None: off

@@ -13,11 +13,13 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 
 import msgspec
 from quart import Response
 from quart.wrappers.response import ResponseBody
 
+from actors.prompt_encoding import PromptEncoder
 from api.chat_template import ChatTemplates, render_chat, uses_tools
 from api.errors import ApiError, bad_request, error_body
 from api.features import FeatureTags
@@ -125,6 +127,7 @@ class OpenAIServing:
         self.created = int(time.time())
         self._limits: Limits | None = None
         self.templates = ChatTemplates(engine.tokenizer, config.chat_template)
+        self.prompt_encoder = PromptEncoder(engine.tokenizer)
         self.features = FeatureTags(config.max_feature_tags)
         self.log_request = log_request if config.enable_log_requests else None
 
@@ -161,8 +164,12 @@ class OpenAIServing:
         check_model(req.model, self.engine.model_name)
         feature = self.features.label(feature_header, req.metadata)
         tool_plan, constraint = await off_the_loop(chat_constraints, req, self.config.tool_config)
-        sampling = chat_sampling_params(req, self.limits, constraint and constraint.grammar)
-        prompt = render_chat(
+        sampling = chat_sampling_params(
+            req, self.limits, constraint and constraint.grammar,
+            trust_request_chat_template=self.config.trust_request_chat_template,
+        )  # fmt: skip
+        render = partial(
+            render_chat,
             self.engine.tokenizer,
             req.messages,
             add_generation_prompt=req.add_generation_prompt,
@@ -171,11 +178,16 @@ class OpenAIServing:
             documents=req.documents,
             chat_template_kwargs=req.chat_template_kwargs,
             template=self.templates.pick(uses_tools(req.messages, tool_plan.prompt_tools)),
+            request_template=req.chat_template,
+            spellings=self.templates.spellings,
         )
+        # NOTE: a request's template renders in a thread; its own deadline ends the render
+        rendered = await asyncio.to_thread(render) if req.chat_template is not None else render()
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         it = self.engine.generate(
             request_id,
-            prompt=prompt,
+            prompt=rendered.text,
+            literal_spans=rendered.literal_spans,
             sampling=sampling,
             add_special_tokens=req.add_special_tokens,
             cache_salt=req.cache_salt,
@@ -260,8 +272,9 @@ class OpenAIServing:
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("Give exactly one of `prompt` and `messages`.", "prompt")
         tokenizer = self.engine.tokenizer
+        spans = None
         if req.messages is not None:
-            text = render_chat(
+            rendered = render_chat(
                 tokenizer,
                 req.messages,
                 add_generation_prompt=req.add_generation_prompt,
@@ -269,15 +282,18 @@ class OpenAIServing:
                 tools=req.tools,
                 chat_template_kwargs=req.chat_template_kwargs,
                 template=self.templates.pick(uses_tools(req.messages, req.tools)),
+                spellings=self.templates.spellings,
             )
+            text, spans = rendered.text, rendered.literal_spans
             special = bool(req.add_special_tokens)
         else:
             text = req.prompt
             special = req.add_special_tokens is not False
-        if len(text) > INLINE_TOKENIZE_CHARS:
-            ids = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=special)
-        else:
-            ids = tokenizer.encode(text, add_special_tokens=special)
+        # NOTE: the tokenizer actor's encoding, so the ids are the ones generation uses
+        encode = partial(
+            self.prompt_encoder.encode, text, add_special_tokens=special, literal_spans=spans
+        )
+        ids = await asyncio.to_thread(encode) if len(text) > INLINE_TOKENIZE_CHARS else encode()
         strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
         return json_response(
             {

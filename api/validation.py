@@ -117,7 +117,11 @@ def check_prompt_fits(num_prompt_tokens: int, max_tokens: int | None, limits: Li
 
 
 def chat_sampling_params(
-    req: ChatCompletionRequest, limits: Limits, grammar: GrammarSpec | None = None
+    req: ChatCompletionRequest,
+    limits: Limits,
+    grammar: GrammarSpec | None = None,
+    *,
+    trust_request_chat_template: bool = False,
 ) -> SamplingParams:
     """SamplingParams of a chat request (max_completion_tokens wins over max_tokens)."""
     if req.top_logprobs is not None and req.top_logprobs > 0 and not req.logprobs:
@@ -129,9 +133,11 @@ def chat_sampling_params(
             "Cannot set both `continue_final_message` and `add_generation_prompt` to true.",
             "continue_final_message",
         )
-    if req.chat_template is not None:
+    if req.chat_template is not None and not trust_request_chat_template:
         raise bad_request(
-            "A chat template in the request is not accepted by this server.", "chat_template"
+            "A chat template in the request is not accepted unless the server runs with "
+            "--trust-request-chat-template.",
+            "chat_template",
         )
     if req.echo:
         raise bad_request("`echo` is not supported for chat completions.", "echo")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
+from actors.prompt_encoding import PromptEncoder
 from actors.protocol import SchedulerStats, TextDelta, TokenLogprob
 from api.engine_client import ActorState
 from api.errors import EngineRequestError
@@ -37,6 +38,7 @@ class FakeEngine:
         delay: float = 0.0,
     ) -> None:
         self.tokenizer = tokenizer
+        self.prompt_encoder = PromptEncoder(tokenizer)
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.vocab_size = len(tokenizer)
@@ -77,10 +79,12 @@ class FakeEngine:
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
-    def prompt_ids(self, prompt, prompt_token_ids, add_special_tokens) -> list[int]:
+    def prompt_ids(self, prompt, prompt_token_ids, add_special_tokens, literal_spans=None):
         if prompt is None:
             return list(prompt_token_ids)
-        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        return self.prompt_encoder.encode(
+            prompt, add_special_tokens=add_special_tokens, literal_spans=literal_spans
+        )
 
     async def generate(
         self,
@@ -92,6 +96,7 @@ class FakeEngine:
         add_special_tokens: bool = True,
         cache_salt: str | None = None,
         feature: str = "none",
+        literal_spans: list[tuple[int, int]] | None = None,
     ):
         self.calls.append(
             dict(
@@ -102,11 +107,12 @@ class FakeEngine:
                 prompt_token_ids=prompt_token_ids,
                 cache_salt=cache_salt,
                 add_special_tokens=add_special_tokens,
+                literal_spans=literal_spans,
             )
         )
         if self.refusal is not None:
             raise self.refusal
-        ids = self.prompt_ids(prompt, prompt_token_ids, add_special_tokens)
+        ids = self.prompt_ids(prompt, prompt_token_ids, add_special_tokens, literal_spans)
         limit = sampling.max_tokens or self.max_model_len - len(ids)
         if len(ids) + limit > self.max_model_len:
             raise EngineRequestError(

@@ -95,10 +95,10 @@ def test_error_bodies():
 def test_render_chat(tokenizer):
     msgs = [ChatMessage(role="system", content="Be brief."),
             ChatMessage(role="user", content=[{"type": "text", "text": "Hi"}])]  # fmt: skip
-    text = render_chat(tokenizer, msgs)
+    text = render_chat(tokenizer, msgs).text
     assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
                     "<|im_start|>assistant\n")  # fmt: skip
-    no_gen = render_chat(tokenizer, msgs, add_generation_prompt=False)
+    no_gen = render_chat(tokenizer, msgs, add_generation_prompt=False).text
     assert not no_gen.endswith("<|im_start|>assistant\n")
 
 
