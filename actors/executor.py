@@ -17,6 +17,7 @@ import msgspec
 from actors.actor import Actor
 from actors.protocol import (
     CompileGrammar,
+    ExecutorFailed,
     ExecutorReady,
     GrammarFailed,
     GrammarReady,
@@ -26,6 +27,7 @@ from actors.protocol import (
     StepResult,
 )
 from actors.transport import Transport
+from model_runner.config import EngineConfigError
 from model_runner.grammar_cache import GrammarError
 from model_runner.sampling_params import GrammarSpec
 
@@ -66,8 +68,19 @@ class ExecutorActor(Actor):
         self.scheduler = transport.outbox("scheduler")
 
     async def start(self) -> None:
+        """Load the model; a setting it cannot serve is reported (ExecutorFailed), not raised.
+
+        NOTE: after a failed start the actor waits, sending nothing, until its process is
+        stopped: the API prints the reason once and stops the engine itself (a process that
+        exited at once could drop the message, and would look like a crash).
+        """
         loop = asyncio.get_running_loop()
-        self.runner = await loop.run_in_executor(self.worker, self.runner_factory)
+        try:
+            self.runner = await loop.run_in_executor(self.worker, self.runner_factory)
+        except EngineConfigError as e:
+            log.debug("the engine cannot start", exc_info=True)
+            self.scheduler.send(ExecutorFailed(message=str(e)))
+            await asyncio.Event().wait()
         r = self.runner
         self.scheduler.send(
             ExecutorReady(

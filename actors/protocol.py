@@ -82,6 +82,13 @@ class ExecutorReady(_Message, kw_only=True):
     eos_token_ids: list[int]
 
 
+class ExecutorFailed(_Message, kw_only=True):
+    """The engine cannot start with these settings (a user error: too long --max-model-len,
+    too small a KV cache, an unsupported model...); `message` names what to change."""
+
+    message: str
+
+
 class StepPlan(_Message, kw_only=True):
     step: StepInput
 
@@ -231,6 +238,13 @@ class EngineReady(_Message, kw_only=True):
     vocab_size: int
 
 
+class EngineFailed(_Message, kw_only=True):
+    """The engine cannot start: the scheduler forwards the executor's ExecutorFailed. The API
+    prints `message` as one line and exits 2."""
+
+    message: str
+
+
 class PrefixCacheReset(_Message, kw_only=True):
     ok: bool
 
@@ -249,7 +263,9 @@ class Heartbeat(_Message, kw_only=True):
     rejected_messages: int = 0
 
 
-ApiInbox = Union[TextDeltas, RequestError, SchedulerStats, EngineReady, PrefixCacheReset]
+ApiInbox = Union[
+    TextDeltas, RequestError, SchedulerStats, EngineReady, EngineFailed, PrefixCacheReset
+]
 TokenizerInbox = Union[GenerateRequest]
 SchedulerInbox = Union[
     TokenizedRequest,
@@ -257,6 +273,7 @@ SchedulerInbox = Union[
     ResetPrefixCache,
     Drain,
     ExecutorReady,
+    ExecutorFailed,
     StepResult,
     StepFailed,
     GrammarReady,

@@ -42,10 +42,12 @@ class Supervisor:
     def start(self) -> None:
         config_json = msgspec.json.encode(self.config).decode()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # NOTE: workers log at this process's level (`--log-level`): debug shows tracebacks.
+        log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         for process, actors in self.placement.items():
             cmd = [sys.executable, "-m", "actors.worker", "--process", process,
                    "--actors", ",".join(actors), "--run-dir", str(self.transport.run_dir),
-                   "--config", config_json]  # fmt: skip
+                   "--config", config_json, "--log-level", log_level]  # fmt: skip
             self.processes[process] = subprocess.Popen(cmd, env=env)
         self.started_at = time.monotonic()
 

@@ -35,13 +35,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--actors", required=True)
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--config", required=True, help="EngineConfig as JSON")
+    parser.add_argument("--log-level", default="INFO", help="the API process's log level")
     args = parser.parse_args(argv)
     # NOTE: Ctrl-C in a terminal signals the whole process group; the API process drains
     # and then stops its workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s {args.process} %(levelname)s %(name)s: %(message)s"
-    )
+    log_format = f"%(asctime)s {args.process} %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=args.log_level.upper(), format=log_format)
     config = msgspec.json.decode(args.config, type=EngineConfig)
     actor_names = args.actors.split(",")
     if "executor" in actor_names:

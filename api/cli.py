@@ -8,6 +8,9 @@ import os
 import sys
 
 from api.lifecycle import run, serve
+from api.startup_checks import StartupError, check_serve_flags, reserve_port
+
+log = logging.getLogger("tokenmill")
 
 DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
@@ -206,7 +209,10 @@ def _add_tool_args(p: argparse.ArgumentParser) -> None:
 
 
 def startup_error(message: str) -> None:
-    """A start-up error the user can fix: one line on stderr, exit status 2."""
+    """A start-up error the user can fix: one line on stderr, exit status 2. Called while an
+    exception is handled, its traceback is logged first, at debug level."""
+    if sys.exc_info()[1] is not None:
+        log.debug("start-up error", exc_info=True)
     print(f"tokenmill: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -249,7 +255,7 @@ def engine_config(args: argparse.Namespace):
     from model_runner.config import EngineConfig
 
     if args.model_tag and args.model and args.model_tag != args.model:
-        raise SystemExit(f"error: MODEL {args.model_tag!r} and --model {args.model!r} differ")
+        startup_error(f"MODEL {args.model_tag!r} and --model {args.model!r} differ")
     dtype = {"float": "float32", "half": "float16"}.get(args.dtype, args.dtype)
     return EngineConfig(
         model=args.model_tag or args.model,
@@ -278,16 +284,21 @@ def engine_config(args: argparse.Namespace):
 
 
 def check_engine_config(cfg) -> None:
-    """Fail fast on a start-up error the user caused (bad model path, format or quantization)
-    before any process starts. NOTE: the engine's linear plan checks the quantization again."""
-    from model_runner.config import resolve_device
-    from model_runner.linear_plan import QuantizationError, check_quantization
-    from model_runner.model_source import ModelSourceError, resolve_model
+    """Fail fast on a start-up error the user caused (bad model path or file, format,
+    quantization, device) before any process starts; reads no weights. NOTE: the engine
+    checks all of it again, and what needs the model's metadata (context length, KV cache
+    size) only it checks."""
+    from model_runner.config import EngineConfigError, resolve_device
+    from model_runner.linear_plan import check_quantization
+    from model_runner.model_source import check_tokenizer_files, model_config_from_hf, resolve_model
 
     try:
         source = resolve_model(cfg)
         check_quantization(cfg.quantization, resolve_device(cfg), source.format)
-    except (ModelSourceError, QuantizationError) as e:
+        if source.config_path.suffix == ".json":
+            model_config_from_hf(source.config_path)
+        check_tokenizer_files(source)
+    except EngineConfigError as e:
         startup_error(str(e))
 
 
@@ -325,9 +336,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:
+        check_serve_flags(args)
+    except StartupError as e:
+        startup_error(str(e))
     engine_cfg = engine_config(args)
     check_engine_config(engine_cfg)
-    return run(serve(engine_cfg, server_config(args)))
+    server_cfg = server_config(args)
+    try:
+        listener = reserve_port(args.host, args.port)
+    except StartupError as e:
+        startup_error(str(e))
+    return serve_until_stopped(engine_cfg, server_cfg, listener)
+
+
+def serve_until_stopped(engine_cfg, server_cfg, listener) -> int:
+    """The exit code of the server; settings the engine refuses at start exit 2, one line."""
+    from model_runner.config import EngineConfigError
+
+    try:
+        return run(serve(engine_cfg, server_cfg, listener))
+    except EngineConfigError as e:
+        startup_error(str(e))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import NamedTuple
 from actors.protocol import (
     Abort,
     Drain,
+    EngineFailed,
     EngineReady,
     GenerateRequest,
     PrefixCacheReset,
@@ -29,6 +30,7 @@ from actors.wiring import (
     tokenizer_loader,
 )
 from api.errors import EngineRequestError
+from model_runner.config import EngineConfigError
 from model_runner.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class EngineClient:
         self.stats: SchedulerStats | None = None
         self.info: EngineReady | None = None
         self.ready = asyncio.Event()
+        self.start_failure: str | None = None  # why the engine cannot start (EngineFailed)
         self.reset_waiters: list[asyncio.Future] = []
         self.to_scheduler = None
         self.tokenizer = None
@@ -96,8 +99,13 @@ class EngineClient:
         await self._wait_ready(timeout)
 
     async def _wait_ready(self, timeout: float) -> None:
+        """Until EngineReady; raises EngineConfigError when the engine reports settings it
+        cannot serve (a user error), RuntimeError when a process died, TimeoutError."""
         deadline = time.monotonic() + timeout
         while not self.ready.is_set():
+            if self.start_failure is not None:
+                await self.shutdown()
+                raise EngineConfigError(self.start_failure)
             problems = self.problems()
             if problems:
                 await self.shutdown()
@@ -198,6 +206,8 @@ class EngineClient:
                 case EngineReady():
                     self.info = msg
                     self.ready.set()
+                case EngineFailed(message=message):
+                    self.start_failure = message
                 case PrefixCacheReset(ok=ok):
                     waiters, self.reset_waiters = self.reset_waiters, []
                     for fut in waiters:

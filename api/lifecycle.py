@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 
 log = logging.getLogger("tokenmill")
 
@@ -78,22 +79,29 @@ def bind_address(host: str, port: int) -> str:
 HYPERCORN_KEEP_ALIVE_S = 75.0
 
 
-async def serve_app(app, server_cfg, stop: asyncio.Event) -> None:
-    """Serve a Quart app on hypercorn until `stop` is set (open connections then get 5 s)."""
+async def serve_app(
+    app, server_cfg, stop: asyncio.Event, listener: socket.socket | None = None
+) -> None:
+    """Serve a Quart app on hypercorn until `stop` is set (open connections then get 5 s).
+    `listener`: a bound socket to serve on (hypercorn takes it over), else bind the address."""
     from hypercorn.asyncio import serve as hypercorn_serve
     from hypercorn.config import Config
 
     hconfig = Config()
-    hconfig.bind = [bind_address(server_cfg.host, server_cfg.port)]
+    if listener is not None:
+        hconfig.bind = [f"fd://{listener.detach()}"]
+    else:
+        hconfig.bind = [bind_address(server_cfg.host, server_cfg.port)]
     hconfig.accesslog = None
     hconfig.graceful_timeout = 5.0
     hconfig.keep_alive_timeout = HYPERCORN_KEEP_ALIVE_S
     await hypercorn_serve(app, hconfig, shutdown_trigger=stop.wait)
 
 
-async def serve(engine_cfg, server_cfg) -> int:
+async def serve(engine_cfg, server_cfg, listener: socket.socket | None = None) -> int:
     """Start the engine, serve until SIGTERM/SIGINT, drain, then shut the engine down.
-    Returns the exit code: 0 after a signal, 1 when the engine died (see the module docstring)."""
+    Returns the exit code: 0 after a signal, 1 when the engine died (see the module docstring).
+    `listener`: the server's socket, bound before the model loaded (api.startup_checks)."""
     from api.engine_client import EngineClient
     from api.server import create_app
 
@@ -102,19 +110,22 @@ async def serve(engine_cfg, server_cfg) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, shutdown.on_signal)
+    started = False
     try:
-        if not await _start_unless_stopped(engine, shutdown.requested):
+        started = await _start_unless_stopped(engine, shutdown.requested)
+        if not started:
             return 0
         address = bind_address(server_cfg.host, server_cfg.port)
         log.info("serving %s on http://%s", engine.model_name, address)
         watchers = [asyncio.create_task(shutdown.drain()),
                     asyncio.create_task(shutdown.exit_when_engine_dies())]  # fmt: skip
-        await serve_app(create_app(engine, server_cfg), server_cfg, shutdown.stop)
+        await serve_app(create_app(engine, server_cfg), server_cfg, shutdown.stop, listener)
         for task in watchers:
             task.cancel()
         return shutdown.exit_code
     finally:
-        log.info("shutting down")
+        if started:  # NOTE: a refused start prints only its reason (api.cli.startup_error)
+            log.info("shutting down")
         await engine.shutdown()
 
 

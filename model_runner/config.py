@@ -11,6 +11,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
+
+class EngineConfigError(ValueError):
+    """A setting (or model) this engine or machine cannot serve: a user error. Start-up
+    prints its message as one line and exits 2; the message names the flag or path to fix."""
+
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -68,22 +74,34 @@ def resolve_device(config: EngineConfig) -> torch.device:
     """`auto` picks CUDA when it is available, else the CPU."""
     if config.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise EngineConfigError("--device cuda: no CUDA GPU is available; use --device cpu")
     return torch.device(config.device)
 
 
 def resolve_dtype(config: EngineConfig, device: torch.device | None = None) -> torch.dtype:
     """`auto` is bfloat16 on CUDA; on the CPU, what `cpu_profile` decided for this CPU model."""
+    dtype, auto_reason = resolve_dtype_with_reason(config, device)
+    if auto_reason is not None:
+        log.info("%s", auto_reason)
+    return dtype
+
+
+def resolve_dtype_with_reason(
+    config: EngineConfig, device: torch.device | None = None
+) -> tuple[torch.dtype, str | None]:
+    """The dtype, and why `--dtype auto` on the CPU picked it (None otherwise): a caller that
+    checks more settings first logs the reason once they passed."""
     if config.dtype == "auto":
         device = device or resolve_device(config)
         if device.type == "cuda":
-            return torch.bfloat16
+            return torch.bfloat16, None
         from model_runner.cpu_profile import cpu_profile
 
-        profile = cpu_profile()
-        log.info("--dtype auto on %s: %s (%s)", profile.cpu, profile.dtype, profile.reason)
-        return _DTYPES[profile.dtype]
+        p = cpu_profile()
+        return _DTYPES[p.dtype], f"--dtype auto on {p.cpu}: {p.dtype} ({p.reason})"
     try:
-        return _DTYPES[config.dtype]
+        return _DTYPES[config.dtype], None
     except KeyError:
         choices = ", ".join(_DTYPES)
         raise ValueError(f"unknown dtype {config.dtype!r}; one of auto, {choices}") from None
@@ -93,9 +111,9 @@ def resolve_max_model_len(config: EngineConfig, max_position_embeddings: int) ->
     """The configured max_model_len, or the model's limit capped at 8192."""
     if config.max_model_len is not None:
         if config.max_model_len > max_position_embeddings:
-            raise ValueError(
-                f"max_model_len {config.max_model_len} exceeds the model's "
-                f"max_position_embeddings {max_position_embeddings}"
+            raise EngineConfigError(
+                f"--max-model-len {config.max_model_len} is above the model's context length "
+                f"{max_position_embeddings}; use --max-model-len {max_position_embeddings} or less"
             )
         return config.max_model_len
     return min(max_position_embeddings, DEFAULT_MAX_MODEL_LEN_CAP)

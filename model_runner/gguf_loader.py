@@ -62,7 +62,10 @@ def model_config_from_gguf(reader) -> ModelConfig:
     """The ModelConfig from GGUF metadata (`<arch>.*` keys and `tokenizer.ggml.*`)."""
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ModelSourceError(f"unsupported GGUF architecture {arch!r}")
+        raise ModelSourceError(
+            f"unsupported GGUF architecture {arch!r}; tokenmill serves "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
     names = {t.name for t in reader.tensors}
     hidden = int(_field(reader, f"{arch}.embedding_length"))
     num_heads = int(_field(reader, f"{arch}.attention.head_count"))
@@ -94,6 +97,22 @@ def model_config_from_gguf(reader) -> ModelConfig:
         architecture=arch,
         attention_bias="blk.0.attn_q.bias" in names,
     )
+
+
+def check_gguf_tensor_types(type_names) -> None:
+    """Refuse, before loading, tensor types that gguf cannot dequantize (ModelSourceError)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
+
+    unsupported = []
+    for name in sorted(type_names):
+        qtype = GGMLQuantizationType[name]
+        _, type_size = GGML_QUANT_SIZES[qtype]
+        try:  # NOTE: one zero block dequantizes in no time, or raises for a type gguf lacks
+            dequantize(np.zeros((1, type_size), dtype=np.uint8), qtype)
+        except NotImplementedError:
+            unsupported.append(name)
+    if unsupported:
+        raise ModelSourceError(f"unsupported GGUF tensor type(s): {', '.join(unsupported)}")
 
 
 def hf_name(gguf_name: str) -> str | None:

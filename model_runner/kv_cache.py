@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from model_runner.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig
+from model_runner.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig, EngineConfigError
 from model_runner.model_source import ModelConfig
 
 GIB = 1 << 30
@@ -28,8 +28,11 @@ def num_blocks_for_cpu(
 ) -> int:
     """From `kv_cache_memory` GiB (default 2), capped by `max_useful_blocks`."""
     gib = DEFAULT_CPU_KV_CACHE_GIB if config.kv_cache_memory is None else config.kv_cache_memory
-    blocks = int(gib * GIB) // bytes_per_block(model, config.block_size, dtype)
-    return _checked(min(blocks, max_useful_blocks(config, max_model_len)), gib)
+    per_block = bytes_per_block(model, config.block_size, dtype)
+    blocks = int(gib * GIB) // per_block
+    budget = f"{gib:g} GiB"
+    _check_one_request_fits(blocks, per_block, config, max_model_len, "--kv-cache-memory", budget)
+    return min(blocks, max_useful_blocks(config, max_model_len))
 
 
 def num_blocks_for_cuda(
@@ -49,14 +52,41 @@ def num_blocks_for_cuda(
     _, total = torch.cuda.mem_get_info(device)
     peak = torch.cuda.max_memory_allocated(device)
     free_for_cache = total * config.gpu_memory_utilization - peak
-    blocks = int(max(free_for_cache, 0)) // bytes_per_block(model, config.block_size, dtype)
-    return _checked(min(blocks, max_useful_blocks(config, max_model_len)), free_for_cache / GIB)
+    per_block = bytes_per_block(model, config.block_size, dtype)
+    blocks = int(max(free_for_cache, 0)) // per_block
+    budget = (
+        f"{config.gpu_memory_utilization:g} "
+        f"({max(free_for_cache, 0) / GIB:.2f} GiB after the weights and activations)"
+    )
+    flag = "--gpu-memory-utilization"
+    _check_one_request_fits(blocks, per_block, config, max_model_len, flag, budget)
+    return min(blocks, max_useful_blocks(config, max_model_len))
 
 
-def _checked(blocks: int, gib: float) -> int:
-    if blocks < 1:
-        raise ValueError(f"no room for a single KV-cache block in {gib:.3f} GiB")
-    return blocks
+def check_fits_in_memory(
+    blocks: int, model: ModelConfig, block_size: int, dtype: torch.dtype, available: int
+) -> None:
+    """A CPU cache larger than the free memory would be swapped or OOM-killed, not refused."""
+    needed = blocks * bytes_per_block(model, block_size, dtype)
+    if needed > available:
+        raise EngineConfigError(
+            f"--kv-cache-memory: the KV cache needs {needed / GIB:.2f} GiB but only "
+            f"{available / GIB:.2f} GiB of memory is available; lower --kv-cache-memory"
+        )
+
+
+def _check_one_request_fits(
+    blocks: int, per_block: int, config: EngineConfig, max_model_len: int, flag: str, budget: str
+) -> None:
+    """The cache must hold one request of max_model_len tokens (EngineConfigError)."""
+    needed = math.ceil(max_model_len / config.block_size)
+    if blocks >= needed:
+        return
+    raise EngineConfigError(
+        f"the KV cache is too small for one --max-model-len {max_model_len} request: it needs "
+        f"{needed * per_block / GIB:.3f} GiB, {flag} {budget} holds "
+        f"{blocks * config.block_size} tokens; raise {flag} or lower --max-model-len"
+    )
 
 
 class KVCache:

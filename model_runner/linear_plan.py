@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model_runner.config import EngineConfigError
 from model_runner.linear import DenseLinear, DenseOptions, Linear, LinearMethod
 from model_runner.quant.int4_weights import GGUF_INT4_TYPES
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 QUANTIZATIONS = ("auto", "gguf", "int8", "int4", "none")
 
 
-class QuantizationError(ValueError):
+class QuantizationError(EngineConfigError):
     """A --quantization that the model or device cannot serve (a user error, exit 2)."""
 
 

@@ -12,14 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model_runner.config import EngineConfig, cache_dir
+from model_runner.config import EngineConfig, EngineConfigError, cache_dir
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
-class ModelSourceError(ValueError):
+GGUF_MAGIC = b"GGUF"
+
+
+class ModelSourceError(EngineConfigError):
     """The model argument names nothing loadable (a user error: bad path or format)."""
 
 
@@ -77,8 +80,28 @@ def _find_config_json(path: Path) -> Path:
     return config_path
 
 
+def _check_readable(path: Path) -> None:
+    """A model file or folder this process may read (a folder: list and enter too)."""
+    mode = os.R_OK | os.X_OK if path.is_dir() else os.R_OK
+    if not os.access(path, mode):
+        raise ModelSourceError(f"model path {str(path)!r} is not readable (permission denied)")
+
+
+def _check_gguf_magic(path: Path) -> None:
+    with open(path, "rb") as f:
+        if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+            raise ModelSourceError(f"{path} is not a GGUF file (no GGUF magic at its start)")
+
+
 def _has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+
+
+def check_tokenizer_files(source: ModelSource) -> None:
+    """A tokenizer folder must hold tokenizer files (the server needs them; the runner not)."""
+    path = source.tokenizer_path
+    if path.is_dir() and not _has_tokenizer(path):
+        raise ModelSourceError(f"no tokenizer.json or tokenizer_config.json in {path}")
 
 
 def resolve_model(config: EngineConfig) -> ModelSource:
@@ -96,15 +119,29 @@ def resolve_model(config: EngineConfig) -> ModelSource:
     path = default_gguf_path() if config.model is None else Path(config.model).expanduser()
     if not path.exists():
         raise ModelSourceError(f"model path {str(path)!r} does not exist")
+    _check_readable(path)
     name = config.served_model_name or (
         DEFAULT_MODEL_NAME if config.model is None else str(config.model)
     )
     is_gguf = path.is_file() and path.suffix == ".gguf"
+    if is_gguf:
+        _check_gguf_magic(path)
     if fmt == "dummy":
         if config.hf_config_path is not None:
-            config_path = _find_config_json(Path(config.hf_config_path).expanduser())
+            hf_config = Path(config.hf_config_path).expanduser()
+            try:
+                config_path = _find_config_json(hf_config)
+            except ModelSourceError as e:
+                raise ModelSourceError(f"--hf-config-path: {e}") from None
+        elif is_gguf:
+            config_path = path
+        elif path.is_dir() and (path / "config.json").is_file():
+            config_path = path / "config.json"
         else:
-            config_path = path if is_gguf else _find_config_json(path)
+            raise ModelSourceError(
+                f"--load-format dummy needs a model config: no config.json at {path}; "
+                "give one with --hf-config-path"
+            )
         tokenizer_path = path
         if not is_gguf and not _has_tokenizer(path) and _has_tokenizer(config_path.parent):
             tokenizer_path = config_path.parent
@@ -130,10 +167,25 @@ def _as_id_tuple(value: Any) -> tuple[int, ...]:
 
 def model_config_from_hf(config_path: Path) -> ModelConfig:
     """Read a Llama-family config.json (and generation_config.json beside it for eos ids)."""
-    cfg = json.loads(Path(config_path).read_text())
+    try:
+        cfg = json.loads(Path(config_path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelSourceError(f"{config_path} is not a readable JSON model config: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ModelSourceError(f"{config_path} is not a JSON object")
     model_type = cfg.get("model_type", "llama")
     if model_type not in SUPPORTED_ARCHITECTURES:
-        raise ModelSourceError(f"unsupported model_type {model_type!r}")
+        raise ModelSourceError(
+            f"{config_path}: unsupported model_type {model_type!r}; tokenmill serves "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    try:
+        return _model_config_from_dict(cfg, model_type, Path(config_path))
+    except KeyError as e:
+        raise ModelSourceError(f"{config_path} has no {e.args[0]!r}") from e
+
+
+def _model_config_from_dict(cfg: dict, model_type: str, config_path: Path) -> ModelConfig:
     eos = list(_as_id_tuple(cfg.get("eos_token_id")))
     gen_path = Path(config_path).parent / "generation_config.json"
     if gen_path.is_file():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 
@@ -11,10 +12,16 @@ import torch
 from kernels import ops
 from model_runner.attention import AttentionMetadata
 from model_runner.compiled_decode import CompiledDecode
-from model_runner.config import EngineConfig, resolve_device, resolve_dtype, resolve_max_model_len
+from model_runner.config import (
+    EngineConfig,
+    EngineConfigError,
+    resolve_device,
+    resolve_dtype_with_reason,
+    resolve_max_model_len,
+)
 from model_runner.decode_context import DecodeContext
 from model_runner.fault_injection import ForwardFaults
-from model_runner.gguf_loader import model_config_from_gguf, open_gguf
+from model_runner.gguf_loader import check_gguf_tensor_types, model_config_from_gguf, open_gguf
 from model_runner.grammar import SequenceGrammar
 from model_runner.grammar_cache import GrammarCache, hf_tokenizer_info
 from model_runner.input_batch import (
@@ -25,6 +32,7 @@ from model_runner.input_batch import (
 from model_runner.kv_cache import (
     KVCache,
     bytes_per_block,
+    check_fits_in_memory,
     num_blocks_for_cpu,
     num_blocks_for_cuda,
 )
@@ -40,6 +48,8 @@ from model_runner.model_source import (
 from model_runner.sampler import Sampler
 from model_runner.step_input import NewSequence, StepInput, StepOutput
 from model_runner.step_timer import StepTimer
+
+log = logging.getLogger(__name__)
 
 
 def load_model_config(source: ModelSource, gguf_reader=None) -> ModelConfig:
@@ -59,9 +69,10 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, progress: bool = True):
         self.config = config
         self.device = resolve_device(config)
-        self.dtype = resolve_dtype(config, self.device)
         self.step_timer = StepTimer(self.device)
         self.faults = ForwardFaults()
+        # NOTE: every start-up check that needs no weights runs before they load (seconds to
+        # minutes), and before anything is logged: a refused start prints only its reason.
         self.source = resolve_model(config)
         self.model_name = self.source.name
         reader = open_gguf(self.source.path) if self.source.format == "gguf" else None
@@ -69,10 +80,16 @@ class ModelRunner:
         self.max_model_len = resolve_max_model_len(
             config, self.model_config.max_position_embeddings
         )
+        gguf_types = {t.tensor_type.name for t in reader.tensors} if reader is not None else set()
+        check_gguf_tensor_types(gguf_types)
+        self.dtype, auto_dtype_reason = resolve_dtype_with_reason(config, self.device)
         self.block_size = config.block_size
         self.vocab_size = self.model_config.vocab_size
         self.eos_token_ids = list(self.model_config.eos_token_ids)
-        gguf_types = {t.tensor_type.name for t in reader.tensors} if reader is not None else set()
+        if not self._kv_cache_needs_profile():
+            self.num_blocks = self._kv_blocks_from_budget()
+        if auto_dtype_reason is not None:
+            log.info("%s", auto_dtype_reason)
         self.linear_plan = plan_linears(
             config,
             self.device,
@@ -82,19 +99,7 @@ class ModelRunner:
             self.model_config,
             available_memory_bytes(),
         )
-        self.model = load_model(
-            self.source,
-            self.model_config,
-            self.linear_plan,
-            self.max_model_len,
-            seed=config.seed,
-            progress=progress,
-            gguf_reader=reader,
-        )
-        self.num_blocks = self._size_kv_cache()
-        self.kv_cache = KVCache(
-            self.model_config, self.num_blocks, self.block_size, self.dtype, self.device
-        )
+        self._load_weights_and_cache(reader, progress)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.seed)
         self._seqs: dict[str, SequenceState] = {}
         self.decode_context = self._make_decode_context()
@@ -108,6 +113,31 @@ class ModelRunner:
             lambda: hf_tokenizer_info(load_tokenizer(source), vocab, eos),
             max_bytes=config.grammar_cache_mib * 1024 * 1024,
         )
+
+    def _load_weights_and_cache(self, reader, progress: bool) -> None:
+        """The weights, then (CUDA: after a profiling forward) the KV cache tensors."""
+        try:
+            self.model = load_model(
+                self.source,
+                self.model_config,
+                self.linear_plan,
+                self.max_model_len,
+                seed=self.config.seed,
+                progress=progress,
+                gguf_reader=reader,
+            )
+            if self._kv_cache_needs_profile():
+                self._profile_run()
+                self.num_blocks = self._kv_blocks_from_budget()
+            self.kv_cache = KVCache(
+                self.model_config, self.num_blocks, self.block_size, self.dtype, self.device
+            )
+        except torch.OutOfMemoryError as e:  # CUDA: the model or one step is too large
+            raise EngineConfigError(
+                f"not enough GPU memory for {self.model_name} and a step of "
+                f"--max-num-batched-tokens {self.config.max_num_batched_tokens}: use a smaller "
+                "model or --quantization, lower --max-num-batched-tokens, or free the GPU"
+            ) from e
 
     def _make_grammar(self, new: NewSequence) -> SequenceGrammar:
         """A new sequence's matcher; it replays the outputs of a sequence re-sent after
@@ -135,11 +165,16 @@ class ModelRunner:
             sliding_window=mc.sliding_window,
         )
 
-    def _size_kv_cache(self) -> int:
+    def _kv_cache_needs_profile(self) -> bool:
+        """CUDA sizes the cache from what a profiling forward leaves free; else from GiB."""
+        return self.device.type == "cuda" and self.config.kv_cache_memory is None
+
+    def _kv_blocks_from_budget(self) -> int:
         cfg, mc = self.config, self.model_config
         if self.device.type != "cuda":
-            return num_blocks_for_cpu(cfg, mc, self.dtype, self.max_model_len)
-        self._profile_run()
+            blocks = num_blocks_for_cpu(cfg, mc, self.dtype, self.max_model_len)
+            check_fits_in_memory(blocks, mc, self.block_size, self.dtype, available_memory_bytes())
+            return blocks
         return num_blocks_for_cuda(cfg, mc, self.dtype, self.max_model_len, self.device)
 
     @torch.inference_mode()

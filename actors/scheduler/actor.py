@@ -17,7 +17,9 @@ from actors.protocol import (
     Abort,
     CompileGrammar,
     Drain,
+    EngineFailed,
     EngineReady,
+    ExecutorFailed,
     ExecutorReady,
     GrammarFailed,
     GrammarReady,
@@ -84,6 +86,8 @@ class SchedulerActor(Actor):
                     self.refuse(rid, AdmissionError(msg.status, msg.message, code=msg.code))
             case ExecutorReady():
                 self.on_executor_ready(msg)
+            case ExecutorFailed(message=message):
+                self.api.send(EngineFailed(message=message))
             case Drain():
                 self.drain()
             case ResetPrefixCache():
