@@ -49,7 +49,10 @@ _TEXT_COMPLETION = {
     "required": ["id", "object", "created", "model", "choices", "usage"],
     "properties": {"object": {"const": "text_completion"}, "choices": {"type": "array"}},
 }
-_SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+# NOTE: before OpenAPI 3.2 (`itemSchema`) an event stream's `schema` describes one event;
+# the data is a JSON chunk or the final `[DONE]`.
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+_SSE = {"text/event-stream": {"schema": _SSE_EVENT}}
 
 
 @dataclass(frozen=True)
