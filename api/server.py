@@ -11,12 +11,14 @@ import hmac
 import logging
 from dataclasses import dataclass, field
 
+import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
 from api.errors import ApiError, error_body
 from api.metrics import ServingMetrics
+from api.openapi import openapi_document
 from api.serving import OpenAIServing, json_response
 from api.stats_log import STATS_LOG_INTERVAL_S, log_engine_stats
 from api.tools import ToolConfig
@@ -77,6 +79,8 @@ def create_app(engine, config: ServerConfig | None = None) -> Quart:
     if config.log_stats_interval:
         _register_stats_log(app, engine, config.log_stats_interval)
     _register_routes(app, engine, serving, metrics)
+    secured = needs_api_key if config.api_key else None
+    _register_openapi(app, openapi_document(tokenmill_version(), secured))
     return app
 
 
@@ -132,6 +136,15 @@ def _register_errors(app: Quart) -> None:
     async def internal_error(e: Exception):
         log.exception("request failed: %s %s", request.method, request.path)
         return json_response(error_body(f"Internal server error: {type(e).__name__}", 500), 500)
+
+
+def _register_openapi(app: Quart, document: dict) -> None:
+    """`GET /openapi.json`: public, like /health (`needs_api_key` leaves it out)."""
+    body = msgspec.json.encode(document)
+
+    @app.get("/openapi.json")
+    async def openapi():
+        return Response(body, 200, content_type="application/json")
 
 
 def _register_routes(app: Quart, engine, serving: OpenAIServing, metrics: ServingMetrics) -> None:

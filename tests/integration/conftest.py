@@ -1,4 +1,4 @@
-"""The tool-calling server: auto tool choice with the hermes parser, float32 (exact greedy)."""
+"""Servers of the integration tests: tool calling (hermes, float32), and a small one to fuzz."""
 
 from __future__ import annotations
 
@@ -17,6 +17,21 @@ def tool_server():
     srv = ServerProcess("--max-model-len", "2048", "--kv-cache-memory", "0.25",
                         "--dtype", "float32", "--enable-auto-tool-choice",
                         "--tool-call-parser", "hermes")  # fmt: skip
+    try:
+        srv.wait_healthy()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def small_server():
+    """One short-context server for the fuzzing tests (test_fuzz_api, test_sampling_fuzz).
+
+    NOTE: --max-model-len 256 bounds every generation the fuzzers cannot bound themselves.
+    """
+    srv = ServerProcess("--max-model-len", "256", "--kv-cache-memory", "0.25",
+                        "--dtype", "float32", "--enforce-eager")  # fmt: skip
     try:
         srv.wait_healthy()
         yield srv
