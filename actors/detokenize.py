@@ -86,9 +86,13 @@ class IncrementalDetokenizer:
     Invariants, for any split of the ids into `add` calls followed by `finish()`:
     - without stop strings, the concatenated deltas equal
       `tokenizer.decode(output_ids, skip_special_tokens=...)` (with `prompt_token_ids` given:
-      the text that the output ids add after the prompt's last tokens);
-    - no delta ends inside a multi-byte character (text decoding to a trailing U+FFFD is held
-      back until a later token completes it; `finish()` flushes what never completed);
+      the text that the output ids add after the prompt's last tokens), less the U+FFFD
+      that decoding puts at the very end for a character the sample never completed;
+    - no delta ends inside a multi-byte character: text decoding to a trailing U+FFFD is held
+      back until a later token completes it, and `finish()` drops what never completed (a
+      generation cut by max_tokens or a stop token inside a character ends on its last whole
+      character, never on U+FFFD). NOTE: a sample whose last character really is U+FFFD
+      loses it too; bytes cannot be told from text after decoding;
     - a stop string is never emitted unless `include_stop_str_in_output`, also when it spans
       several tokens; text after the first stop string is dropped.
 
@@ -149,7 +153,7 @@ class IncrementalDetokenizer:
         """The sample ended (EOS, length, stop token): flush everything held back."""
         if self.done:
             return ""
-        text = self._decode_new(final=True)
+        text = self._decode_new(final=True).rstrip(REPLACEMENT_CHAR)
         self.finished = True
         if self._stops is None:
             return text

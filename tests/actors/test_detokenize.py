@@ -40,6 +40,12 @@ def stream(decoder: IncrementalDetokenizer, ids: list[int], sizes: list[int] | N
     return deltas
 
 
+def whole(decoded: str) -> str:
+    """A full decode less the U+FFFD of a last character the ids never completed: what the
+    deltas add up to (the flush drops incomplete bytes)."""
+    return decoded.rstrip("\ufffd")
+
+
 def random_text(rng: random.Random, n: int) -> str:
     return "".join(rng.choice(CHAR_POOL) for _ in range(n))
 
@@ -104,7 +110,7 @@ def test_random_texts_with_special_tokens_roundtrip(tok, skip):
         sizes = [rng.randrange(1, 4) for _ in range(3)]
         deltas = stream(IncrementalDetokenizer(tok, skip_special_tokens=skip), ids, sizes)
         full = tok.decode(ids, skip_special_tokens=skip)
-        assert "".join(deltas) == full
+        assert "".join(deltas) == whole(full)
         # NOTE: a special token inside a split character really yields U+FFFD (unskipped)
         assert "\ufffd" in full or not any("\ufffd" in d for d in deltas)
 
@@ -119,7 +125,7 @@ def test_arbitrary_token_ids_roundtrip(tok, data):
     sizes = data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=3))
     skip = data.draw(st.booleans())
     deltas = stream(IncrementalDetokenizer(tok, skip_special_tokens=skip), ids, sizes)
-    assert "".join(deltas) == tok.decode(ids, skip_special_tokens=skip)
+    assert "".join(deltas) == whole(tok.decode(ids, skip_special_tokens=skip))
     assert not any(d.endswith("\ufffd") for d in deltas[:-1] if d) or "\ufffd" in tok.decode(ids)
 
 
@@ -136,7 +142,7 @@ def test_sentencepiece_leading_spaces_and_byte_fallback(sp_tok, skip):
             ids = sp_tok.encode(text[:cut]).ids + [sp_tok.token_to_id("</s>")]
             ids += sp_tok.encode(text[cut:]).ids
         deltas = stream(IncrementalDetokenizer(sp_tok, skip_special_tokens=skip), ids, [1, 2])
-        assert "".join(deltas) == sp_tok.decode(ids, skip_special_tokens=skip)
+        assert "".join(deltas) == whole(sp_tok.decode(ids, skip_special_tokens=skip))
         assert not any("\ufffd" in d for d in deltas)
 
 
@@ -283,3 +289,16 @@ def test_token_texts_for_logprobs(tok):
     ids, _ = ids_and_pieces(tok, "Hello world")
     assert token_texts(tok, ids + [2]) == ["Hello", " world", "<|im_end|>"]
     assert IncrementalDetokenizer(tok).token_texts(ids) == ["Hello", " world"]
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3])
+def test_a_cut_inside_a_character_drops_its_bytes(tok, sp_tok, cut):
+    """max_tokens or a stop token inside a multi-byte character: the text ends on the last
+    whole character, never on U+FFFD (byte-level BPE and byte fallback alike)."""
+    for tokenizer, encode in ((tok, lambda t: tok.encode(t, add_special_tokens=False)),
+                              (sp_tok, lambda t: sp_tok.encode(t).ids)):  # fmt: skip
+        ids = encode("ok 😀")
+        partial = ids[:-1]  # NOTE: the emoji's last byte is in the last token
+        assert tokenizer.decode(partial).endswith("\ufffd")
+        deltas = stream(IncrementalDetokenizer(tokenizer), partial, [cut])
+        assert "".join(deltas) == "ok "
