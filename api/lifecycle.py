@@ -75,8 +75,12 @@ def bind_address(host: str, port: int) -> str:
 
 
 # NOTE: longer than nginx's upstream keepalive_timeout (ops/nginx/tokenmill.conf), so that the
-# proxy, not the server, closes an idle kept-alive connection.
+# proxy, not the server, closes an idle kept-alive connection. It also bounds a slowloris
+# client: a connection counts as idle until its request's headers are complete.
 HYPERCORN_KEEP_ALIVE_S = 75.0
+# NOTE: h11 applies its cap only to headers still incomplete after a read (64 KiB), so the
+# app checks the parsed headers too (api.server.MAX_HEADER_BYTES, MAX_HEADERS).
+MAX_INCOMPLETE_HEADER_BYTES = 16 * 1024
 
 
 async def serve_app(
@@ -95,6 +99,8 @@ async def serve_app(
     hconfig.accesslog = None
     hconfig.graceful_timeout = 5.0
     hconfig.keep_alive_timeout = HYPERCORN_KEEP_ALIVE_S
+    hconfig.h11_max_incomplete_size = MAX_INCOMPLETE_HEADER_BYTES
+    hconfig.h2_max_header_list_size = MAX_INCOMPLETE_HEADER_BYTES
     await hypercorn_serve(app, hconfig, shutdown_trigger=stop.wait)
 
 

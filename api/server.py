@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 from dataclasses import dataclass, field
 
 import msgspec
@@ -26,6 +27,8 @@ from api.tools import ToolConfig
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+BODY_TIMEOUT_S = 30.0  # a body not fully received by then is a 408 (a slow-upload client)
+MAX_HEADERS, MAX_HEADER_BYTES = 100, 16 * 1024  # beyond either: 431
 
 
 @dataclass(frozen=True)
@@ -37,9 +40,6 @@ class ServerConfig:
     port: int = 8000
     api_key: str | None = None
     max_logprobs: int = 20
-    max_n: int = 128
-    max_stop: int = 16
-    max_prompts: int = 256
     tool_config: ToolConfig = field(default_factory=ToolConfig)
     chat_template: str | None = None  # --chat-template: the file's text
     trust_request_chat_template: bool = False  # --trust-request-chat-template
@@ -67,7 +67,9 @@ def create_app(engine, config: ServerConfig | None = None) -> Quart:
     config = config or ServerConfig()
     app = Quart("tokenmill")
     # NOTE: streamed responses last as long as generation does; no response timeout.
-    app.config.update(RESPONSE_TIMEOUT=None, MAX_CONTENT_LENGTH=MAX_BODY_BYTES)
+    app.config.update(
+        RESPONSE_TIMEOUT=None, MAX_CONTENT_LENGTH=MAX_BODY_BYTES, BODY_TIMEOUT=BODY_TIMEOUT_S
+    )
     metrics = ServingMetrics(engine)
     serving = OpenAIServing(engine, config, metrics)
     app.extensions["tokenmill"] = serving
@@ -75,6 +77,8 @@ def create_app(engine, config: ServerConfig | None = None) -> Quart:
     if config.api_key:
         _register_api_key(app, config.api_key)
     _register_drain_refusal(app, engine)
+    _register_request_id_echo(app)
+    _register_header_caps(app)
     engine.stats_listeners.append(metrics.observe_stats)
     if config.log_stats_interval:
         _register_stats_log(app, engine, config.log_stats_interval)
@@ -96,6 +100,32 @@ def _register_api_key(app: Quart, api_key: str) -> None:
             return None
         body = error_body("Invalid or missing API key.", 401, code="invalid_api_key")
         return json_response(body, 401, {"WWW-Authenticate": "Bearer"})
+
+
+# NOTE: a client's X-Request-Id is only echoed (and never keys engine state: every request
+# gets its own server-made id), so two requests sending the same one stay apart.
+_CLIENT_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def _register_request_id_echo(app: Quart) -> None:
+    @app.after_request
+    async def echo_request_id(response: Response) -> Response:
+        given = request.headers.get("X-Request-Id")
+        if given is not None and _CLIENT_REQUEST_ID.fullmatch(given):
+            response.headers["X-Request-Id"] = given
+        return response
+
+
+def _register_header_caps(app: Quart) -> None:
+    @app.before_request
+    async def refuse_oversized_headers():
+        headers = list(request.headers.items())
+        size = sum(len(k) + len(v) + 4 for k, v in headers)
+        if len(headers) > MAX_HEADERS or size > MAX_HEADER_BYTES:
+            message = (f"Request headers too large: at most {MAX_HEADERS} headers and "
+                       f"{MAX_HEADER_BYTES} bytes.")  # fmt: skip
+            return json_response(error_body(message, 431), 431)
+        return None
 
 
 def _register_drain_refusal(app: Quart, engine) -> None:

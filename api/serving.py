@@ -134,14 +134,10 @@ class OpenAIServing:
     @property
     def limits(self) -> Limits:
         if self._limits is None:  # NOTE: the engine knows its numbers only once started
-            c = self.config
             self._limits = Limits(
                 vocab_size=self.engine.vocab_size,
                 max_model_len=self.engine.max_model_len,
-                max_logprobs=c.max_logprobs,
-                max_n=c.max_n,
-                max_stop=c.max_stop,
-                max_prompts=c.max_prompts,
+                max_logprobs=self.config.max_logprobs,
             )
         return self._limits
 

@@ -1,8 +1,9 @@
 """Request validation: every bad field is a 400 naming it, before anything is allocated.
 
 Limits (documented choices where OpenAI and vLLM differ):
-- `n` <= 128 (OpenAI's limit; vLLM has none), at most 16 stop strings (OpenAI allows 4,
-  vLLM no limit), at most 256 prompts in one /v1/completions batch.
+- The numbers are in `Limits` (below). `n` <= 128 (OpenAI's limit; vLLM has none), at most
+  16 stop strings of at most 256 characters (OpenAI allows 4, vLLM no limit), at most 256
+  prompts in one /v1/completions batch, 1024 `logit_bias` entries, 2048 chat messages.
 - `logprobs` / `top_logprobs` <= `--max-logprobs`.
 - Ranges follow vLLM's `SamplingParams._verify_args`, with OpenAI's temperature range
   [0, 2]; `logit_bias` values in [-100, 100] and ids in the vocabulary.
@@ -39,14 +40,19 @@ MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 
 @dataclass(frozen=True)
 class Limits:
-    """What a request may ask for; the model's numbers come from the engine."""
+    """What a request may ask for: the table of limits (README, "Limits"). The model's
+    numbers come from the engine, `max_logprobs` from `--max-logprobs`; the rest are
+    documented constants. Every one exceeded is a 400 naming its field."""
 
     vocab_size: int
     max_model_len: int
-    max_logprobs: int = 20
-    max_n: int = 128
-    max_stop: int = 16
-    max_prompts: int = 256
+    max_logprobs: int = 20  # logprobs / top_logprobs
+    max_n: int = 128  # n (and best_of, which must equal n)
+    max_stop: int = 16  # stop strings per request
+    max_stop_chars: int = 256  # characters per stop string (matching keeps every prefix)
+    max_prompts: int = 256  # prompts in one /v1/completions batch
+    max_logit_bias: int = 1024  # logit_bias entries
+    max_messages: int = 2048  # chat messages
 
 
 _AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
@@ -124,6 +130,8 @@ def chat_sampling_params(
     trust_request_chat_template: bool = False,
 ) -> SamplingParams:
     """SamplingParams of a chat request (max_completion_tokens wins over max_tokens)."""
+    if req.messages is not None and len(req.messages) > limits.max_messages:
+        raise bad_request(f"`messages` holds at most {limits.max_messages} messages.", "messages")
     if req.top_logprobs is not None and req.top_logprobs > 0 and not req.logprobs:
         raise bad_request(
             "When using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs"
@@ -231,14 +239,15 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
 def _logit_bias(bias: dict[str, float] | None, limits: Limits) -> dict[int, float] | None:
     if not bias:
         return None
+    if len(bias) > limits.max_logit_bias:
+        raise bad_request(
+            f"`logit_bias` holds at most {limits.max_logit_bias} entries.", "logit_bias"
+        )
     out = {}
     for key, value in bias.items():
-        try:
-            tok = int(key)
-        except ValueError:
-            raise bad_request(
-                f"`logit_bias` key {key!r} is not a token id.", "logit_bias"
-            ) from None
+        if not (key.isascii() and key.isdigit()):  # NOTE: int() also takes "+1", " 1", "١"
+            raise bad_request(f"`logit_bias` key {key!r} is not a token id.", "logit_bias")
+        tok = int(key)
         if not 0 <= tok < limits.vocab_size:
             raise bad_request(f"`logit_bias` token id {tok} is out of vocabulary.", "logit_bias")
         if not (math.isfinite(value) and -100 <= value <= 100):
@@ -272,6 +281,10 @@ def verify_sampling_params(
         raise bad_request(f"`stop` holds at most {limits.max_stop} strings.", "stop")
     if any(not isinstance(s, str) or not s for s in p.stop):
         raise bad_request("`stop` must hold non-empty strings.", "stop")
+    if any(len(s) > limits.max_stop_chars for s in p.stop):
+        raise bad_request(
+            f"A stop string may have at most {limits.max_stop_chars} characters.", "stop"
+        )
     check_token_ids(p.stop_token_ids, limits, "stop_token_ids")
 
 

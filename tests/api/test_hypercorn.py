@@ -97,3 +97,56 @@ async def test_openai_sdk_parses_every_shape(base_url, tokenizer):
     with pytest.raises(openai.NotFoundError):
         await client.completions.create(model="nope", prompt="Hi")
     await client.close()
+
+
+async def _read_until_closed(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    data = b""
+    while chunk := await asyncio.wait_for(reader.read(65536), timeout):
+        data += chunk
+    return data
+
+
+async def test_slow_and_oversized_clients_are_cut_off(engine, monkeypatch):
+    """Slowloris headers: closed at the keep-alive timeout (a connection is idle until its
+    headers are complete); a slow body: 408 at the body timeout; headers over the cap:
+    refused. The server answers others meanwhile."""
+    import api.lifecycle
+    import api.server
+
+    monkeypatch.setattr(api.lifecycle, "HYPERCORN_KEEP_ALIVE_S", 1.0)
+    monkeypatch.setattr(api.server, "BODY_TIMEOUT_S", 1.0)
+    cfg = ServerConfig(port=free_port())
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve_app(create_app(engine, cfg), cfg, stop))
+    try:
+        for _ in range(200):
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", cfg.port)
+                break
+            except OSError:
+                await asyncio.sleep(0.02)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        start = asyncio.get_running_loop().time()
+        for _ in range(16):  # a header byte every 0.5 s: never complete
+            await asyncio.sleep(0.5)
+            if reader.at_eof():
+                break
+            writer.write(b"X")
+        assert await _read_until_closed(reader, 5) == b""
+        assert asyncio.get_running_loop().time() - start < 7  # 1 s, on a busy machine
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", cfg.port)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: 100\r\n\r\n{")  # fmt: skip
+        assert (await _read_until_closed(reader, 10)).startswith(b"HTTP/1.1 408")
+
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{cfg.port}") as client:
+            for headers in ({"X-Big": "a" * 20000}, {f"X-{i}": "1" for i in range(120)}):
+                resp = await client.get("/health", headers=headers)
+                assert resp.status_code == 431 and "error" in resp.json()
+
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"http://127.0.0.1:{cfg.port}/health")).status_code == 200
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)

@@ -154,3 +154,15 @@ async def test_api_key_accepts(secured, engine):
     # Operational endpoints stay open, as in vLLM (probes, scrapers).
     for path in ("/health", "/metrics", "/version"):
         assert (await secured.get(path)).status_code == 200
+
+
+async def test_a_client_request_id_is_echoed_when_well_formed(client):
+    body = {"prompt": "Hi", "max_tokens": 2}
+    resp = await client.post("/v1/completions", json=body, headers={"X-Request-Id": "abc-1"})
+    assert resp.status_code == 200 and resp.headers["X-Request-Id"] == "abc-1"
+    refused = await client.post("/v1/completions", json={}, headers={"X-Request-Id": "abc-2"})
+    assert refused.status_code == 400 and refused.headers["X-Request-Id"] == "abc-2"
+    for bad in ("x" * 129, "two words"):
+        resp = await client.post("/v1/completions", json=body, headers={"X-Request-Id": bad})
+        assert resp.status_code == 200 and "X-Request-Id" not in resp.headers
+    assert "X-Request-Id" not in (await client.post("/v1/completions", json=body)).headers
