@@ -26,6 +26,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from api.openapi import ROUTES
+from tests.ops.invariants import assert_nothing_lost
 
 MAX_MODEL_LEN = 256  # the small_server's --max-model-len
 MAX_NEW_TOKENS, MAX_N, MAX_PROMPTS = 2, 2, 2  # valid values are scaled down to these
@@ -151,6 +152,7 @@ def test_fuzz_route(fuzz_schema, small_server, method, path):
 def test_server_survives_the_fuzzing(small_server):
     base = small_server.base_url
     assert httpx.get(base + "/health", timeout=10).status_code == 200
+    assert_nothing_lost(base)
     resp = httpx.post(
         base + "/v1/chat/completions",
         json={"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4},

@@ -14,6 +14,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
+from tests.ops.invariants import assert_nothing_lost
+
 MAX_TOKENS = 3
 MAX_TOP_LOGPROBS = 5
 STOPS = [" ", "e", ".", "\n", "the", "a", "!", "ing"]
@@ -170,3 +172,7 @@ def test_valid_sampling_is_answered_well_formed(http, sample):
         check_stream(sse_payloads(resp.text), chat, body, top)
     else:
         check_response(resp.json(), chat, body, top)
+
+
+def test_nothing_lost_after_the_sampling_fuzz(small_server):
+    assert_nothing_lost(small_server.base_url)
