@@ -106,7 +106,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "activations on the CPU, else none (dense weights in the activation dtype)",
     )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--hf-config-path", default=None, help="config for --load-format dummy")
+    p.add_argument(
+        "--hf-config-path",
+        default=None,
+        help="config for --load-format dummy: a config.json, its folder, or a shipped shape "
+        "(llama-3.1-8b, qwen2.5-7b, tiny-llama)",
+    )
 
 
 def _add_capacity_args(p: argparse.ArgumentParser) -> None:
