@@ -24,7 +24,7 @@ from actors.transport import Transport
 @dataclass
 class _Sample:
     params: DetokParams
-    decoder: IncrementalDetokenizer
+    decoder: IncrementalDetokenizer | None  # None: no tokenizer, token ids only
     num_output_tokens: int = 0
     done: bool = False
 
@@ -68,13 +68,15 @@ class DetokenizerActor(Actor):
         sample = req.samples.get(out.index)
         if sample is None:
             p = req.params
-            decoder = IncrementalDetokenizer(
-                self.tokenizer,
-                skip_special_tokens=p.skip_special_tokens,
-                stop=p.stop,
-                include_stop_str_in_output=p.include_stop_str_in_output,
-                prompt_token_ids=p.prompt_tail,
-            )
+            decoder = None
+            if self.tokenizer is not None:
+                decoder = IncrementalDetokenizer(
+                    self.tokenizer,
+                    skip_special_tokens=p.skip_special_tokens,
+                    stop=p.stop,
+                    include_stop_str_in_output=p.include_stop_str_in_output,
+                    prompt_token_ids=p.prompt_tail,
+                )
             sample = req.samples[out.index] = _Sample(p, decoder)
         return sample
 
@@ -82,15 +84,16 @@ class DetokenizerActor(Actor):
         sample = self.sample_of(out)
         if sample is None or sample.done:
             return None  # NOTE: already finished by a stop string; the scheduler caught up
-        text, stopped_on = sample.decoder.add(out.token_ids)
+        decoder = sample.decoder
+        text, stopped_on = decoder.add(out.token_ids) if decoder is not None else ("", None)
         sample.num_output_tokens += len(out.token_ids)
         finish_reason, stop_reason = out.finish_reason, out.stop_reason
         if stopped_on is not None:
             finish_reason, stop_reason = "stop", stopped_on
             self.scheduler.send(Abort(request_id=out.request_id, index=out.index, reason="stop"))
         if finish_reason is not None:
-            if stopped_on is None:
-                text += sample.decoder.finish()
+            if stopped_on is None and decoder is not None:
+                text += decoder.finish()
             self.finish_sample(out.request_id, out.index)
         p = sample.params
         return TextDelta(
@@ -119,7 +122,13 @@ class DetokenizerActor(Actor):
             return None
         entries = []
         for token_id, logprob, top in out.logprobs:
-            texts = token_texts(self.tokenizer, [token_id] + [t for t, _ in top])
+            texts = self.token_texts([token_id] + [t for t, _ in top])
             top_entries = [(t, s, lp) for (t, lp), s in zip(top, texts[1:], strict=True)]
             entries.append(TokenLogprob(token_id, texts[0], logprob, top_entries))
         return entries
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Display strings; without a tokenizer vLLM's `token_id:N` spelling."""
+        if self.tokenizer is None:
+            return [f"token_id:{i}" for i in ids]
+        return token_texts(self.tokenizer, ids)

@@ -35,7 +35,8 @@ class TokenizerActor(Actor):
 
     async def start(self) -> None:
         self.tokenizer = await asyncio.to_thread(self.load_tokenizer)
-        self.encoder_of_prompts = PromptEncoder(self.tokenizer)
+        if self.tokenizer is not None:  # NOTE: None: --skip-tokenizer-init, ids pass through
+            self.encoder_of_prompts = PromptEncoder(self.tokenizer)
 
     def open_requests(self) -> int:
         return self.encoding
@@ -54,6 +55,10 @@ class TokenizerActor(Actor):
 
     async def tokenize(self, req: GenerateRequest) -> None:
         ids = req.prompt_token_ids
+        if ids is None and self.encoder_of_prompts is None:
+            self.refuse(req, "A text prompt needs a tokenizer (--skip-tokenizer-init).",
+                        "tokenizer_skipped")  # fmt: skip
+            return
         if ids is None:
             self.encoding += 1
             try:

@@ -15,9 +15,12 @@ DEFAULT_PLACEMENT: dict[str, list[str]] = {
 
 
 def tokenizer_loader(config):
-    """A zero-argument callable that loads the model's tokenizer (run off the loop)."""
+    """A zero-argument callable that loads the model's tokenizer (run off the loop); it
+    returns None under `skip_tokenizer_init`."""
 
     def load():
+        if getattr(config, "skip_tokenizer_init", False):
+            return None
         from model_runner.model_source import load_tokenizer, resolve_model
 
         return load_tokenizer(resolve_model(config))

@@ -106,7 +106,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "activations on the CPU, else none (dense weights in the activation dtype)",
     )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--hf-config-path", default=None, help="config for --load-format dummy")
+    p.add_argument(
+        "--skip-tokenizer-init",
+        action="store_true",
+        help="load no tokenizer: prompts only as token ids (/v1/completions), outputs as "
+        "choices[].token_ids with empty text; text prompts and chats get a 400",
+    )
+    p.add_argument(
+        "--hf-config-path",
+        default=None,
+        help="config for --load-format dummy: a config.json, its folder, or a shipped shape "
+        "(llama-3.1-8b, qwen2.5-7b, tiny-llama)",
+    )
 
 
 def _add_capacity_args(p: argparse.ArgumentParser) -> None:
@@ -280,6 +291,7 @@ def engine_config(args: argparse.Namespace):
         max_waiting=args.max_waiting,
         hf_config_path=args.hf_config_path,
         structured_outputs_timeout=args.structured_outputs_timeout,
+        skip_tokenizer_init=args.skip_tokenizer_init,
     )
 
 
@@ -297,7 +309,8 @@ def check_engine_config(cfg) -> None:
         check_quantization(cfg.quantization, resolve_device(cfg), source.format)
         if source.config_path.suffix == ".json":
             model_config_from_hf(source.config_path)
-        check_tokenizer_files(source)
+        if not cfg.skip_tokenizer_init:
+            check_tokenizer_files(source)
     except EngineConfigError as e:
         startup_error(str(e))
 

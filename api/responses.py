@@ -91,14 +91,20 @@ def completion_response(
     acc: Accumulator,
     logprobs: bool,
     echo: list[str] | None = None,
+    token_ids: bool = False,
 ) -> dict:
-    """`echo`: per-prompt text prepended to each of its choices."""
+    """`echo`: per-prompt text prepended to each of its choices. `token_ids`: each choice
+    carries its output token ids (vLLM's `choices[].token_ids`)."""
+    choices = [_completion_choice(c, acc.n, logprobs, echo) for c in acc.choices]
+    if token_ids:
+        for body, c in zip(choices, acc.choices, strict=True):
+            body["token_ids"] = list(c.token_ids)
     return {
         "id": request_id,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [_completion_choice(c, acc.n, logprobs, echo) for c in acc.choices],
+        "choices": choices,
         "usage": acc.usage(),
         "system_fingerprint": None,
     }
@@ -134,8 +140,10 @@ class _Streamer:
         logprobs: bool,
         include_usage: bool,
         continuous_usage: bool = False,
+        token_ids: bool = False,
     ) -> None:
         self.request_id, self.created, self.model = request_id, created, model
+        self.token_ids = token_ids  # each chunk carries its delta's token ids
         self.acc = acc
         self.logprobs = logprobs
         self.include_usage = include_usage
@@ -159,7 +167,8 @@ class _Streamer:
     def on_delta(self, src: int, delta: TextDelta) -> list[dict]:
         """Zero or one chunk for one delta (empty non-final deltas without logprobs vanish)."""
         choice = self.acc.add(src, delta, keep=False)
-        if not delta.text and delta.finish_reason is None and not delta.logprobs:
+        has_ids = self.token_ids and delta.token_ids
+        if not delta.text and not has_ids and delta.finish_reason is None and not delta.logprobs:
             return []
         usage = self.acc.usage() if self.continuous_usage else None
         return [self.chunk([self.choice(choice, delta)], usage)]
@@ -259,10 +268,13 @@ class CompletionStreamer(_Streamer):
         offset = self.offsets[choice.index] + len(prefix)
         logprobs = completion_logprobs(delta.logprobs or [], offset) if self.logprobs else None
         self.offsets[choice.index] += len(text)
-        return {
+        out = {
             "index": choice.index,
             "text": text,
             "logprobs": logprobs,
             "finish_reason": delta.finish_reason,
             "stop_reason": delta.stop_reason,
         }
+        if self.token_ids:
+            out["token_ids"] = list(delta.token_ids)
+        return out

@@ -34,6 +34,7 @@ from api.request_tracker import RequestTracker
 from api.responses import ChatStreamer, CompletionStreamer, chat_response, completion_response
 from api.streaming import Accumulator, DeltaStream
 from api.structured_outputs import checked_constraint, off_the_loop
+from api.token_only import check_token_only_completion, needs_tokenizer
 from api.tools import chat_constraints
 from api.validation import (
     Limits,
@@ -127,7 +128,9 @@ class OpenAIServing:
         self.created = int(time.time())
         self._limits: Limits | None = None
         self.templates = ChatTemplates(engine.tokenizer, config.chat_template)
-        self.prompt_encoder = PromptEncoder(engine.tokenizer)
+        # NOTE: None under --skip-tokenizer-init (api.token_only): token ids in and out only
+        self.token_only = engine.tokenizer is None
+        self.prompt_encoder = None if self.token_only else PromptEncoder(engine.tokenizer)
         self.features = FeatureTags(config.max_feature_tags)
         self.log_request = log_request if config.enable_log_requests else None
 
@@ -158,6 +161,8 @@ class OpenAIServing:
     async def chat(self, body: bytes, feature_header: str | None = None) -> Response:
         req = decode_body(body, ChatCompletionRequest)
         check_model(req.model, self.engine.model_name)
+        if self.token_only:
+            raise needs_tokenizer("A chat request", "messages")
         feature = self.features.label(feature_header, req.metadata)
         tool_plan, constraint = await off_the_loop(chat_constraints, req, self.config.tool_config)
         sampling = chat_sampling_params(
@@ -210,6 +215,8 @@ class OpenAIServing:
         constraint = await off_the_loop(checked_constraint, req)
         sampling = completion_sampling_params(req, self.limits, constraint and constraint.grammar)
         prompts = completion_prompts(req, self.limits)
+        if self.token_only:
+            check_token_only_completion(req, prompts, constraint is not None)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         iterators = [
             self.engine.generate(
@@ -232,11 +239,14 @@ class OpenAIServing:
         logprobs = req.logprobs is not None
         if req.stream:
             streamer = CompletionStreamer(
-                request_id, created, model, acc, logprobs=logprobs, echo=echo, **_usage_options(req)
-            )
+                request_id, created, model, acc, logprobs=logprobs, echo=echo,
+                token_ids=self.token_only, **_usage_options(req),
+            )  # fmt: skip
             return await self._stream(iterators, streamer, tracker)
         await self._collect(iterators, acc, tracker)
-        body = completion_response(request_id, created, model, acc, logprobs, echo)
+        body = completion_response(
+            request_id, created, model, acc, logprobs, echo, token_ids=self.token_only
+        )
         return json_response(body)
 
     async def _collect(self, iterators: list, acc: Accumulator, tracker: RequestTracker) -> None:
@@ -265,6 +275,8 @@ class OpenAIServing:
     async def tokenize(self, body: bytes) -> Response:
         req = decode_body(body, TokenizeRequest)
         check_model(req.model, self.engine.model_name)
+        if self.token_only:
+            raise needs_tokenizer("/tokenize", None)
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("Give exactly one of `prompt` and `messages`.", "prompt")
         tokenizer = self.engine.tokenizer
@@ -303,5 +315,7 @@ class OpenAIServing:
     async def detokenize(self, body: bytes) -> Response:
         req = decode_body(body, DetokenizeRequest)
         check_model(req.model, self.engine.model_name)
+        if self.token_only:
+            raise needs_tokenizer("/detokenize", None)
         ids = check_token_ids(req.tokens, self.limits, "tokens")
         return json_response({"prompt": self.engine.tokenizer.decode(ids)})

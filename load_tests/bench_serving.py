@@ -83,6 +83,8 @@ def chunk_has_output(chunk: dict) -> bool:
         delta = choice.get("delta") or {}
         if choice.get("text") or delta.get("content") or delta.get("tool_calls"):
             return True
+        if choice.get("token_ids"):  # --skip-tokenizer-init: ids, empty text
+            return True
         if delta.get("reasoning_content") or choice.get("finish_reason"):
             return True
     return False

@@ -58,6 +58,8 @@ class EngineConfig:
     structured_outputs_timeout: float = 10.0  # seconds a grammar may compile before a 400
     grammar_cache_mib: int = 512  # compiled grammars kept for reuse (pinned ones beyond it)
     grammar_compile_niceness: int = 5  # Linux niceness of the compile threads (0: as the step)
+    # vLLM's --skip-tokenizer-init: no tokenizer anywhere; token-id prompts and outputs only
+    skip_tokenizer_init: bool = False
 
 
 DEFAULT_CPU_KV_CACHE_GIB = 2.0

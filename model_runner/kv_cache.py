@@ -63,6 +63,21 @@ def num_blocks_for_cuda(
     return min(blocks, max_useful_blocks(config, max_model_len))
 
 
+def kv_cache_summary(
+    num_blocks: int, model: ModelConfig, block_size: int, dtype: torch.dtype, max_model_len: int
+) -> str:
+    """One log line: the cache's blocks and the concurrency they allow at max_model_len
+    (vLLM's "Maximum concurrency for N tokens per request: Xx")."""
+    tokens = num_blocks * block_size
+    gib = num_blocks * bytes_per_block(model, block_size, dtype) / GIB
+    per_request = math.ceil(max_model_len / block_size)
+    return (
+        f"KV cache: {num_blocks} blocks of {block_size} tokens ({tokens} tokens, {gib:.2f} GiB); "
+        f"maximum concurrency for {max_model_len} tokens per request: "
+        f"{num_blocks / per_request:.2f}x"
+    )
+
+
 def check_fits_in_memory(
     blocks: int, model: ModelConfig, block_size: int, dtype: torch.dtype, available: int
 ) -> None:

@@ -20,6 +20,8 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
 GGUF_MAGIC = b"GGUF"
+# Shapes for `--load-format dummy` shipped as package data: `--hf-config-path NAME`.
+BUNDLED_CONFIGS_DIR = Path(__file__).parent / "configs"
 
 
 class ModelSourceError(EngineConfigError):
@@ -73,6 +75,31 @@ def default_gguf_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
 
 
+def bundled_config_names() -> list[str]:
+    """Names of the shipped model configs (`llama-3.1-8b`, `qwen2.5-7b`, `tiny-llama`)."""
+    return sorted(p.parent.name for p in BUNDLED_CONFIGS_DIR.glob("*/config.json"))
+
+
+def bundled_config_name(value: str) -> str | None:
+    """`value` as a shipped config's name, or None. NOTE: an existing path always wins."""
+    if Path(value).expanduser().exists() or value not in bundled_config_names():
+        return None
+    return value
+
+
+def resolve_hf_config_path(value: str) -> Path:
+    """`--hf-config-path`: a config.json, a folder holding one, or a shipped config's name."""
+    name = bundled_config_name(value)
+    path = BUNDLED_CONFIGS_DIR / name if name else Path(value).expanduser()
+    try:
+        return _find_config_json(path)
+    except ModelSourceError as e:
+        names = ", ".join(bundled_config_names())
+        raise ModelSourceError(
+            f"--hf-config-path: {e} (or one of the shipped configs: {names})"
+        ) from None
+
+
 def _find_config_json(path: Path) -> Path:
     config_path = path / "config.json" if path.is_dir() else path
     if not config_path.is_file():
@@ -116,6 +143,8 @@ def resolve_model(config: EngineConfig) -> ModelSource:
         raise ModelSourceError(
             f"unknown load_format {fmt!r}; one of auto, gguf, safetensors, dummy"
         )
+    if fmt == "dummy" and config.model is None and config.hf_config_path is not None:
+        return _dummy_without_model(config)
     path = default_gguf_path() if config.model is None else Path(config.model).expanduser()
     if not path.exists():
         raise ModelSourceError(f"model path {str(path)!r} does not exist")
@@ -128,11 +157,7 @@ def resolve_model(config: EngineConfig) -> ModelSource:
         _check_gguf_magic(path)
     if fmt == "dummy":
         if config.hf_config_path is not None:
-            hf_config = Path(config.hf_config_path).expanduser()
-            try:
-                config_path = _find_config_json(hf_config)
-            except ModelSourceError as e:
-                raise ModelSourceError(f"--hf-config-path: {e}") from None
+            config_path = resolve_hf_config_path(config.hf_config_path)
         elif is_gguf:
             config_path = path
         elif path.is_dir() and (path / "config.json").is_file():
@@ -155,6 +180,24 @@ def resolve_model(config: EngineConfig) -> ModelSource:
     if not path.is_dir() or not any(path.glob("*.safetensors")):
         raise ModelSourceError(f"{path} is neither a .gguf file nor a folder with *.safetensors")
     return ModelSource(path, "safetensors", name, _find_config_json(path), path)
+
+
+def _dummy_without_model(config: EngineConfig) -> ModelSource:
+    """Dummy weights from `--hf-config-path` alone. The tokenizer is the embedded SmolLM2's
+    where it is installed (as with no model before), else the config's folder (which may
+    hold none: then only `--skip-tokenizer-init` serves it)."""
+    config_path = resolve_hf_config_path(config.hf_config_path)
+    bundled = bundled_config_name(config.hf_config_path)
+    try:
+        tokenizer_path = default_gguf_path()
+        name = bundled or DEFAULT_MODEL_NAME
+    except ModelSourceError:
+        tokenizer_path = config_path.parent
+        name = bundled or str(config_path.parent)
+    if _has_tokenizer(config_path.parent):
+        tokenizer_path = config_path.parent
+    name = config.served_model_name or name
+    return ModelSource(config_path.parent, "dummy", name, config_path, tokenizer_path)
 
 
 def _as_id_tuple(value: Any) -> tuple[int, ...]:

@@ -33,6 +33,7 @@ from model_runner.kv_cache import (
     KVCache,
     bytes_per_block,
     check_fits_in_memory,
+    kv_cache_summary,
     num_blocks_for_cpu,
     num_blocks_for_cuda,
 )
@@ -131,6 +132,16 @@ class ModelRunner:
                 self.num_blocks = self._kv_blocks_from_budget()
             self.kv_cache = KVCache(
                 self.model_config, self.num_blocks, self.block_size, self.dtype, self.device
+            )
+            log.info(
+                "%s",
+                kv_cache_summary(
+                    self.num_blocks,
+                    self.model_config,
+                    self.block_size,
+                    self.dtype,
+                    self.max_model_len,
+                ),
             )
         except torch.OutOfMemoryError as e:  # CUDA: the model or one step is too large
             raise EngineConfigError(
