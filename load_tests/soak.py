@@ -11,7 +11,8 @@ the URL's listening port (or `--pid`).
 `--concurrency` client tasks send a random mix (see KINDS): streamed and plain chat and text
 completions, n=2, a shared long system prompt with varied questions, `response_format`
 json_schema, a forced tool call, stop strings, clients that hang up mid-answer, and bad
-requests (a 4xx in OpenAI's error shape is their right answer). Every `--sample-interval`
+requests (a 4xx in OpenAI's error shape is their right answer); the first 11 requests are
+one of each kind, and the traffic lasts until they were all sent. Every `--sample-interval`
 it reads VmRSS and the open fds of the API process and all its descendants; every
 `--idle-every` it pauses the traffic, waits for /metrics to show nothing running, waiting,
 held in the KV cache or open in any actor, and sends a canary (once more at the end).
@@ -20,9 +21,11 @@ The run fails (exit 1) on any lost request (no finish_reason or no [DONE]), stuc
 (no answer within `--timeout`), 5xx, unexpected answer, failed idle check, restarted
 process, or a process whose least-squares slope after `--warmup` exceeds
 `--max-rss-slope` MiB/min (default 1) or `--max-fd-slope` fds/min (default 0.1, i.e. flat:
-fewer than 3 fds over 30 minutes). The fd slope counts the fds less the server's
-established HTTP connections, whose number follows the clients; a connection the server
-failed to close stays CLOSE_WAIT and still counts. The report goes to stdout and `--out`.
+fewer than 3 fds over 30 minutes). The fd slope leaves out the API process's HTTP
+connections (ESTABLISHED or CLOSE_WAIT on the port), whose number follows the clients and
+hypercorn's 75 s keep-alive; instead, once the client has closed its connections, a drain
+check waits up to `--drain-wait` s for none of them to be left in CLOSE_WAIT. The report
+goes to stdout and `--out`.
 """
 
 from __future__ import annotations
@@ -403,8 +406,14 @@ class Deck:
         self.rng = random.Random(seed)
         self.cards = list(KINDS)
         self.rng.shuffle(self.cards)
+        self.dealt = 0
+
+    @property
+    def every_kind_dealt(self) -> bool:
+        return self.dealt >= len(KINDS)
 
     def draw(self) -> str:
+        self.dealt += 1
         if not self.cards:
             self.cards = [k for k, weight in KINDS.items() for _ in range(weight)]
             self.rng.shuffle(self.cards)
@@ -582,8 +591,8 @@ class Run:
 async def client_task(run: Run, client: httpx.AsyncClient, mix: Mix, timeout: float) -> None:
     while True:
         await run.gate.wait()
-        if time.monotonic() >= run.end:
-            return
+        if time.monotonic() >= run.end and run.deck.every_kind_dealt:
+            return  # NOTE: a slow machine's short run still sends every kind once
         spec = mix.make(run.deck.draw())
         run.in_flight += 1
         try:
