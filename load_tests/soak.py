@@ -234,7 +234,7 @@ async def send(client: httpx.AsyncClient, spec: Spec, timeout: float, t0: float)
         outcome, detail, ttft = "stuck", f"no full answer in {timeout:.0f} s", None
     except httpx.HTTPError as exc:
         outcome, detail, ttft = "lost", f"{type(exc).__name__}: {exc}", None
-    except ValueError as exc:  # JSON
+    except (ValueError, KeyError, TypeError) as exc:  # malformed JSON or answer
         outcome, detail, ttft = "unexpected", f"{type(exc).__name__}: {exc}", None
     return Result(spec.kind, outcome, start - t0, time.perf_counter() - start, ttft, detail)
 
