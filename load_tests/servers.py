@@ -29,10 +29,15 @@ def wait_healthy(base_url: str, server: subprocess.Popen, timeout: float, name: 
 
 
 @contextlib.contextmanager
-def running(cmd: list[str], port: int, name: str, timeout: float = 600.0) -> Iterator[str]:
-    """Run `cmd` (a server on 127.0.0.1:`port`) until the block ends; yields its base URL."""
+def running(
+    cmd: list[str], port: int, name: str, timeout: float = 600.0, log: str | None = None
+) -> Iterator[str]:
+    """Run `cmd` (a server on 127.0.0.1:`port`) until the block ends; yields its base URL.
+
+    Its output goes to the file `log` when given, else nowhere."""
     base_url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = open(log, "w") if log else subprocess.DEVNULL
+    server = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_healthy(base_url, server, timeout, name)
         yield base_url
@@ -43,6 +48,8 @@ def running(cmd: list[str], port: int, name: str, timeout: float = 600.0) -> Ite
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+        if log:
+            out.close()
 
 
 def tokenmill_cmd(port: int, *flags: str) -> list[str]:
