@@ -302,13 +302,20 @@ def check_engine_config(cfg) -> None:
     size) only it checks."""
     from model_runner.config import EngineConfigError, resolve_device
     from model_runner.linear_plan import check_quantization
-    from model_runner.model_source import check_tokenizer_files, model_config_from_hf, resolve_model
+    from model_runner.model_source import (
+        check_gguf_architecture,
+        check_tokenizer_files,
+        model_config_from_hf,
+        resolve_model,
+    )
 
     try:
         source = resolve_model(cfg)
         check_quantization(cfg.quantization, resolve_device(cfg), source.format)
         if source.config_path.suffix == ".json":
             model_config_from_hf(source.config_path)
+        elif source.format == "gguf":
+            check_gguf_architecture(source.path)
         if not cfg.skip_tokenizer_init:
             check_tokenizer_files(source)
     except EngineConfigError as e:

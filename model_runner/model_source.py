@@ -124,6 +124,22 @@ def _has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
 
 
+def check_gguf_architecture(path: Path) -> None:
+    """A GGUF of an architecture tokenmill does not serve is refused before anything loads
+    (its tokenizer would otherwise fail first, with transformers' own error)."""
+    from model_runner.gguf_header import GGUFHeaderError, gguf_string_field
+
+    try:
+        arch = gguf_string_field(path, "general.architecture")
+    except (GGUFHeaderError, OSError) as e:
+        raise ModelSourceError(f"model {str(path)!r}: {e}") from None
+    if arch is not None and arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelSourceError(
+            f"model {str(path)!r}: unsupported GGUF architecture {arch!r}; tokenmill serves "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
 def check_tokenizer_files(source: ModelSource) -> None:
     """A tokenizer folder must hold tokenizer files (the server needs them; the runner not)."""
     path = source.tokenizer_path

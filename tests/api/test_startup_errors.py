@@ -145,6 +145,20 @@ def test_checked_before_the_model_loads(fast_results, case, expected):
     assert_one_line_error(*fast_results[case], *expected)
 
 
+def test_a_gguf_of_an_unsupported_architecture(tmp_path):
+    import gguf
+
+    path = tmp_path / "encoder.gguf"
+    writer = gguf.GGUFWriter(str(path), "bert")
+    writer.add_block_count(1)
+    writer.add_string("tokenizer.ggml.model", "gpt2")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert_one_line_error(*serve(str(path)), "encoder.gguf", "unsupported GGUF architecture 'bert'")
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
 def test_unreadable_model_file(tmp_path):
     model = tmp_path / "locked.gguf"
