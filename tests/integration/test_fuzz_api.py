@@ -114,6 +114,8 @@ def assert_openai_error(response) -> None:
     assert isinstance(error["type"], str) and error["type"], error
     assert error["param"] is None or isinstance(error["param"], str), error
     assert isinstance(error["code"], (str, int)), error
+    leaks = ("Traceback", '.py"', ".py:", " object at 0x", "site-packages")
+    assert not any(leak in error["message"] for leak in leaks), error  # no internals
 
 
 @pytest.fixture(scope="module")
