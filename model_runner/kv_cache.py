@@ -109,7 +109,14 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.dummy_block = num_blocks
-        shape = (model.num_layers, 2, num_blocks + 1, block_size, model.num_kv_heads, model.head_dim)
+        shape = (
+            model.num_layers,
+            2,
+            num_blocks + 1,
+            block_size,
+            model.num_kv_heads,
+            model.head_dim,
+        )
         self.storage = torch.zeros(shape, dtype=dtype, device=device)
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
             (self.storage[i, 0], self.storage[i, 1]) for i in range(model.num_layers)

@@ -266,7 +266,9 @@ class ModelRunner:
             inputs = build_model_inputs(
                 self._seqs, step, self.block_size, self.device, self.config.batch_invariant
             )
-            graphs = self.graphs if self.graphs is not None and self.graphs.applies(inputs) else None
+            graphs = (
+                self.graphs if self.graphs is not None and self.graphs.applies(inputs) else None
+            )
             if graphs is None:
                 meta = self._with_decode_context(step, inputs.meta)
             else:
