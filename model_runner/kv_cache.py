@@ -109,7 +109,8 @@ class KVCache:
 
     NOTE: one zeroed tensor [layers, 2, blocks, ...] backs all of them (zeros, so that never
     written slots that the attention gathers and masks hold no NaN), which turns a block
-    copy into one indexing op for every layer.
+    copy into one indexing op for every layer. Block `num_blocks` (one past the blocks the
+    scheduler hands out) is the reserved dummy block that padded graph rows write.
     """
 
     def __init__(
@@ -122,7 +123,15 @@ class KVCache:
     ):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = (model.num_layers, 2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        self.dummy_block = num_blocks
+        shape = (
+            model.num_layers,
+            2,
+            num_blocks + 1,
+            block_size,
+            model.num_kv_heads,
+            model.head_dim,
+        )
         self.storage = torch.zeros(shape, dtype=dtype, device=device)
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
             (self.storage[i, 0], self.storage[i, 1]) for i in range(model.num_layers)

@@ -20,6 +20,7 @@ from model_runner.config import (
     resolve_max_model_len,
 )
 from model_runner.decode_context import DecodeContext
+from model_runner.decode_graphs import Capturer, CudaGraphCapturer, DecodeGraphs, bucket_sizes
 from model_runner.fault_injection import ForwardFaults
 from model_runner.gguf_loader import check_gguf_tensor_types, model_config_from_gguf, open_gguf
 from model_runner.grammar import SequenceGrammar
@@ -109,6 +110,9 @@ class ModelRunner:
         )
         if self.compiled is not None:
             self.compiled.warm_up()
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not (config.enforce_eager or config.batch_invariant):
+            self.enable_decode_graphs(CudaGraphCapturer(self.device))
         source, vocab, eos = self.source, self.vocab_size, self.eos_token_ids
         self.grammars = GrammarCache(
             lambda: hf_tokenizer_info(load_tokenizer(source), vocab, eos),
@@ -216,6 +220,31 @@ class ModelRunner:
         del cache, logits
         torch.cuda.empty_cache()
 
+    def enable_decode_graphs(
+        self, capturer: Capturer, max_rows: int | None = None, max_seq_len: int | None = None
+    ) -> DecodeGraphs | None:
+        """Capture decode steps for the buckets up to `max_rows` (default --max-num-seqs);
+        decode steps that fit then replay them. `max_seq_len` (default max_model_len) must
+        bound every context (tests: a shorter one, for the CPU references' gathers).
+        None (logged) when capture fails."""
+        rows = max_rows if max_rows is not None else self.config.max_num_seqs
+        graphs = DecodeGraphs(
+            self.model,
+            self.kv_cache.layers,
+            bucket_sizes(rows),
+            max_seq_len if max_seq_len is not None else self.max_model_len,
+            self.block_size,
+            self.kv_cache.dummy_block,
+            capturer,
+        )
+        try:
+            graphs.capture()
+        except Exception as e:  # a step that syncs or allocates oddly: serve eagerly
+            log.warning("decode graphs are off (capture failed: %s); steps run eagerly", e)
+            return None
+        self.graphs = graphs
+        return graphs
+
     def _with_decode_context(self, step: StepInput, meta: AttentionMetadata) -> AttentionMetadata:
         """Decode-only steps without block copies attend over the DecodeContext (CPU)."""
         if self.decode_context is None:
@@ -248,7 +277,15 @@ class ModelRunner:
             inputs = build_model_inputs(
                 self._seqs, step, self.block_size, self.device, self.config.batch_invariant
             )
-            meta = self._with_decode_context(step, inputs.meta)
+            graphs = (
+                self.graphs if self.graphs is not None and self.graphs.applies(inputs) else None
+            )
+            if graphs is None:
+                meta = self._with_decode_context(step, inputs.meta)
+            else:
+                meta = inputs.meta
+                if self.decode_context is not None:
+                    self.decode_context.reset()
             self.faults.check()
             args = (
                 inputs.input_ids,
@@ -258,7 +295,9 @@ class ModelRunner:
                 inputs.logits_indices,
             )
             rows = len(inputs.sample_seqs)
-            if self.compiled is not None and self.compiled.applies(meta, rows):
+            if graphs is not None:
+                logits = graphs.run(inputs)
+            elif self.compiled is not None and self.compiled.applies(meta, rows):
                 logits = self.compiled.run(*args)
             else:
                 logits = self.model(*args)

@@ -5,19 +5,27 @@ min_tokens mask -> logit_bias -> repetition/frequency/presence penalties -> gree
 temperature -> min_p -> top-k -> top-p -> a draw. The grammar's -inf survives every later
 step, so stop strings, penalties and logprobs compose with it; logprobs stay the model's own
 (before the mask). A grammar that allows nothing but end-of-sequence wins over min_tokens.
-A draw takes one uniform number per row; a seeded row takes it from its own generator,
-reseeded from (seed, output index) for every token, so its tokens depend neither on the
-rest of the batch nor on preemption.
+A draw takes uniforms from a counter-based hash (`counter_rng`): a seeded row's from
+(seed, output index, draw), so its tokens depend neither on the rest of the batch nor on
+preemption; unseeded rows' from (engine seed, step, row).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
+from model_runner.counter_rng import RowUniforms, token_seed
 from model_runner.grammar import GrammarBitmask
 from model_runner.input_batch import SequenceState
+from model_runner.sampling_metadata import (
+    SamplingMetadata,
+    build_sampling_metadata,
+    has_penalties,
+    min_tokens_active,
+    plain_greedy,
+)
 from model_runner.sampling_ops import (
     apply_min_p,
     apply_penalties,
@@ -25,47 +33,23 @@ from model_runner.sampling_ops import (
     greedy_argmax,
     sample_top_k_top_p,
 )
-from model_runner.sampling_params import SamplingParams
 from model_runner.step_input import SampledToken
 
-_MASK64 = (1 << 64) - 1
-
-
-def token_seed(seed: int, index: int) -> int:
-    """A well-mixed 63-bit seed for output token `index` of a request seeded with `seed`."""
-    z = (seed * 0x9E3779B97F4A7C15 + index + 1) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) >> 1
-
-
-def _has_penalties(p: SamplingParams) -> bool:
-    return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
-
-
-def _min_tokens_active(seq: SequenceState) -> bool:
-    return seq.num_output_tokens < seq.sampling.min_tokens
-
-
-def _plain_greedy(seq: SequenceState) -> bool:
-    p = seq.sampling
-    return (
-        p.greedy
-        and p.logprobs is None
-        and not p.logit_bias
-        and not _has_penalties(p)
-        and not _min_tokens_active(seq)
-    )
+__all__ = ["Sampler", "token_seed"]
 
 
 class Sampler:
-    """Samples one token per row; `eos_token_ids` are masked while min_tokens is not reached."""
+    """Samples one token per row; `eos_token_ids` are masked while min_tokens is not reached.
+
+    The whole batch goes through each stage at once (`SamplingMetadata`, built once per
+    step): greedy and random rows alike, `where` picking per row.
+    """
 
     def __init__(self, vocab_size: int, eos_token_ids: Sequence[int], seed: int = 0):
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
         self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._step = 0  # keys the unseeded rows' draws
         self._bitmask = GrammarBitmask(vocab_size)
 
     def __call__(self, logits: torch.Tensor, seqs: list[SequenceState]) -> list[SampledToken]:
@@ -73,26 +57,32 @@ class Sampler:
         if not seqs:
             return []
         grammar_rows = self._bitmask.fill([s.grammar for s in seqs])
-        if all(_plain_greedy(s) for s in seqs):
+        if all(plain_greedy(s) for s in seqs):
             self._bitmask.apply(logits, grammar_rows)
             tokens = greedy_argmax(logits).tolist()
             return [SampledToken(s.seq_id, t) for s, t in zip(seqs, tokens, strict=True)]
-        want = [s.sampling.logprobs is not None for s in seqs]
+        meta = build_sampling_metadata(seqs, self.vocab_size, logits.device, self.seed, self._step)
+        self._step += 1
+        want = [n is not None for n in meta.num_logprobs]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want) else None
         self._bitmask.apply(logits, grammar_rows)
         self._apply_min_tokens(logits, seqs)
-        self._apply_logit_bias(logits, seqs)
-        self._apply_penalties(logits, seqs)
-        tokens = self._pick(logits, seqs)
+        rows, tokens, values = meta.logit_bias
+        if rows:
+            index = (_longs(rows, logits.device), _longs(tokens, logits.device))
+            logits.index_put_(index, torch.tensor(values, device=logits.device), accumulate=True)
+        if meta.penalized:
+            apply_penalties(logits, meta.penalized)
+        sampled = pick_tokens(logits, meta)
         if raw_logprobs is None:
-            return [SampledToken(s.seq_id, t) for s, t in zip(seqs, tokens.tolist(), strict=True)]
-        return _with_logprobs(raw_logprobs, tokens, seqs, want)
+            return [SampledToken(s.seq_id, t) for s, t in zip(seqs, sampled.tolist(), strict=True)]
+        return _with_logprobs(raw_logprobs, sampled, seqs, want)
 
     def _apply_min_tokens(self, logits: torch.Tensor, seqs: list[SequenceState]) -> None:
         rows: list[int] = []
         cols: list[int] = []
         for i, s in enumerate(seqs):
-            if _min_tokens_active(s):
+            if min_tokens_active(s):
                 if s.grammar is not None and self._bitmask.allows_only(i, self.eos_token_ids):
                     continue  # NOTE: the grammar is complete; masking its end leaves nothing
                 stops = set(s.sampling.stop_token_ids)
@@ -104,81 +94,36 @@ class Sampler:
         if rows:
             logits[rows, cols] = float("-inf")
 
-    def _apply_logit_bias(self, logits: torch.Tensor, seqs: list[SequenceState]) -> None:
-        for i, s in enumerate(seqs):
-            bias = s.sampling.logit_bias
-            if bias:
-                tokens = [int(t) for t in bias if 0 <= int(t) < self.vocab_size]
-                values = [float(bias[t]) for t in bias if 0 <= int(t) < self.vocab_size]
-                logits[i, tokens] += torch.tensor(values, device=logits.device)
-
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[SequenceState]) -> None:
-        penalized = [(i, s) for i, s in enumerate(seqs) if _has_penalties(s.sampling)]
+        penalized = [(i, s) for i, s in enumerate(seqs) if has_penalties(s.sampling)]
         if penalized:
             apply_penalties(logits, penalized)
 
-    def _uniform_source(
-        self, seqs: list[SequenceState], device: torch.device
-    ) -> Callable[[list[int]], torch.Tensor]:
-        """A function giving fresh uniforms for rows; seeded rows use their own generator."""
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device).manual_seed(self.seed)
-        shared = self._generators[device]
-        seeded = [i for i, s in enumerate(seqs) if s.seed is not None]
-        for i in seeded:
-            seq = seqs[i]
-            if seq.generator is None:
-                seq.generator = torch.Generator(device)
-            seq.generator.manual_seed(token_seed(seq.seed, seq.num_output_tokens))
 
-        def uniforms(rows: list[int]) -> torch.Tensor:
-            values = torch.rand(len(rows), generator=shared, device=device)
-            if seeded:
-                for j, row in enumerate(rows):
-                    gen = seqs[row].generator if seqs[row].seed is not None else None
-                    if gen is not None:
-                        values[j] = torch.rand(1, generator=gen, device=device)[0]
-            return values
+def _longs(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
 
-        return uniforms
 
-    def _pick(self, logits: torch.Tensor, seqs: list[SequenceState]) -> torch.Tensor:
-        greedy = [s.sampling.greedy for s in seqs]
-        if all(greedy):
-            return greedy_argmax(logits)
-        if not any(greedy):
-            return self._sample(logits, seqs)
-        tokens = greedy_argmax(logits)
-        rows = [i for i, g in enumerate(greedy) if not g]
-        tokens[rows] = self._sample(logits[rows], [seqs[i] for i in rows])
-        return tokens
+def pick_tokens(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """[R] tokens: argmax on greedy rows, a draw on the others (logits modified in place).
 
-    def _sample(self, logits: torch.Tensor, seqs: list[SequenceState]) -> torch.Tensor:
-        """Random draws for non-greedy rows: temperature, min_p, top-k, top-p."""
-        device, vocab = logits.device, self.vocab_size
-        params = [s.sampling for s in seqs]
-        logits.div_(torch.tensor([p.temperature for p in params], device=device)[:, None])
-        probs = torch.softmax(logits, dim=-1)
-        if any(p.min_p > 0 for p in params):
-            apply_min_p(probs, torch.tensor([p.min_p for p in params], device=device))
-        uniforms = self._uniform_source(seqs, device)
-        top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
-        cut = [i for i, p in enumerate(params) if top_k[i] < vocab or p.top_p < 1]
-        if not cut:
-            return draw(probs, uniforms(list(range(len(seqs)))))
-        k = torch.tensor([top_k[i] for i in cut], device=device)
-        p = torch.tensor([params[i].top_p for i in cut], device=device)
-        if len(cut) == len(seqs):
-            return sample_top_k_top_p(probs, k, p, uniforms)
-        tokens = torch.empty(len(seqs), dtype=torch.long, device=device)
-        cut_rows = set(cut)
-        whole = [i for i in range(len(seqs)) if i not in cut_rows]
-        if whole:
-            tokens[whole] = draw(probs[whole], uniforms(whole))
-        tokens[cut] = sample_top_k_top_p(
-            probs[cut], k, p, lambda rows: uniforms([cut[r] for r in rows])
-        )
-        return tokens
+    Random draws: temperature -> softmax -> min_p -> top-k/top-p -> inverse CDF, each over
+    the whole batch; greedy rows ride along untruncated at temperature 1 and are dropped by
+    the final `where`.
+    """
+    greedy = greedy_argmax(logits) if meta.any_greedy else None
+    if not meta.any_random:
+        return greedy
+    logits.div_(meta.temperature[:, None])
+    probs = torch.softmax(logits, dim=-1)
+    if meta.any_min_p:
+        apply_min_p(probs, meta.min_p)
+    uniforms = RowUniforms(meta.keys)
+    if meta.any_truncation:
+        sampled = sample_top_k_top_p(probs, meta.top_k, meta.top_p, uniforms)
+    else:
+        sampled = draw(probs, uniforms())
+    return sampled if greedy is None else torch.where(meta.greedy, greedy, sampled)
 
 
 def _with_logprobs(

@@ -125,8 +125,9 @@ def test_kv_cache_block_copy(runner):
     cache.storage.normal_()
     before = cache.storage.clone()
     cache.copy_blocks([(0, 3), (1, 2)])
+    assert cache.dummy_block == 4
     for k, _v in cache.layers:
-        assert k.shape == (4, 2, 3, 64)
+        assert k.shape == (5, 2, 3, 64)  # the 4 blocks, then the reserved dummy block
     assert torch.equal(cache.storage[:, :, 3], before[:, :, 0])
     assert torch.equal(cache.storage[:, :, 2], before[:, :, 1])
     assert torch.equal(cache.storage[:, :, :2], before[:, :, :2])
