@@ -95,9 +95,13 @@ class ExecutorActor(Actor):
         warm_up.add_done_callback(_log_warm_up_failure)
 
     def open_requests(self) -> int:
-        """Grammar compiles under way, and requests whose compiled grammar is pinned."""
-        pinned = self.runner.grammars.num_pinned() if self.runner is not None else 0
-        return len(self.compiles) + pinned
+        """Grammar compiles under way, requests whose compiled grammar is pinned, and the
+        runner's sequence states (NOTE: read from the loop while a step may run in the
+        worker thread: a len() of a dict, a snapshot within one heartbeat)."""
+        if self.runner is None:
+            return len(self.compiles)
+        r = self.runner
+        return len(self.compiles) + r.grammars.num_pinned() + r.num_active_sequences
 
     async def handle(self, msg: msgspec.Struct) -> None:
         match msg:
