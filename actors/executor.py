@@ -95,13 +95,11 @@ class ExecutorActor(Actor):
         warm_up.add_done_callback(_log_warm_up_failure)
 
     def open_requests(self) -> int:
-        """Grammar compiles under way, requests whose compiled grammar is pinned, and the
-        runner's sequence states (NOTE: read from the loop while a step may run in the
-        worker thread: a len() of a dict, a snapshot within one heartbeat)."""
-        if self.runner is None:
-            return len(self.compiles)
-        r = self.runner
-        return len(self.compiles) + r.grammars.num_pinned() + r.num_active_sequences
+        """Grammar compiles under way, and requests whose compiled grammar is pinned.
+        NOTE: the runner's sequence states are not counted: finished ones are dropped with
+        the next step, so an idle runner may still hold the last step's."""
+        pinned = self.runner.grammars.num_pinned() if self.runner is not None else 0
+        return len(self.compiles) + pinned
 
     async def handle(self, msg: msgspec.Struct) -> None:
         match msg:
