@@ -1,7 +1,7 @@
 """The scheduler actor: wraps the pure-Python `Scheduler` policy in a message loop.
 
 A StepPlan goes to the executor, its StepResult comes back, the policy updates, the step's
-tokens go to the detokenizer. With overlap (`EngineConfig.async_scheduling`, on by default)
+tokens go to the detokenizer. With overlap (`EngineConfig.async_scheduling`, off by default)
 step N+1 is planned and sent as soon as step N is, so the executor starts it the moment N
 is done; then each result plans the step after the one running (two in flight at most; see
 actors/scheduler/overlap.py). Without it one step is in flight.
@@ -54,7 +54,8 @@ class SchedulerActor(Actor):
         super().__init__(transport)
         self.config = config
         self.policy: Scheduler | None = None
-        self.max_steps_in_flight = MAX_STEPS_IN_FLIGHT if config.async_scheduling else 1
+        overlap = getattr(config, "async_scheduling", False)
+        self.max_steps_in_flight = MAX_STEPS_IN_FLIGHT if overlap else 1
         self.pending: list[TokenizedRequest] = []  # arrived before the executor was ready
         self.compiling: dict[str, TokenizedRequest] = {}  # waiting for their grammar
         self.releases: list[str] = []  # grammars to unpin, sent with the next plan
