@@ -23,7 +23,6 @@ class DriverSeq:
     outputs: list[SampledToken] = field(default_factory=list)
     started: bool = False
     done: bool = False
-    sampled_at: int = -1  # the step that sampled its last token
 
     @property
     def all_tokens(self) -> list[int]:
@@ -35,19 +34,12 @@ class Driver:
 
     `chunk_size` caps a prefill chunk; `token_budget` caps the tokens of one step (decodes
     first, then prefill chunks), so prefills and decodes mix as with the real scheduler.
-    `placeholders` (overlap, the engine's default): a decode of the token the step before
-    sampled is sent as a placeholder row, its input left for the runner to fill.
     """
 
     def __init__(
-        self,
-        runner: ModelRunner,
-        chunk_size: int | None = None,
-        token_budget: int = 4096,
-        placeholders: bool = True,
+        self, runner: ModelRunner, chunk_size: int | None = None, token_budget: int = 4096
     ):
         self.runner = runner
-        self.placeholders = placeholders
         self.chunk_size = chunk_size
         self.token_budget = token_budget
         self.free = list(range(runner.num_blocks))
@@ -91,10 +83,7 @@ class Driver:
                     )
                 )
                 seq.started = True
-            placeholder = (
-                self.placeholders and num == remaining == 1 and seq.sampled_at == self.step_id - 1
-            )
-            chunks.append(ScheduledChunk(seq.seq_id, num, start, new_blocks, int(placeholder)))
+            chunks.append(ScheduledChunk(seq.seq_id, num, start, new_blocks))
             seq.num_computed += num
             budget -= num
         step = StepInput(
@@ -116,7 +105,6 @@ class Driver:
             seq = by_id[sampled.seq_id]
             seq.tokens.append(sampled.token_id)
             seq.outputs.append(sampled)
-            seq.sampled_at = out.step_id
             p = seq.sampling
             stop = not p.ignore_eos and sampled.token_id in self.runner.eos_token_ids
             if stop or len(seq.tokens) >= p.max_tokens:
@@ -173,8 +161,7 @@ def generate(
     sampling: SamplingParams = GREEDY,
     chunk_size: int | None = None,
     token_budget: int = 4096,
-    placeholders: bool = True,
 ) -> list[list[int]]:
     """Run all prompts together to completion; returns each one's output token ids."""
     seqs = [DriverSeq(f"s{i}", list(p), sampling) for i, p in enumerate(prompts)]
-    return Driver(runner, chunk_size, token_budget, placeholders).run(seqs)
+    return Driver(runner, chunk_size, token_budget).run(seqs)
