@@ -98,24 +98,25 @@ class EngineStatsCollector:
             {(*name, f): s for f, s in sorted(stats.gpu_seconds_by_feature.items())},
         )
         yield from _grammar_metrics(stats.grammar or GrammarCacheStats(), counter, gauge)
-        yield from _actor_metrics(self.engine.actor_states())
+        yield from _actor_metrics(name, self.engine.actor_states())
 
 
-def _actor_metrics(states: dict) -> Iterator[Metric]:
+def _actor_metrics(name: tuple[str], states: dict) -> Iterator[Metric]:
+    labels = ["model_name", "actor"]
     yield _family(
         GaugeMetricFamily,
         "actor_open_requests",
         "Requests each actor still holds state for (engine actors: as of their last "
         "heartbeat); all 0 when idle.",
-        ["actor"],
-        {(actor,): s.open_requests for actor, s in states.items()},
+        labels,
+        {(*name, actor): s.open_requests for actor, s in states.items()},
     )
     yield _family(
         CounterMetricFamily,
         "bus_rejected_messages",
         "Internal-bus messages an actor's inbox dropped as malformed (never fatal).",
-        ["actor"],
-        {(actor,): s.rejected_messages for actor, s in states.items()},
+        labels,
+        {(*name, actor): s.rejected_messages for actor, s in states.items()},
     )
 
 

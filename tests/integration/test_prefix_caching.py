@@ -25,7 +25,8 @@ BLOCK_BYTES_F32 = 16 * 30 * 2 * 3 * 64 * 4  # tokens x layers x (K, V) x kv head
 
 
 def run(enable_prefix_caching: bool, num_blocks: int):
-    llm = LLM(dtype="float32", max_model_len=1024, use_tqdm=False,
+    # NOTE: max_model_len = the cache's tokens: one request must fit (a start-up check)
+    llm = LLM(dtype="float32", max_model_len=num_blocks * 16, use_tqdm=False,
               kv_cache_memory=num_blocks * BLOCK_BYTES_F32 / 2**30,
               enable_prefix_caching=enable_prefix_caching)  # fmt: skip
     try:

@@ -79,7 +79,7 @@ def test_probes_and_scrape_path_are_served_routes():
     c = container()
     (port,) = c["ports"]
     engine = SimpleNamespace(stats=None, model_name="m", tokenizer=None, health=lambda: (True, ""),
-                             draining=False, stats_listeners=[])  # fmt: skip
+                             draining=False, stats_listeners=[], actor_states=dict)  # fmt: skip
     client = create_app(engine).test_client()
     probes = [c[k] for k in ("startupProbe", "readinessProbe", "livenessProbe")]
     annotations = pod()["metadata"]["annotations"]

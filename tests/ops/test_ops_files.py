@@ -28,7 +28,8 @@ def exported_series() -> set[str]:
 
     from api.metrics import ServingMetrics
 
-    engine = SimpleNamespace(stats=None, model_name="m", health=lambda: (True, ""))
+    engine = SimpleNamespace(stats=None, model_name="m", health=lambda: (True, ""),
+                             actor_states=dict)  # fmt: skip
     text = generate_latest(ServingMetrics(engine).registry).decode()
     series = set()
     for name, kind in re.findall(r"^# TYPE tokenmill:(\S+) (\S+)$", text, re.M):
