@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_runner.model_source import SUPPORTED_ARCHITECTURES, ModelConfig, ModelSourceError
+from model_runner.model_source import ModelConfig, ModelSourceError, check_gguf_arch_supported
 
 # llama.cpp tensor name (after "blk.N.") -> the Hugging Face name (after "model.layers.N.").
 _LAYER_NAMES = {
@@ -61,11 +61,7 @@ def _rope_scaling(reader, arch: str) -> dict | None:
 def model_config_from_gguf(reader) -> ModelConfig:
     """The ModelConfig from GGUF metadata (`<arch>.*` keys and `tokenizer.ggml.*`)."""
     arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ModelSourceError(
-            f"unsupported GGUF architecture {arch!r}; tokenmill serves "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    check_gguf_arch_supported(arch)
     names = {t.name for t in reader.tensors}
     hidden = int(_field(reader, f"{arch}.embedding_length"))
     num_heads = int(_field(reader, f"{arch}.attention.head_count"))

@@ -133,9 +133,15 @@ def check_gguf_architecture(path: Path) -> None:
         arch = gguf_string_field(path, "general.architecture")
     except (GGUFHeaderError, OSError) as e:
         raise ModelSourceError(f"model {str(path)!r}: {e}") from None
-    if arch is not None and arch not in SUPPORTED_ARCHITECTURES:
+    if arch is not None:
+        check_gguf_arch_supported(arch, f"model {str(path)!r}: ")
+
+
+def check_gguf_arch_supported(arch: str | None, where: str = "") -> None:
+    """The one check (and message) for a GGUF's `general.architecture`."""
+    if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelSourceError(
-            f"model {str(path)!r}: unsupported GGUF architecture {arch!r}; tokenmill serves "
+            f"{where}unsupported GGUF architecture {arch!r}; tokenmill serves "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
 
