@@ -13,12 +13,12 @@ from tests.ops.metrics_scrape import Samples, scrape, total
 ACTORS = ("api", "tokenizer", "scheduler", "executor", "detokenizer")
 
 
-def open_requests(samples: Samples) -> dict[str, float]:
-    """`tokenmill:actor_open_requests` by actor."""
+def by_actor(samples: Samples, name: str) -> dict[str, float]:
+    """`tokenmill:<name>` by its `actor` label."""
     return {
         dict(labels)["actor"]: value
-        for (name, labels), value in samples.items()
-        if name == "tokenmill:actor_open_requests"
+        for (sample, labels), value in samples.items()
+        if sample == "tokenmill:" + name
     }
 
 
@@ -26,7 +26,7 @@ def leaks(samples: Samples) -> list[str]:
     found = [f"{m} = {total(samples, m)}"
              for m in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
              if total(samples, m)]  # fmt: skip
-    tables = open_requests(samples)
+    tables = by_actor(samples, "actor_open_requests")
     found += [f"actor {a}: no heartbeat state" for a in ACTORS if a not in tables]
     found += [f"actor {a} holds {n:g} requests" for a, n in tables.items() if n]
     return found

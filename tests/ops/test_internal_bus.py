@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import pickle
 import stat
-import subprocess
 import time
 from pathlib import Path
 
@@ -25,8 +24,9 @@ import zmq
 from actors.protocol import Abort
 from actors.transport import MAX_MESSAGE_BYTES
 from tests.conftest import ServerProcess
-from tests.ops.invariants import assert_nothing_lost
+from tests.ops.invariants import assert_nothing_lost, by_actor
 from tests.ops.metrics_scrape import scrape
+from tests.ops.test_drain import children_of
 
 # A right tag with a wrong field type, per inbox.
 WRONG_TYPES = {
@@ -63,8 +63,7 @@ def bus_server(tmp_path_factory):
 
 
 def process_tree(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [pid] + [p for child in out.split() for p in process_tree(int(child))]
+    return [pid] + [p for child in children_of(pid) for p in process_tree(child)]
 
 
 def socket_inodes(pids: list[int]) -> set[str]:
@@ -106,11 +105,7 @@ def test_only_the_http_port_listens(bus_server):
 
 
 def rejected(base_url: str) -> dict[str, float]:
-    return {
-        dict(labels)["actor"]: value
-        for (name, labels), value in scrape(base_url).items()
-        if name == "tokenmill:bus_rejected_messages_total"
-    }
+    return by_actor(scrape(base_url), "bus_rejected_messages_total")
 
 
 def test_every_inbox_survives_garbage(bus_server, tmp_path):
