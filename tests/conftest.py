@@ -113,6 +113,18 @@ class ServerProcess:
             time.sleep(0.5)
         raise TimeoutError(f"server not healthy after {timeout} s: {self.log.name}")
 
+    def __enter__(self) -> ServerProcess:
+        """Healthy, or stopped and the error raised."""
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self) -> None:
         self.proc.terminate()
         try:

@@ -14,14 +14,10 @@ def tool_server():
     NOTE: --dtype float32 pins greedy outputs across runs and batches (the CPU default
     may become bfloat16).
     """
-    srv = ServerProcess("--max-model-len", "2048", "--kv-cache-memory", "0.25",
-                        "--dtype", "float32", "--enable-auto-tool-choice",
-                        "--tool-call-parser", "hermes")  # fmt: skip
-    try:
-        srv.wait_healthy()
+    with ServerProcess("--max-model-len", "2048", "--kv-cache-memory", "0.25",
+                       "--dtype", "float32", "--enable-auto-tool-choice",
+                       "--tool-call-parser", "hermes") as srv:  # fmt: skip
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="session")
@@ -30,10 +26,6 @@ def small_server():
 
     NOTE: --max-model-len 256 bounds every generation the fuzzers cannot bound themselves.
     """
-    srv = ServerProcess("--max-model-len", "256", "--kv-cache-memory", "0.25",
-                        "--dtype", "float32", "--enforce-eager")  # fmt: skip
-    try:
-        srv.wait_healthy()
+    with ServerProcess("--max-model-len", "256", "--kv-cache-memory", "0.25",
+                       "--dtype", "float32", "--enforce-eager") as srv:  # fmt: skip
         yield srv
-    finally:
-        srv.stop()

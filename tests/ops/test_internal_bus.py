@@ -52,14 +52,10 @@ class _Pwn:
 @pytest.fixture(scope="module")
 def bus_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
-    srv = ServerProcess("--max-model-len", "1024", "--kv-cache-memory", "0.25",
-                        "--enforce-eager", env={"TMPDIR": str(root)})  # fmt: skip
-    try:
-        srv.wait_healthy()
+    with ServerProcess("--max-model-len", "1024", "--kv-cache-memory", "0.25",
+                       "--enforce-eager", env={"TMPDIR": str(root)}) as srv:  # fmt: skip
         (run_dir,) = root.glob("tokenmill-*")
         yield srv, run_dir
-    finally:
-        srv.stop()
 
 
 def process_tree(pid: int) -> list[int]:

@@ -21,14 +21,10 @@ FAULT_AT = 20  # both requests below need 64 forwards each, so both are in this 
 
 @pytest.fixture(scope="module")
 def faulty_server():
-    srv = ServerProcess("--dtype", "float32", "--max-model-len", "1024",
-                        "--kv-cache-memory", "0.25", "--enforce-eager",
-                        env={FAULT_ENV: str(FAULT_AT)})  # fmt: skip
-    try:
-        srv.wait_healthy()
+    with ServerProcess("--dtype", "float32", "--max-model-len", "1024",
+                       "--kv-cache-memory", "0.25", "--enforce-eager",
+                       env={FAULT_ENV: str(FAULT_AT)}) as srv:  # fmt: skip
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_a_step_fault_fails_its_requests_and_the_engine_serves_on(
