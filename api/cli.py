@@ -168,6 +168,14 @@ def _add_step_args(p: argparse.ArgumentParser) -> None:
         "4-bit GEMM, no dense copy (batch-invariant results, less memory)",
     )
     p.add_argument(
+        "--cpu-quant-kernel",
+        choices=("auto", "int8-dot", "int4"),
+        default="auto",
+        help="CPU, quantized weights: int8-dot (int8 activations and integer dot products, "
+        "AVX-512 VNNI; compiled once per machine) or int4 (torch's 4-bit GEMM); auto: "
+        "int8-dot where it runs",
+    )
+    p.add_argument(
         "--batch-invariant",
         action="store_true",
         help="CPU: a request's tokens do not depend on what else is batched with it (4-bit "
@@ -286,6 +294,7 @@ def engine_config(args: argparse.Namespace):
         enforce_eager=args.enforce_eager,
         cpu_packed_batch=args.cpu_packed_batch,
         cpu_int4_max_rows=args.cpu_int4_max_rows,
+        cpu_quant_kernel=args.cpu_quant_kernel,
         batch_invariant=args.batch_invariant,
         served_model_name=args.served_model_name,
         max_waiting=args.max_waiting,

@@ -4,14 +4,14 @@ At one decode row a CPU step is mostly op overhead: a layer's projections read 4
 weights in ~0.12 ms, while the ~25 small eager ops around them (norms, rotary, residual
 adds, splits, SiLU, attention glue) cost as much again. `CompiledDecode` runs each layer of
 a decode-only step as one torch.compile'd function of plain tensors (inductor fuses the
-elementwise work into C++ loops; the 4-bit GEMMs and SDPA stay library calls), the same
+elementwise work into C++ loops; the quantized GEMMs and SDPA stay library calls), the same
 compiled code for every layer, with the sequence count and context length dynamic.
 
 What stays eager: the K/V writes. The compiled layer attends over the decode context plus
 the new token (concatenated, so nothing large is mutated inside the graph) and returns the
 new K/V, which the caller writes into the paged cache and the decode context, as the eager
 path does. It applies to decode-only steps that continue the decode context (its append
-mode) with at most `max_rows` rows, on 4-bit projections; anything else runs eagerly. A
+mode) with at most `max_rows` rows, on quantized projections; anything else runs eagerly. A
 compile error turns it off for the process (logged), and `--enforce-eager` never builds it.
 
 NOTE: inductor keeps fused intermediates in float32 where eager rounds each op to bf16, so
@@ -32,11 +32,10 @@ from kernels import ops
 from kernels.activation import silu_and_mul_ref
 from kernels.layernorm import rms_norm_ref
 from kernels.paged_attention import decode_attention
-from kernels.quant_linear import int4_linear_planes
 from kernels.rotary import rotate_with_tables
 from model_runner.attention import AttentionMetadata
 from model_runner.quant.int4_weights import GROUP_SIZE
-from model_runner.quant.quantized_linear import QuantizedLinear
+from model_runner.quant.quantized_linear import QuantizedLinear, quantized_matmul
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +51,6 @@ class LayerShape:
     scale: float
 
 
-def _int4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, planes: int) -> torch.Tensor:
-    return int4_linear_planes(x, packed, sz, GROUP_SIZE, planes)
-
-
 def decode_layer(
     hidden: torch.Tensor,  # [S, H] bf16: the previous layer's output (zeros before layer 0)
     residual: torch.Tensor,  # [S, H] float32
@@ -66,14 +61,14 @@ def decode_layer(
     v_ctx: torch.Tensor,  # [S, L, KVH, D]: the context before this step's token
     mask: torch.Tensor | None,  # [S, 1, 1, L + 1] bool, None when every position is seen
     shape: LayerShape,
-    planes: tuple[int, int, int, int],
+    layouts: tuple[str, str, str, str],  # QuantizedLinear.layout of qkv, o, gate_up, down
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decoder layer for one new token per sequence; mirrors LlamaDecoderLayer.forward."""
     n1, n2, qkv_w, qkv_sz, o_w, o_sz, gu_w, gu_sz, d_w, d_sz, qkv_bias = weights
     rows, dtype = hidden.shape[0], hidden.dtype
     h, kvh, d = shape.heads, shape.kv_heads, shape.head_dim
     summed = residual + hidden
-    qkv = _int4(rms_norm_ref(summed, n1, shape.eps).to(dtype), qkv_w, qkv_sz, planes[0])
+    qkv = quantized_matmul(rms_norm_ref(summed, n1, shape.eps).to(dtype), layouts[0], qkv_w, qkv_sz)
     if qkv_bias is not None:
         qkv = qkv + qkv_bias
     qk = qkv[:, : (h + kvh) * d].view(rows, h + kvh, d)
@@ -83,19 +78,22 @@ def decode_layer(
     keys = torch.cat([k_ctx, k_new[:, None]], dim=1)
     values = torch.cat([v_ctx, v_new[:, None]], dim=1)
     attn = decode_attention(q, keys, values, mask, shape.scale)
-    summed = summed + _int4(attn.reshape(rows, h * d), o_w, o_sz, planes[1])
-    gate_up = _int4(rms_norm_ref(summed, n2, shape.eps).to(dtype), gu_w, gu_sz, planes[2])
-    return _int4(silu_and_mul_ref(gate_up), d_w, d_sz, planes[3]), summed, k_new, v_new
+    summed = summed + quantized_matmul(attn.reshape(rows, h * d), layouts[1], o_w, o_sz)
+    gate_up = quantized_matmul(
+        rms_norm_ref(summed, n2, shape.eps).to(dtype), layouts[2], gu_w, gu_sz
+    )
+    down = quantized_matmul(silu_and_mul_ref(gate_up), layouts[3], d_w, d_sz)
+    return down, summed, k_new, v_new
 
 
 @dataclass(frozen=True)
 class LayerWeights:
     tensors: list[torch.Tensor | None]
-    planes: tuple[int, int, int, int]
+    layouts: tuple[str, str, str, str]
 
 
 def layer_weights(layer) -> LayerWeights | None:
-    """A layer's tensors for `decode_layer`, None unless every projection is 4-bit."""
+    """A layer's tensors for `decode_layer`, None unless every projection is quantized."""
     methods = [
         p.method for p in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
     ]
@@ -105,16 +103,16 @@ def layer_weights(layer) -> LayerWeights | None:
         return None
     tensors = [layer.input_layernorm, layer.post_attention_layernorm]
     for m in methods:
-        tensors += [m.packed, m.scales_zeros]
+        tensors += [m.packed, m.scales]
     tensors.append(layer.qkv_proj.bias)
-    return LayerWeights(tensors, tuple(m.planes for m in methods))
+    return LayerWeights(tensors, tuple(m.layout for m in methods))
 
 
 def warm_shapes(model) -> list[tuple[int, int, int]]:
     """(sequences, context length, context buffer length) of the warm-up calls: one row
     (torch.compile specializes size 1) and several, with a mask. Their sizes are ones no
     other argument has: dynamic sizes that are equal share one symbol, and a 2-row graph
-    would guard on rows == the 2 of `scales_zeros`, recompiling for 3 rows."""
+    would guard on rows == a 2 of the scales' shapes, recompiling for 3 rows."""
     cfg = model.config
     taken = {
         2,
@@ -129,7 +127,7 @@ def warm_shapes(model) -> list[tuple[int, int, int]]:
     for layer in model.layers:
         for proj in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
             taken.update(proj.method.packed.shape)
-            taken.update(proj.method.scales_zeros.shape)  # fmt: skip
+            taken.update(proj.method.scales.shape)  # fmt: skip
 
     def free(n: int) -> int:
         while n in taken:
@@ -209,7 +207,7 @@ class CompiledDecode:
     def _layer(self, i, hidden, residual, cos, sin, k_ctx, v_ctx, mask):
         w = self.layers[i]
         return self.step_fn(hidden, residual, w.tensors, cos, sin, k_ctx, v_ctx, mask,
-                            self.shape, w.planes)  # fmt: skip
+                            self.shape, w.layouts)  # fmt: skip
 
     def run(self, input_ids, positions, kv_caches, meta, logits_indices) -> torch.Tensor:
         """The model's forward for an applicable decode step: float32 logits."""
@@ -219,12 +217,20 @@ class CompiledDecode:
         cos, sin = ops.rotary_tables(positions, model.cos_sin_cache, torch.bfloat16)
         rows, length = input_ids.shape[0], ctx.max_len - 1
         mask = None if rows == 1 else ctx.mask_before_new(length)
-        for i, ((k_buf, v_buf), (k_cache, v_cache)) in enumerate(
-            zip(ctx.buffers, kv_caches, strict=True)
-        ):
-            hidden, residual, k_new, v_new = self._layer(
-                i, hidden, residual, cos, sin, k_buf[:rows, :length], v_buf[:rows, :length], mask
-            )
-            ops.write_kv(k_new, v_new, k_cache, v_cache, meta.slot_mapping, True)
-            ctx.append_rows((k_buf, v_buf), k_new, v_new)
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            for i, ((k_buf, v_buf), (k_cache, v_cache)) in enumerate(
+                zip(ctx.buffers, kv_caches, strict=True)
+            ):
+                hidden, residual, k_new, v_new = self._layer(
+                    i,
+                    hidden,
+                    residual,
+                    cos,
+                    sin,
+                    k_buf[:rows, :length],
+                    v_buf[:rows, :length],
+                    mask,
+                )
+                ops.write_kv(k_new, v_new, k_cache, v_cache, meta.slot_mapping, True)
+                ctx.append_rows((k_buf, v_buf), k_new, v_new)
         return model.logits(hidden, residual, logits_indices)

@@ -49,6 +49,8 @@ class EngineConfig:
     # CPU 4-bit weights: steps of up to this many rows take the 4-bit GEMM, larger ones a
     # dense bf16 copy. None: measured once per CPU model; -1: always 4-bit, no dense copy.
     cpu_int4_max_rows: int | None = None
+    # CPU quantized GEMMs: auto (int8-dot where the CPU has AVX-512 VNNI), int8-dot, int4.
+    cpu_quant_kernel: str = "auto"
     # Results of a request independent of what else runs in its steps (CPU): 4-bit GEMMs at
     # every row count, one attention call per sequence. Slower; see the README.
     batch_invariant: bool = False

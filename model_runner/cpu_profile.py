@@ -4,8 +4,9 @@
 natively *and* is faster at it: a CPU without bf16 instructions gets float32 without a
 measurement; one with AMX gets bfloat16; one with only AVX-512 BF16 (AMD Zen 4, Intel
 Cooper Lake and later) is measured, since some of those ran bf16 GEMMs slower than fp32.
-The same short measurement (~1 s) finds how many rows the 4-bit GEMM stays ahead of a
-dense bf16 one (`int4_max_rows`), for the quantized methods' per-step choice.
+The same kind of short measurement (~1 s) finds how many rows a quantized GEMM (torch's
+int4, or the int8-dot kernels' q4 and q8) stays ahead of a dense bf16 one
+(`quantized_max_rows`), for the quantized methods' per-step choice.
 
 The result is cached as JSON under `$TOKENMILL_CACHE_DIR` (default ~/.cache/tokenmill)
 `/cpu/<key>.json`, keyed by the CPU model name, its bf16 flags, the torch version and thread
@@ -122,18 +123,23 @@ def decide(cpu: str, flags: tuple[str, ...]) -> CpuProfile:
     return CpuProfile(cpu, flags, "float32", f"native bf16 but {share}", timings)
 
 
-def int4_max_rows(shapes: list[tuple[int, int]]) -> int:
-    """Rows up to which the 4-bit GEMM beats dense bf16 for a model's projection `shapes`.
-
-    Measured once per CPU model and set of shapes, then read from the cache.
-    """
+def quantized_max_rows(shapes: list[tuple[int, int]], layout: str) -> int:
+    """Rows up to which the quantized GEMM of `layout` (q4, q8: the int8-dot kernels; int4:
+    torch's) beats dense bf16 for `shapes`. Measured once per CPU model, layout and set of
+    shapes, then read from the cache."""
     cpu, flags = cpu_name_and_flags()
     cache = ProfileCache(cpu, flags)
-    key = ";".join(f"{o}x{i}" for o, i in shapes)
+    if layout in ("q4", "q8"):
+        from kernels.int8_dot_linear import build_id
+
+        layout_key = f"{layout}@{build_id()}"  # NOTE: a changed kernel is measured again
+    else:
+        layout_key = layout
+    key = f"{layout_key}:" + ";".join(f"{o}x{i}" for o, i in shapes)
     known = cache.read().get("int4_max_rows", {})
     if isinstance(known.get(key), int):
         return known[key]
-    rows = crossover(measure_int4(shapes))
+    rows = crossover(measure_quantized(shapes, layout))
     cache.update(int4_max_rows={**known, key: rows})
     return rows
 
@@ -187,39 +193,54 @@ def measure_dtypes() -> dict[str, float]:
     return timings
 
 
-@torch.inference_mode()
-def measure_int4(shapes: list[tuple[int, int]]) -> dict[str, float]:
-    """Milliseconds for copies of `shapes` (bf16 dense vs 4-bit, group 32), by rows."""
-    from kernels.quant_linear import int4_kernel_available, int4_linear, int4_pack
+def _quantized_weights(shapes, layout: str, gen: torch.Generator) -> list[tuple]:
+    """Random weights of `shapes` in `layout`, as (packed, scales) pairs."""
+    from kernels import int8_dot_linear
+    from kernels.quant_linear import int4_pack
     from model_runner.quant.int4_weights import GROUP_SIZE
 
-    if not int4_kernel_available(torch.device("cpu")):
+    def one(o: int, i: int) -> tuple:
+        d = torch.rand(o, i // GROUP_SIZE, generator=gen) / 64
+        if layout == "q4":
+            return int8_dot_linear.pack_q4(torch.randint(0, 16, (o, i), generator=gen), d, -8 * d)
+        if layout == "q8":
+            return int8_dot_linear.pack_q8(torch.randint(-128, 128, (o, i), generator=gen), d)
+        return int4_pack(torch.randint(0, 16, (o, i), generator=gen)), torch.rand(
+            i // GROUP_SIZE, o, 2, generator=gen
+        ).bfloat16()
+
+    return [one(o, i) for o, i in shapes]
+
+
+@torch.inference_mode()
+def measure_quantized(shapes: list[tuple[int, int]], layout: str) -> dict[str, float]:
+    """Milliseconds for copies of `shapes`, dense bf16 vs `layout` (group 32), by rows."""
+    from kernels.quant_linear import int4_kernel_available
+    from model_runner.quant.quantized_linear import quantized_matmul
+
+    if layout == "int4" and not int4_kernel_available(torch.device("cpu")):
         return {}
     gen = torch.Generator().manual_seed(0)
     copies = max(1, min(30, -(-STREAM_BYTES // (2 * sum(o * i for o, i in shapes)))))
     shapes = shapes * copies
     dense = _dense_layouts([torch.randn(o, i, generator=gen).bfloat16() for o, i in shapes])
-    q4 = [
-        (
-            int4_pack(torch.randint(0, 16, (o, i), generator=gen)),
-            torch.rand(i // GROUP_SIZE, o, 2).bfloat16(),
-        )
-        for o, i in shapes
-    ]
+    weights = _quantized_weights(shapes, layout, gen)
     timings = {}
     for m in INT4_ROWS:
         timings[f"bf16@{m}"] = _time_dense(dense, m, gen)
         xs = _inputs(m, [i for _, i in shapes], torch.bfloat16, gen)
         timings[f"int4@{m}"] = _median_ms(
             lambda xs=xs: [
-                int4_linear(xs[sz.shape[0] * GROUP_SIZE], p, sz, GROUP_SIZE) for p, sz in q4
+                quantized_matmul(xs[i], layout, *w)
+                for (_, i), w in zip(shapes, weights, strict=True)
             ]
         )
     return timings
 
 
 def crossover(timings: dict[str, float]) -> int:
-    """The largest row count up to which the int4 GEMM was faster than dense bf16 at each."""
+    """The largest row count up to which the quantized GEMM was faster than dense bf16 at
+    each (its timings are under `int4@rows` whatever the layout)."""
     best = 0
     for m in INT4_ROWS:
         if f"int4@{m}" not in timings or timings[f"int4@{m}"] >= timings[f"bf16@{m}"]:

@@ -71,6 +71,18 @@ class DecodeContextStep:
         for buf, new in zip(buffers, (key, value), strict=True):
             buf.view(-1, *buf.shape[2:]).index_copy_(0, self.new_slots, new.to(buf.dtype))
 
+    def gather(
+        self,
+        buffers: tuple[torch.Tensor, torch.Tensor],
+        paged: tuple[torch.Tensor, torch.Tensor],
+        num_seqs: int,
+    ) -> None:
+        """Copy every row's blocks of one layer from the paged cache (gather mode)."""
+        for buf, cache in zip(buffers, paged, strict=True):
+            gathered = cache.index_select(0, self.gather_index)
+            gathered = gathered.view(num_seqs, -1, *cache.shape[2:])  # whole blocks per row
+            buf[:num_seqs, : gathered.shape[1]] = gathered
+
     def attend(
         self,
         buffers: tuple[torch.Tensor, torch.Tensor],
@@ -86,10 +98,7 @@ class DecodeContextStep:
         if self.append:
             self.append_rows(buffers, key, value)
         else:
-            for buf, cache in ((k_buf, paged[0]), (v_buf, paged[1])):
-                gathered = cache.index_select(0, self.gather_index)
-                gathered = gathered.view(num_seqs, -1, *cache.shape[2:])  # whole blocks per row
-                buf[:num_seqs, : gathered.shape[1]] = gathered
+            self.gather(buffers, paged, num_seqs)
         keys, values = k_buf[:num_seqs, : self.ctx_len], v_buf[:num_seqs, : self.ctx_len]
         if self._mask is None:
             self._mask = decode_visible_mask(self.seq_lens, self.ctx_len, self.sliding_window)

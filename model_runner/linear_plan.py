@@ -11,14 +11,23 @@
 | CUDA   | any      | any                                | `none`          |
 
 `none` dequantizes everything into dense weights of the activation dtype. `gguf` serves the
-GGUF's Q4_0/Q4_1/Q8_0 projection tensors as 4-bit planes (model_runner.quant) and
-dequantizes other GGUF types; `int4` / `int8` quantize float weights group-wise at load.
-The LM head always stays dense in the activation dtype (a tied one shares the embedding
-table, which the token lookups need dense anyway): on a Zen 4 CPU its Q8_0 planes were no
-faster at one row (1.5 vs 1.6 ms) and 1.3-2x slower from 8 rows on.
+GGUF's Q4_0/Q4_1/Q8_0 projection tensors in a quantized kernel layout (model_runner.quant)
+and dequantizes other GGUF types; `int4` / `int8` quantize float weights group-wise at load.
 
-The 4-bit GEMM is fast only with bfloat16 activations, so `auto` never picks it with
-float32 or float16 ones, and asking for it warns.
+The quantized kernel (`--cpu-quant-kernel`, `auto` by default) is `int8-dot` where the CPU
+has AVX-512 VNNI and the kernels build (`kernels.int8_dot_linear`: int8 activations, integer
+dot products), else torch's `int4` GEMM. Each projection takes it for steps of up to a
+measured row count and a dense bf16 copy above (`int4_max_rows`).
+
+The LM head: with `int8-dot`, a quantized LM head too (the GGUF's Q8_0 table as stored, q8 of
+a float one in the int4/int8 modes) for steps of up to `lm_head_max_rows` sampled rows,
+with its dense table kept for larger steps, the token lookups and the float32 refinement of
+the top logits. With torch's `int4` GEMM it stays dense: there its 8-bit planes were no
+faster at one row (1.5 vs 1.6 ms on a Zen 4 CPU) and 1.3-2x slower from 8 rows on. In
+`--batch-invariant` mode it stays dense (one kernel at every row count).
+
+The 4-bit GEMMs are fast only with bfloat16 activations, so `auto` never picks them with
+float32 or float16 ones, and asking for them warns.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from model_runner.quant.int4_weights import GGUF_INT4_TYPES
 log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("auto", "gguf", "int8", "int4", "none")
+CPU_QUANT_KERNELS = ("auto", "int8-dot", "int4")
 
 
 class QuantizationError(EngineConfigError):
@@ -91,28 +101,31 @@ class LinearPlan:
     dense: DenseOptions = DenseOptions()
     # Quantized methods: steps of more rows than this take a dense copy (None: no copy).
     int4_max_rows: int | None = None
+    kernel: str = "int4"  # the quantized methods' kernel: int8-dot | int4
+    lm_head_max_rows: int = 0  # > 0: a quantized LM head for steps of up to this many rows
 
     def method(self, out_features: int, in_features: int) -> LinearMethod:
         if self.quantization == "none":
             return DenseLinear(out_features, in_features, self.dtype, self.device, self.dense)
+        return self._quantized(out_features, in_features, self.quantization, self.int4_max_rows)
+
+    def _quantized(self, out_features: int, in_features: int, mode: str, max_rows):
         from model_runner.quant.quantized_linear import QuantizedLinear
 
-        return QuantizedLinear(
-            out_features,
-            in_features,
-            self.quantization,
-            self.dtype,
-            self.int4_max_rows,
-            self.dense,
-        )
+        return QuantizedLinear(out_features, in_features, mode, self.dtype, max_rows,
+                               self.dense, self.kernel)  # fmt: skip
 
     def linear(self, in_features: int, output_sizes: Sequence[int], bias: bool = False) -> Linear:
         method = self.method(sum(output_sizes), in_features)
         return Linear(in_features, output_sizes, method, bias, self.dtype, self.device)
 
     def lm_head(self, hidden_size: int, vocab_size: int) -> Linear:
-        """Always dense (see the module)."""
-        method = DenseLinear(vocab_size, hidden_size, self.dtype, self.device, self.dense)
+        """Dense, or quantized with a dense copy (see the module)."""
+        if self.lm_head_max_rows > 0:
+            mode = "gguf" if self.quantization == "gguf" else "int8"
+            method = self._quantized(vocab_size, hidden_size, mode, self.lm_head_max_rows)
+        else:
+            method = DenseLinear(vocab_size, hidden_size, self.dtype, self.device, self.dense)
         return Linear(hidden_size, [vocab_size], method, False, self.dtype, self.device)
 
 
@@ -159,16 +172,56 @@ def plan_linears(
         log.warning("the packed GEMM disagrees with F.linear here: packing turned off")
         pack = 0
     dense = DenseOptions(transpose=transpose, pack_batch=pack)
-    max_rows = _int4_max_rows(config, quant, model_config, 2 * weights > available_bytes // 2)
+    kernel = _quant_kernel(config, quant, device)
+    shapes = projection_shapes(model_config)
+    max_rows = _int4_max_rows(config, quant, kernel, shapes, 2 * weights > available_bytes // 2)
+    lm_rows = _lm_head_max_rows(config, quant, kernel, model_config)
     log.info(
-        "linear layers: %s%s",
+        "linear layers: %s%s%s",
         quant,
-        "" if max_rows is None else f" (4-bit GEMM up to {max_rows} rows, dense bf16 above)",
+        "" if quant == "none" else f", {kernel} kernel",
+        "" if max_rows is None else f" up to {max_rows} rows, dense bf16 above",
     )
-    return LinearPlan(dtype, device, quant, dense, max_rows)
+    if lm_rows:
+        log.info("LM head: quantized (%s) up to %d rows, dense bf16 above", kernel, lm_rows)
+    return LinearPlan(dtype, device, quant, dense, max_rows, kernel, lm_rows)
 
 
-def _int4_max_rows(config, quant: str, model_config, copy_too_big: bool) -> int | None:
+def _quant_kernel(config, quant: str, device: torch.device) -> str:
+    """The quantized methods' kernel: `--cpu-quant-kernel`, `auto` = int8-dot where it runs."""
+    requested = config.cpu_quant_kernel
+    if requested not in CPU_QUANT_KERNELS:
+        raise QuantizationError(f"unknown --cpu-quant-kernel {requested!r}: {CPU_QUANT_KERNELS}")
+    if quant == "none" or device.type != "cpu" or requested == "int4":
+        return "int4"
+    from kernels import int8_dot_linear
+
+    if int8_dot_linear.available():
+        return "int8-dot"
+    if requested == "int8-dot":
+        raise QuantizationError(
+            "--cpu-quant-kernel int8-dot: the kernels do not run here (they need AVX-512 VNNI "
+            "and a C++ compiler; the log says which is missing)"
+        )
+    return "int4"
+
+
+def _lm_head_max_rows(config, quant: str, kernel: str, model_config) -> int:
+    """Rows up to which the LM head is quantized (0: dense); see the module."""
+    if quant == "none" or kernel != "int8-dot" or config.batch_invariant:
+        return 0
+    from model_runner.cpu_profile import quantized_max_rows
+
+    shape = (min(model_config.vocab_size, LM_HEAD_PROBE_ROWS), model_config.hidden_size)
+    return quantized_max_rows([shape], "q8")
+
+
+# The LM head's crossover is measured on at most this many vocabulary rows (its cost per
+# row is what matters, and a 128k x 4096 probe would take seconds and gigabytes).
+LM_HEAD_PROBE_ROWS = 32768
+
+
+def _int4_max_rows(config, quant: str, kernel: str, shapes, copy_too_big: bool) -> int | None:
     """Steps of up to this many rows take the 4-bit GEMM, larger ones the dense copy; None:
     no dense copy (every step 4-bit). Checked for memory before anything is measured."""
     if quant == "none":
@@ -182,9 +235,9 @@ def _int4_max_rows(config, quant: str, model_config, copy_too_big: bool) -> int 
         return None
     if config.cpu_int4_max_rows is not None:
         return config.cpu_int4_max_rows
-    from model_runner.cpu_profile import int4_max_rows
+    from model_runner.cpu_profile import quantized_max_rows
 
-    return int4_max_rows(projection_shapes(model_config))
+    return quantized_max_rows(shapes, "q4" if kernel == "int8-dot" else "int4")
 
 
 def _packing_works(dtype: torch.dtype, options: DenseOptions, size: int) -> bool:

@@ -22,6 +22,7 @@ from model_runner.config import (
 from model_runner.decode_context import DecodeContext
 from model_runner.decode_graphs import Capturer, CudaGraphCapturer, DecodeGraphs, bucket_sizes
 from model_runner.fault_injection import ForwardFaults
+from model_runner.fused_decode import FusedDecode
 from model_runner.gguf_loader import check_gguf_tensor_types, model_config_from_gguf, open_gguf
 from model_runner.grammar import SequenceGrammar
 from model_runner.grammar_cache import GrammarCache, hf_tokenizer_info
@@ -105,10 +106,12 @@ class ModelRunner:
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.seed)
         self._seqs: dict[str, SequenceState] = {}
         self.decode_context = self._make_decode_context()
-        self.compiled = CompiledDecode.create(
-            self.model, self.linear_plan, config, self.decode_context is not None
-        )
-        if self.compiled is not None:
+        has_context = self.decode_context is not None
+        # CPU decode steps of a few rows: fused C++ layers, else compiled ones, else eager.
+        self.compiled = FusedDecode.create(
+            self.model, self.linear_plan, config, self.dtype, has_context
+        ) or CompiledDecode.create(self.model, self.linear_plan, config, has_context)
+        if isinstance(self.compiled, CompiledDecode):
             self.compiled.warm_up()
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not (config.enforce_eager or config.batch_invariant):

@@ -50,6 +50,20 @@ class Int4Planes:
         return torch.stack([self.scales.t(), self.zeros.t()], dim=-1).to(dtype).contiguous()
 
 
+def q4_values(planes: Int4Planes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 1-plane weight as (q, d, m) with w = d * q + m: the int8-dot kernels' q4 format."""
+    assert planes.planes == 1
+    return planes.q, planes.scales, planes.zeros - INT4_OFFSET * planes.scales
+
+
+def q8_values(planes: Int4Planes) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2-plane weight as its 8-bit values and scales (q, d), w = d * q: the q8 format."""
+    assert planes.planes == 2
+    k = planes.q.shape[1] // 2
+    hi, lo = planes.q[:, :k].to(torch.int16), planes.q[:, k:].to(torch.int16)
+    return 16 * (hi - INT4_OFFSET) + lo, planes.scales[:, planes.scales.shape[1] // 2 :]
+
+
 def concat_rows(parts: list[Int4Planes]) -> Int4Planes:
     """Stack shards (q, k, v or gate, up) of one fused projection along the output rows."""
     if len(parts) == 1:

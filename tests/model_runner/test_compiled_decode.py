@@ -1,4 +1,7 @@
-"""The compiled decode path: where it applies, and logits that agree with the eager path."""
+"""The compiled decode path: where it applies, and logits that agree with the eager path.
+
+It runs torch's int4 GEMM (pinned here: where the int8-dot kernels run, `auto` takes them
+and the fused decode path instead, tests/model_runner/test_fused_decode.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ def _runner(tmp_path, **overrides) -> ModelRunner:
     transformers.LlamaConfig(**COMMON).save_pretrained(tmp_path)
     config = EngineConfig(
         load_format="dummy", hf_config_path=str(tmp_path), dtype="bfloat16",
-        quantization="int4", cpu_int4_max_rows=4, kv_cache_memory=0.01, **overrides,
+        quantization="int4", cpu_int4_max_rows=4, kv_cache_memory=0.01, cpu_quant_kernel="int4",
+        **overrides,
     )  # fmt: skip
     return ModelRunner(config, progress=False)
 

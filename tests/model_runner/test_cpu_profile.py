@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from kernels import int8_dot_linear
 from model_runner import cpu_profile
 from model_runner.config import EngineConfig, resolve_dtype
 
@@ -54,21 +55,27 @@ def test_the_decision_is_cached_per_cpu_model(monkeypatch, cache_dir):
     assert resolve_dtype(EngineConfig(device="cpu", dtype="float32")) == torch.float32
 
 
-def test_int4_crossover_is_cached_per_shapes(monkeypatch):
+def test_quantized_crossover_is_cached_per_layout_and_shapes(monkeypatch):
     calls = []
 
-    def fake(shapes):
-        calls.append(shapes)
+    def fake(shapes, layout):
+        calls.append((shapes, layout))
         return {"bf16@1": 3, "int4@1": 1, "bf16@2": 3, "int4@2": 2, "bf16@4": 3, "int4@4": 4}
 
-    monkeypatch.setattr(cpu_profile, "measure_int4", fake)
-    assert cpu_profile.int4_max_rows([(96, 64)]) == 2
-    assert cpu_profile.int4_max_rows([(96, 64)]) == 2
+    monkeypatch.setattr(cpu_profile, "measure_quantized", fake)
+    assert cpu_profile.quantized_max_rows([(96, 64)], "int4") == 2
+    assert cpu_profile.quantized_max_rows([(96, 64)], "int4") == 2
     assert len(calls) == 1
+    assert cpu_profile.quantized_max_rows([(96, 64)], "q4") == 2  # another layout: measured
+    assert len(calls) == 2
 
 
-def test_the_real_measurement_runs_and_finds_a_crossover():
-    timings = cpu_profile.measure_int4([(256, 128), (128, 256)])
+LAYOUTS = ["int4"] + (["q4", "q8"] if int8_dot_linear.available() else [])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_real_measurement_runs_and_finds_a_crossover(layout):
+    timings = cpu_profile.measure_quantized([(256, 128), (128, 256)], layout)
     assert set(timings) == {f"{k}@{m}" for k in ("bf16", "int4") for m in cpu_profile.INT4_ROWS}
     assert all(t > 0 for t in timings.values())
     assert cpu_profile.crossover(timings) in (0, *cpu_profile.INT4_ROWS)

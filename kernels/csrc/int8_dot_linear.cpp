@@ -1,0 +1,83 @@
+// 4- and 8-bit weight GEMMs with int8 activations on AVX-512 VNNI (kernels/int8_dot_linear.py).
+//
+// The activations are quantized per row and block of 32 inputs (d = max|x| / 127, q =
+// round(x / d), as llama.cpp's Q8 activations), so that each block's dot product is one
+// exact integer sum: VPDPBUSD multiplies 64 unsigned weight bytes by 64 signed activation
+// bytes and adds groups of four into 16 int32 lanes.
+//
+// Layout (made by pack_q4 / pack_q8 in the Python module): output rows in tiles of 16, and
+// per tile and block of 32 inputs, 8 "chunks" of 4 inputs, each chunk 64 bytes = 16 rows x
+// 4 inputs, so that lane r of one VPDPBUSD accumulates row r and the four activation bytes
+// are one broadcast int32.
+//   q4: 4 x 64 bytes per (tile, block); byte j of pair p holds chunk 2p in its low nibble
+//       and chunk 2p+1 in its high nibble; values 0..15, w = d * q + m; then fp16 scales
+//       [d x 16 | m x 16] per (tile, block).
+//   q8: 8 x 64 bytes per (tile, block) of q + 128 (unsigned), w = d * q; fp16 d x 16.
+// The zero term of q4 uses the exact float sum of the block's inputs; the +128 offset of
+// q8 is taken off with the integer sum of the quantized inputs.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "int8_dot.h"
+
+namespace {
+
+using namespace int8_dot;
+
+template <bool Q8>
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                  bool float_out) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [M, K] with contiguous rows");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "x must be bfloat16 or float32");
+  TORCH_CHECK(packed.is_contiguous() && scales.is_contiguous(), "weights must be contiguous");
+  const int64_t rows = x.size(0), k = x.size(1), blocks = k / kBlock;
+  const int64_t tiles = packed.size(0), n = tiles * kTile;
+  TORCH_CHECK(k % kBlock == 0 && packed.size(1) == blocks, "input features do not match");
+  const QuantizedRows q = x.scalar_type() == at::kFloat
+      ? quantize_rows(x.data_ptr<float>(), rows, k, x.stride(0))
+      : quantize_rows(x.data_ptr<c10::BFloat16>(), rows, k, x.stride(0));
+  const bool to_bf16 = !float_out && x.scalar_type() == at::kBFloat16;
+  at::Tensor out = at::empty({rows, n}, x.options().dtype(at::kFloat));
+  at::Tensor result = to_bf16 ? at::empty({rows, n}, x.options()) : out;
+  float* o = out.data_ptr<float>();
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.data_ptr());
+  const int64_t w_step = blocks * (Q8 ? 512 : 256), s_step = blocks * (Q8 ? 16 : 32);
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
+        const int m = static_cast<int>(std::min<int64_t>(kMaxRows, rows - m0));
+        pick<Q8>(m, std::make_integer_sequence<int, kMaxRows>{})(
+            w + t * w_step, s + t * s_step, blocks, q, m0, k, o + m0 * n + t * kTile, n);
+      }
+    }
+    if (to_bf16) {
+      auto* r = result.data_ptr<c10::BFloat16>();
+      for (int64_t m = 0; m < rows; ++m)
+        store_bf16(o + m * n + t0 * kTile, r + m * n + t0 * kTile, (t1 - t0) * kTile);
+    }
+  });
+  return result;
+}
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                     bool float_out) {
+  return linear<false>(x, packed, scales, float_out);
+}
+
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                     bool float_out) {
+  return linear<true>(x, packed, scales, float_out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tokenmill_int8_dot, m) {
+  m.def("q4_linear(Tensor x, Tensor packed, Tensor scales, bool float_out) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor packed, Tensor scales, bool float_out) -> Tensor");
+  m.impl("q4_linear", c10::DispatchKey::CPU, &q4_linear);
+  m.impl("q8_linear", c10::DispatchKey::CPU, &q8_linear);
+}
