@@ -26,8 +26,9 @@ the top logits. With torch's `int4` GEMM it stays dense: there its 8-bit planes 
 faster at one row (1.5 vs 1.6 ms on a Zen 4 CPU) and 1.3-2x slower from 8 rows on. In
 `--batch-invariant` mode it stays dense (one kernel at every row count).
 
-The 4-bit GEMMs are fast only with bfloat16 activations, so `auto` never picks them with
-float32 or float16 ones, and asking for them warns.
+`auto` never quantizes with float32 or float16 activations (the exact mode, and torch's
+4-bit GEMM is fast only with bfloat16 ones: asking for that pair warns; the int8-dot kernels
+take float32 activations as fast).
 """
 
 from __future__ import annotations
@@ -79,16 +80,18 @@ def resolve_quantization(
         native = source_format == "gguf" and set(GGUF_INT4_TYPES) & set(gguf_types)
         fast = device.type == "cpu" and dtype == torch.bfloat16
         return "gguf" if native and fast else "none"
-    if requested == "none":
-        return "none"
-    if dtype != torch.bfloat16:
+    return requested
+
+
+def _warn_if_slow(quant: str, kernel: str, dtype: torch.dtype) -> None:
+    """torch's 4-bit GEMM with float activations: asked for, never chosen (see the module)."""
+    if quant != "none" and kernel == "int4" and dtype != torch.bfloat16:
         log.warning(
-            "--quantization %s with %s activations is slow: the 4-bit GEMM is fast only with "
-            "bfloat16 ones (~30x slower per projection otherwise); try --dtype bfloat16",
-            requested,
+            "--quantization %s with %s activations is slow: torch's 4-bit GEMM is fast only "
+            "with bfloat16 ones (~30x slower per projection otherwise); try --dtype bfloat16",
+            quant,
             str(dtype).removeprefix("torch."),
         )
-    return requested
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,7 @@ def plan_linears(
         pack = 0
     dense = DenseOptions(transpose=transpose, pack_batch=pack)
     kernel = _quant_kernel(config, quant, device)
+    _warn_if_slow(quant, kernel, dtype)
     shapes = projection_shapes(model_config)
     max_rows = _int4_max_rows(config, quant, kernel, shapes, 2 * weights > available_bytes // 2)
     lm_rows = _lm_head_max_rows(config, quant, kernel, model_config)

@@ -108,3 +108,21 @@ def test_int8_from_float_is_within_half_a_step():
     error = (_effective(planes) - weight).abs()
     assert bool((error <= step / 2 + 1e-6).all())
     assert float(error.max()) < float(quantize_int4(weight).scales.min())  # finer than 4-bit
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_in_the_int8_dot_layouts_are_exact(kind):
+    """The int8-dot kernels keep GGUF's fp16 scales: their weights are gguf's own, bit for
+    bit (their tolerance is the float32 rounding of d * q + m alone)."""
+    from kernels import int8_dot_linear
+    from model_runner.quant.int4_weights import q4_values, q8_values
+
+    blocks, reference = _blocks(kind)
+    planes = from_gguf_blocks(blocks)
+    if kind == "Q8_0":
+        q, d = int8_dot_linear.unpack_q8(*int8_dot_linear.pack_q8(*q8_values(planes)))
+        w = q.float() * d.repeat_interleave(GROUP_SIZE, dim=1)
+    else:
+        q, d, m = int8_dot_linear.unpack_q4(*int8_dot_linear.pack_q4(*q4_values(planes)))
+        w = q.float() * d.repeat_interleave(GROUP_SIZE, 1) + m.repeat_interleave(GROUP_SIZE, 1)
+    torch.testing.assert_close(w, torch.from_numpy(reference), rtol=1e-6, atol=1e-7)

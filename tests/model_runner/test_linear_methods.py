@@ -14,6 +14,8 @@ from model_runner.linear import DenseLinear, Linear
 from model_runner.linear_plan import (
     LinearPlan,
     QuantizationError,
+    _quant_kernel,
+    _warn_if_slow,
     check_quantization,
     resolve_quantization,
 )
@@ -104,9 +106,27 @@ def test_auto_quantization_table(caplog):
     assert resolve_quantization("auto", CPU, BF16, "gguf", {"Q6_K", "F32"}) == "none"
     assert resolve_quantization("auto", CPU, BF16, "safetensors", set()) == "none"
     assert resolve_quantization("auto", CUDA, BF16, "gguf", gguf4) == "none"
+    assert resolve_quantization("int4", CPU, torch.float32, "safetensors", set()) == "int4"
     with caplog.at_level(logging.WARNING):
-        assert resolve_quantization("int4", CPU, torch.float32, "safetensors", set()) == "int4"
+        _warn_if_slow("int4", "int8-dot", torch.float32)  # takes float32 activations as fast
+        assert not caplog.text
+        _warn_if_slow("int4", "int4", torch.float32)
     assert "slow" in caplog.text and "bfloat16" in caplog.text
+
+
+def test_the_kernel_choice(monkeypatch):
+    from kernels import int8_dot_linear
+    from model_runner.config import EngineConfig
+
+    monkeypatch.setattr(int8_dot_linear, "available", lambda: True)
+    auto, torch_int4 = EngineConfig(), EngineConfig(cpu_quant_kernel="int4")
+    assert _quant_kernel(auto, "gguf", CPU) == "int8-dot"
+    assert _quant_kernel(torch_int4, "gguf", CPU) == "int4"
+    assert _quant_kernel(auto, "none", CPU) == "int4"  # (unused: nothing is quantized)
+    monkeypatch.setattr(int8_dot_linear, "available", lambda: False)
+    assert _quant_kernel(auto, "gguf", CPU) == "int4"
+    with pytest.raises(QuantizationError, match="AVX-512 VNNI"):
+        _quant_kernel(EngineConfig(cpu_quant_kernel="int8-dot"), "gguf", CPU)
 
 
 def test_quantizations_the_model_or_device_cannot_serve_are_refused():

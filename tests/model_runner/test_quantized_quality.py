@@ -3,8 +3,10 @@
 Teacher-forced over 12 prompts x 64 HF greedy tokens (each position predicted from the HF
 text, so one early miss does not derail the rest), plus the perplexity of a fixed text.
 The issue's floors are 95% / 90% top-1 agreement and perplexity within 3% / 8%; measured
-on the default model: bf16 97.9% and 0.1%, 4-bit 97.5% (4 rows a step) / 97.9% (12 rows:
-the dense copy) and 0.2-0.3%, so the floors below are raised to 96% / 95% and 1% / 1.5%.
+on the default model (Zen 4, the int8-dot kernels): bf16 99.0% and 0.1%, 4-bit 98.5% (4
+rows a step: the fused int8-dot path) / 98.4% (12 rows: the dense copy) and 0.02%, so the
+floors below are raised to 97.5% / 97% and 0.5% (torch's int4 GEMM, where the CPU lacks
+AVX-512 VNNI, measured 97.5% / 97.9% and 0.3% before).
 """
 
 from __future__ import annotations
@@ -121,16 +123,17 @@ def _check(runner, forced, fixed_text, batch: int, min_top1: float, max_ppl_chan
     text = teacher_forced_logprobs(runner, [ids], [1])[0]
     ppl, ref_ppl = _perplexity(text, ids[1:]), _perplexity(ref, ids[1:])
     assert 5 < ref_ppl < 100  # a natural text, not the model's own greedy output
+    print(f"top-1 agreement {top1:.4f}, perplexity {ppl:.3f} vs HF {ref_ppl:.3f}")  # pytest -s
     assert abs(ppl / ref_ppl - 1) <= max_ppl_change, f"perplexity {ppl:.3f} vs HF {ref_ppl:.3f}"
 
 
 def test_bfloat16_dense_against_hf_fp32(runner_dense, forced, fixed_text):
-    _check(runner_dense, forced, fixed_text, batch=4, min_top1=0.96, max_ppl_change=0.01)
+    _check(runner_dense, forced, fixed_text, batch=4, min_top1=0.975, max_ppl_change=0.005)
 
 
 @pytest.mark.parametrize("batch", [4, 12], ids=["4-bit-gemm", "dense-copy"])
 def test_4bit_against_hf_fp32(runner_4bit, forced, fixed_text, batch):
-    _check(runner_4bit, forced, fixed_text, batch=batch, min_top1=0.95, max_ppl_change=0.015)
+    _check(runner_4bit, forced, fixed_text, batch=batch, min_top1=0.97, max_ppl_change=0.005)
 
 
 def test_4bit_alone_and_among_16_agree_where_the_margin_is_clear(
