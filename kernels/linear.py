@@ -8,6 +8,12 @@ library's internal panels, on every call. `pack_linear_weight` does that once at
   of more than half as many rows up to it, and leaves every other shape to `F.linear`.
 - bfloat16: oneDNN's blocked weight layout (`batch` is only its layout hint), for any rows.
 
+oneDNN (the bf16 GEMMs, packed or not) builds and caches a primitive per input shape, so a
+server whose prefill chunks take every length from 1 to 2048 tokens grows by each new one
+(~10 MiB a minute of a 30-minute soak). Above 64 rows `linear` pads bf16 inputs with zero
+rows up to `padded_rows` (at most 1/8 more rows, 8 sizes per power of two), which bounds
+the shapes to ~100 per weight.
+
 The model runner's dense linear method (`model_runner.linear.DenseLinear`) owns the weight
 and its packed copy and calls `linear` with both.
 """
@@ -57,6 +63,17 @@ def packed_matches_plain(weight: torch.Tensor, packed: PackedWeight) -> bool:
     return torch.allclose(linear(x, weight, None, packed).float(), expected, rtol=tol, atol=tol)
 
 
+EXACT_ROWS = 64  # up to this many rows, oneDNN sees the step's own row count
+
+
+def padded_rows(rows: int) -> int:
+    """`rows` rounded up to 1/8 of its power of two above EXACT_ROWS (see the module)."""
+    if rows <= EXACT_ROWS:
+        return rows
+    step = 1 << (rows.bit_length() - 4)
+    return -(-rows // step) * step
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -64,12 +81,14 @@ def linear(
     packed: PackedWeight | None = None,
 ) -> torch.Tensor:
     """`F.linear` of 2-D `x`, through the packed weight where it applies (see the module)."""
+    rows = x.shape[0]
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and padded_rows(rows) != rows:
+        return linear(F.pad(x, (0, 0, 0, padded_rows(rows) - rows)), weight, bias, packed)[:rows]
     if packed is None:
         return F.linear(x, weight, bias)
     # NOTE: the libraries read x as dense rows (lda = in_features): x must be contiguous.
     if packed.kind == "onednn":
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed.data, bias, "none", [], "")
-    rows = x.shape[0]
     if rows == packed.batch:
         return torch.ops.mkl._mkl_linear(x.contiguous(), packed.data, weight, bias, rows)
     if not packed.batch // 2 < rows < packed.batch:

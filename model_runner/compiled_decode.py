@@ -149,6 +149,17 @@ def _mark_dynamic(args: list, rows: int) -> None:
             torch._dynamo.mark_dynamic(t, dim)
 
 
+def cpu_decode_path_allowed(config, plan, has_decode_context: bool) -> bool:
+    """What the compiled and fused decode paths both need: the CPU, a decode context to
+    continue (none in batch-invariant mode) and no --enforce-eager."""
+    return not config.enforce_eager and has_decode_context and plan.device.type == "cpu"
+
+
+def decode_max_rows(plan) -> int:
+    """The most rows of a compiled or fused step: the quantized GEMM's crossover."""
+    return plan.int4_max_rows if plan.int4_max_rows is not None else 8
+
+
 class CompiledDecode:
     """The compiled decode path of one model (see the module); `run` or eager."""
 
@@ -168,14 +179,14 @@ class CompiledDecode:
     def create(cls, model, plan, config, has_decode_context: bool) -> CompiledDecode | None:
         """The compiled path where it applies (CPU, 4-bit projections, bf16, and a decode
         context to continue: none in batch-invariant mode), else None."""
-        if config.enforce_eager or not has_decode_context or plan.device.type != "cpu":
+        if not cpu_decode_path_allowed(config, plan, has_decode_context):
             return None
         if plan.quantization == "none" or plan.dtype != torch.bfloat16:
             return None
         layers = [layer_weights(layer) for layer in model.layers]
         if any(w is None for w in layers):
             return None
-        max_rows = plan.int4_max_rows if plan.int4_max_rows is not None else 8
+        max_rows = decode_max_rows(plan)
         return cls(model, layers, max_rows) if max_rows >= 1 else None
 
     def applies(self, meta: AttentionMetadata, rows: int) -> bool:
@@ -217,20 +228,12 @@ class CompiledDecode:
         cos, sin = ops.rotary_tables(positions, model.cos_sin_cache, torch.bfloat16)
         rows, length = input_ids.shape[0], ctx.max_len - 1
         mask = None if rows == 1 else ctx.mask_before_new(length)
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-            for i, ((k_buf, v_buf), (k_cache, v_cache)) in enumerate(
-                zip(ctx.buffers, kv_caches, strict=True)
-            ):
-                hidden, residual, k_new, v_new = self._layer(
-                    i,
-                    hidden,
-                    residual,
-                    cos,
-                    sin,
-                    k_buf[:rows, :length],
-                    v_buf[:rows, :length],
-                    mask,
-                )
-                ops.write_kv(k_new, v_new, k_cache, v_cache, meta.slot_mapping, True)
-                ctx.append_rows((k_buf, v_buf), k_new, v_new)
+        for i, ((k_buf, v_buf), (k_cache, v_cache)) in enumerate(
+            zip(ctx.buffers, kv_caches, strict=True)
+        ):
+            hidden, residual, k_new, v_new = self._layer(
+                i, hidden, residual, cos, sin, k_buf[:rows, :length], v_buf[:rows, :length], mask
+            )
+            ops.write_kv(k_new, v_new, k_cache, v_cache, meta.slot_mapping, True)
+            ctx.append_rows((k_buf, v_buf), k_new, v_new)
         return model.logits(hidden, residual, logits_indices)

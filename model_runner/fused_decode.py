@@ -27,6 +27,7 @@ from kernels.cpu_decode_layer import (
     decode_layer,
 )
 from model_runner.attention import AttentionMetadata
+from model_runner.compiled_decode import cpu_decode_path_allowed, decode_max_rows
 from model_runner.quant.quantized_linear import QuantizedLinear
 
 
@@ -66,7 +67,7 @@ class FusedDecode:
     def create(cls, model, plan, config, kv_dtype: torch.dtype, has_decode_context: bool):
         """The fused path where it applies (see the module), else None."""
         cfg = model.config
-        if config.enforce_eager or not has_decode_context or plan.device.type != "cpu":
+        if not cpu_decode_path_allowed(config, plan, has_decode_context):
             return None
         if plan.kernel != "int8-dot" or kv_dtype != torch.bfloat16:
             return None
@@ -79,7 +80,7 @@ class FusedDecode:
         layers = [layer_weights(layer) for layer in model.layers]
         if any(w is None for w in layers):
             return None
-        max_rows = plan.int4_max_rows if plan.int4_max_rows is not None else 8
+        max_rows = decode_max_rows(plan)
         return cls(model, layers, max_rows) if max_rows >= 1 else None
 
     def applies(self, meta: AttentionMetadata, rows: int) -> bool:

@@ -12,6 +12,7 @@ from kernels.linear import (
     pack_linear_weight,
     packed_matches_plain,
     packing_available,
+    padded_rows,
 )
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -76,3 +77,20 @@ def test_plain_weights_take_f_linear():
     weight = torch.randn(32, 8)
     x = torch.randn(5, 8)
     torch.testing.assert_close(linear(x, weight), F.linear(x, weight))
+
+
+def test_bf16_rows_are_padded_to_few_sizes():
+    """oneDNN caches a primitive per shape: above 64 rows only ~8 sizes per power of two."""
+    assert [padded_rows(r) for r in (1, 64, 65, 72, 127, 129, 2047)] == [1, 64, 72, 72, 128, 144,
+                                                                         2048]  # fmt: skip
+    sizes = {padded_rows(r) for r in range(1, 2049)}
+    assert len(sizes) <= 110 and all(padded_rows(r) - r <= r / 8 for r in range(1, 2049))
+
+
+@pytest.mark.parametrize("packed_too", [False, True])
+def test_padded_bf16_products_equal_f_linear(packed_too):
+    weight, packed = _packed(torch.bfloat16)
+    x = torch.randn(100, 64).to(torch.bfloat16)
+    out = linear(x, weight, None, packed if packed_too else None)
+    assert out.shape == (100, 96)
+    torch.testing.assert_close(out.float(), F.linear(x, weight).float(), rtol=2e-2, atol=2e-2)

@@ -165,3 +165,24 @@ def generate(
     """Run all prompts together to completion; returns each one's output token ids."""
     seqs = [DriverSeq(f"s{i}", list(p), sampling) for i, p in enumerate(prompts)]
     return Driver(runner, chunk_size, token_budget).run(seqs)
+
+
+def beside_eager(runner: ModelRunner, path, runs, params: SamplingParams) -> list:
+    """(eager logits, `path`'s logits) of every step `path` (the runner's compiled or fused
+    decode path) ran while generating each prompt list in `runs`: the eager forward runs
+    first on the same inputs (both write the step's K/V at the same slots)."""
+    seen, real_run = [], path.run
+
+    def both(*args):
+        eager = runner.model(*args)
+        out = real_run(*args)
+        seen.append((eager, out))
+        return out
+
+    path.run = both
+    try:
+        for prompts in runs:
+            generate(runner, prompts, params)
+    finally:
+        path.run = real_run
+    return seen

@@ -11,7 +11,7 @@ import torch
 from model_runner.config import EngineConfig
 from model_runner.runner import ModelRunner
 from model_runner.sampling_params import SamplingParams
-from tests.model_runner.driver import generate
+from tests.model_runner.driver import beside_eager
 from tests.model_runner.test_tiny_models import COMMON, PROMPTS
 
 
@@ -45,24 +45,11 @@ def test_it_is_built_only_where_it_applies(runner, tmp_path):
 def test_compiled_steps_agree_with_eager_ones_without_recompiling(runner):
     """After the warm-up, serving shapes (any rows up to max_rows, any context length) reuse
     its two graphs: a recompile would stall a live step for seconds."""
-    compiled, seen = runner.compiled, []
-    real_run = compiled.run
-
-    def both(*args):
-        eager = runner.model(*args)  # same inputs; both write this step's K/V at the same slots
-        out = real_run(*args)
-        seen.append((eager, out))
-        return out
-
-    compiled.run = both
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    try:
-        with torch.compiler.set_stance("fail_on_recompile"):
-            generate(runner, PROMPTS[:1], params)  # one row: the graph without a mask
-            generate(runner, PROMPTS, params)  # three rows of three lengths: masked
-            generate(runner, PROMPTS * 2, params)  # six rows > max_rows: eager only
-    finally:
-        compiled.run = real_run
+    with torch.compiler.set_stance("fail_on_recompile"):
+        # one row: the graph without a mask; three rows of three lengths: masked; six rows >
+        # max_rows: eager only
+        seen = beside_eager(runner, runner.compiled, [PROMPTS[:1], PROMPTS, PROMPTS * 2], params)
     rows = {len(out) for _, out in seen}
     assert rows == {1, 3}  # the first step after a prefill gathers: eager as well
     assert len(seen) == 2 * 10

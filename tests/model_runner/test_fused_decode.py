@@ -12,7 +12,7 @@ from model_runner.config import EngineConfig
 from model_runner.fused_decode import FusedDecode
 from model_runner.runner import ModelRunner
 from model_runner.sampling_params import SamplingParams
-from tests.model_runner.driver import generate
+from tests.model_runner.driver import beside_eager
 from tests.model_runner.test_tiny_models import COMMON, PROMPTS
 
 pytestmark = pytest.mark.skipif(
@@ -48,23 +48,9 @@ def test_it_is_built_only_where_it_applies(runner, tmp_path):
 def test_fused_steps_agree_with_eager_ones(runner):
     """Every decode step of up to max_rows rows runs fused, the first one after a prefill
     (the context gathered from the paged cache) included."""
-    fused, seen = runner.compiled, []
-    real_run = fused.run
-
-    def both(*args):
-        eager = runner.model(*args)  # same inputs; both write this step's K/V at the same slots
-        out = real_run(*args)
-        seen.append((eager, out))
-        return out
-
-    fused.run = both
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    try:
-        generate(runner, PROMPTS[:1], params)
-        generate(runner, PROMPTS, params)  # three rows of three lengths
-        generate(runner, PROMPTS * 2, params)  # six rows > max_rows: eager only
-    finally:
-        fused.run = real_run
+    # three rows of three lengths, then six rows > max_rows: eager only
+    seen = beside_eager(runner, runner.compiled, [PROMPTS[:1], PROMPTS, PROMPTS * 2], params)
     assert {len(out) for _, out in seen} == {1, 3}
     assert len(seen) == 2 * 11
     for eager, out in seen:
