@@ -164,6 +164,13 @@ void decode_layer(at::Tensor residual, const at::Tensor& norm1, const at::Tensor
   TORCH_CHECK(h % 16 == 0 && d % 16 == 0 && d <= 512 && inter % 16 == 0, "layer shape");
   TORCH_CHECK(qkv_w.size(0) * kTile == qkv_n && layouts.size() == 4, "qkv shape");
   TORCH_CHECK(seq_lens.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "int64");
+  TORCH_CHECK(rows <= k_buf.size(0) && rows <= seq_lens.size(0) && rows <= slots.size(0),
+              "more rows than the decode context holds");
+  const int64_t cache_slots = k_cache.numel() / kv_size;
+  for (int64_t m = 0; m < rows; ++m) {
+    const int64_t n = seq_lens.data_ptr<int64_t>()[m], s = slots.data_ptr<int64_t>()[m];
+    TORCH_CHECK(n >= 1 && n <= capacity && s < cache_slots, "a row outside its buffers");
+  }
   float* r = residual.data_ptr<float>();
   const float* cs = cos.data_ptr<float>();
   const float* sn = sin.data_ptr<float>();

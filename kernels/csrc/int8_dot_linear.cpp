@@ -36,6 +36,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
   const int64_t rows = x.size(0), k = x.size(1), blocks = k / kBlock;
   const int64_t tiles = packed.size(0), n = tiles * kTile;
   TORCH_CHECK(k % kBlock == 0 && packed.size(1) == blocks, "input features do not match");
+  TORCH_CHECK(packed.numel() == tiles * blocks * (Q8 ? 512 : 256) &&
+                  scales.numel() == tiles * blocks * (Q8 ? 16 : 32) &&
+                  scales.element_size() == 2,
+              "weights not in the layout");
   const QuantizedRows q = x.scalar_type() == at::kFloat
       ? quantize_rows(x.data_ptr<float>(), rows, k, x.stride(0))
       : quantize_rows(x.data_ptr<c10::BFloat16>(), rows, k, x.stride(0));
