@@ -21,7 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.activation import silu_and_mul_ref
 from kernels.int8_dot_linear import q4_linear_ref, q8_linear_ref
+from kernels.layernorm import rms_norm_ref
+from kernels.paged_attention import decode_attention
+from kernels.rotary import rotate_with_tables
 
 LAYOUT_CODES = {"q4": 0, "q8": 1}
 
@@ -73,21 +77,17 @@ def _project(x: torch.Tensor, layout: int, packed, scales) -> torch.Tensor:
     return ref(x, packed, scales, True)
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-
 def decode_layer_ref(residual, weights: LayerWeights, step: StepTensors, k_buf, v_buf, k_cache,
                      v_cache, shape: Shape) -> None:  # fmt: skip
     """Torch reference of `decode_layer`."""
     rows, d = residual.shape[0], k_buf.shape[-1]
     h, kvh = shape.heads, shape.kv_heads
     (qkv_w, o_w, gu_w, down_w), lay = weights.projections, weights.layouts
-    qkv = _project(_rms_norm(residual, weights.norm1, shape.eps), lay[0], *qkv_w)
+    qkv = _project(rms_norm_ref(residual, weights.norm1, shape.eps), lay[0], *qkv_w)
     if weights.qkv_bias is not None:
         qkv = qkv + weights.qkv_bias
     qk = qkv[:, : (h + kvh) * d].view(rows, h + kvh, d)
-    qk = qk * step.cos[:, None] + qk.roll(d // 2, dims=-1) * step.sin[:, None]
+    qk = rotate_with_tables(qk, step.cos[:, None], step.sin[:, None])
     q, k_new = qk[:, :h], qk[:, h:].to(k_buf.dtype)
     v_new = qkv[:, (h + kvh) * d :].view(rows, kvh, d).to(v_buf.dtype)
     pos = step.seq_lens - 1
@@ -100,12 +100,8 @@ def decode_layer_ref(residual, weights: LayerWeights, step: StepTensors, k_buf, 
     for m in range(rows):
         n = int(step.seq_lens[m])
         lo = max(0, n - shape.window) if shape.window else 0
-        keys = k_buf[m, lo:n].float().repeat_interleave(h // kvh, dim=1)  # [L, H, D]
-        values = v_buf[m, lo:n].float().repeat_interleave(h // kvh, dim=1)
-        probs = torch.softmax(torch.einsum("hd,lhd->hl", q[m], keys) * shape.scale, dim=-1)
-        out[m] = torch.einsum("hl,lhd->hd", probs, values)
+        keys, values = (buf[m : m + 1, lo:n].float() for buf in (k_buf, v_buf))
+        out[m] = decode_attention(q[m : m + 1], keys, values, None, shape.scale)[0]
     residual += _project(out.reshape(rows, h * d), lay[1], *o_w)
-    gate_up = _project(_rms_norm(residual, weights.norm2, shape.eps), lay[2], *gu_w)
-    inter = gate_up.shape[1] // 2
-    act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-    residual += _project(act, lay[3], *down_w)
+    gate_up = _project(rms_norm_ref(residual, weights.norm2, shape.eps), lay[2], *gu_w)
+    residual += _project(silu_and_mul_ref(gate_up), lay[3], *down_w)

@@ -16,10 +16,10 @@ more integer sum per block, so activations keep ~15 bits instead of 8:
 The weight scales are fp16, as GGUF stores them (exact for GGUF; the int4/int8 modes' bf16
 scales convert exactly too, above fp16's subnormal range). The sources (`kernels/csrc/`:
 these GEMMs and the decode layer of `kernels.cpu_decode_layer`) are compiled into one library
-once per machine with the system's C++ compiler against the installed torch and cached
-under `$TOKENMILL_CACHE_DIR/kernels`; a CPU
-without AVX-512 VNNI, a missing compiler or a failed self-check leaves them unavailable and
-the quantized methods on torch's int4 GEMM.
+once per machine with the system's C++ compiler against the installed torch, into the
+folder the caller names (the engine's: `$TOKENMILL_CACHE_DIR/kernels`); a CPU without
+AVX-512 VNNI, a missing compiler or a failed self-check leaves them unavailable and the
+quantized methods on torch's int4 GEMM.
 
 NOTE: quantizing the activations is a rounding of its own (smaller than bf16's at the
 block's largest values, larger at its smallest); the references reproduce it exactly, so
@@ -39,6 +39,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from kernels.cpu_info import cpu_info
 
 log = logging.getLogger(__name__)
 
@@ -159,18 +161,6 @@ def q8_linear_ref(x, packed, scales, float_out: bool = False) -> torch.Tensor:
 # --- build and load -----------------------------------------------------------------------
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "flags":
-                    return set(value.split())
-    except OSError:
-        pass
-    return set()
-
-
 def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "")) or shutil.which("g++") or shutil.which("c++")
 
@@ -192,12 +182,9 @@ def build_id() -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
-def _build(compiler: str) -> Path:
-    """The compiled library, from the cache or compiled now (once per source and torch)."""
-    from model_runner.config import cache_dir
-
+def _build(compiler: str, folder: Path) -> Path:
+    """The compiled library in `folder`, from there or compiled now (once per build)."""
     digest = hashlib.sha256(f"{build_id()}|{compiler}".encode()).hexdigest()[:20]
-    folder = cache_dir() / "kernels"
     path = folder / f"int8_dot_linear-{digest}.so"
     if path.exists():
         return path
@@ -244,10 +231,20 @@ def _self_check() -> bool:
     )
 
 
-@functools.cache
-def available() -> bool:
-    """Whether the kernels run here: the CPU, a compiler, a good build (see the module)."""
-    missing = [f for f in REQUIRED_FLAGS if f not in _cpu_flags()]
+_available: bool | None = None  # the first call's answer (the ops register once a process)
+
+
+def available(build_dir: Path) -> bool:
+    """Whether the kernels run here: the CPU, a compiler, a good build (see the module),
+    built in or loaded from `build_dir` by the first call of the process."""
+    global _available
+    if _available is None:
+        _available = _load(Path(build_dir))
+    return _available
+
+
+def _load(build_dir: Path) -> bool:
+    missing = [f for f in REQUIRED_FLAGS if f not in cpu_info()[1]]
     if missing:
         log.info("int8-dot CPU kernels off: the CPU lacks %s", ", ".join(missing))
         return False
@@ -256,7 +253,7 @@ def available() -> bool:
         log.warning("int8-dot CPU kernels off: no C++ compiler (g++) found")
         return False
     try:
-        torch.ops.load_library(str(_build(compiler)))
+        torch.ops.load_library(str(_build(compiler, build_dir)))
         _register_fakes()
         if not _self_check():
             log.warning("int8-dot CPU kernels off: they disagree with their references here")

@@ -82,8 +82,9 @@ def linear(
 ) -> torch.Tensor:
     """`F.linear` of 2-D `x`, through the packed weight where it applies (see the module)."""
     rows = x.shape[0]
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and padded_rows(rows) != rows:
-        return linear(F.pad(x, (0, 0, 0, padded_rows(rows) - rows)), weight, bias, packed)[:rows]
+    padded = padded_rows(rows)
+    if padded != rows and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return linear(F.pad(x, (0, 0, 0, padded - rows)), weight, bias, packed)[:rows]
     if packed is None:
         return F.linear(x, weight, bias)
     # NOTE: the libraries read x as dense rows (lda = in_features): x must be contiguous.

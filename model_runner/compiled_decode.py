@@ -155,9 +155,12 @@ def cpu_decode_path_allowed(config, plan, has_decode_context: bool) -> bool:
     return not config.enforce_eager and has_decode_context and plan.device.type == "cpu"
 
 
-def decode_max_rows(plan) -> int:
-    """The most rows of a compiled or fused step: the quantized GEMM's crossover."""
-    return plan.int4_max_rows if plan.int4_max_rows is not None else 8
+def decode_layers(model, plan, layer_weights) -> tuple[list, int] | None:
+    """(every layer's `layer_weights`, the most rows of a step: the quantized GEMM's
+    crossover) of a compiled or fused decode path, None where a layer cannot take it."""
+    layers = [layer_weights(layer) for layer in model.layers]
+    max_rows = plan.int4_max_rows if plan.int4_max_rows is not None else 8
+    return None if any(w is None for w in layers) or max_rows < 1 else (layers, max_rows)
 
 
 class CompiledDecode:
@@ -183,11 +186,8 @@ class CompiledDecode:
             return None
         if plan.quantization == "none" or plan.dtype != torch.bfloat16:
             return None
-        layers = [layer_weights(layer) for layer in model.layers]
-        if any(w is None for w in layers):
-            return None
-        max_rows = decode_max_rows(plan)
-        return cls(model, layers, max_rows) if max_rows >= 1 else None
+        found = decode_layers(model, plan, layer_weights)
+        return None if found is None else cls(model, *found)
 
     def applies(self, meta: AttentionMetadata, rows: int) -> bool:
         ctx = meta.decode_context

@@ -74,6 +74,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TOKENMILL_CACHE_DIR") or Path.home() / ".cache" / "tokenmill")
 
 
+def kernel_build_dir() -> Path:
+    """Where the CPU's compiled kernels are kept (`kernels.int8_dot_linear`)."""
+    return cache_dir() / "kernels"
+
+
 def resolve_device(config: EngineConfig) -> torch.device:
     """`auto` picks CUDA when it is available, else the CPU."""
     if config.device == "auto":

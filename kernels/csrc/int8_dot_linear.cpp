@@ -43,27 +43,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
   const QuantizedRows q = x.scalar_type() == at::kFloat
       ? quantize_rows(x.data_ptr<float>(), rows, k, x.stride(0))
       : quantize_rows(x.data_ptr<c10::BFloat16>(), rows, k, x.stride(0));
-  const bool to_bf16 = !float_out && x.scalar_type() == at::kBFloat16;
   at::Tensor out = at::empty({rows, n}, x.options().dtype(at::kFloat));
-  at::Tensor result = to_bf16 ? at::empty({rows, n}, x.options()) : out;
-  float* o = out.data_ptr<float>();
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.data_ptr());
-  const int64_t w_step = blocks * (Q8 ? 512 : 256), s_step = blocks * (Q8 ? 16 : 32);
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
-        const int m = static_cast<int>(std::min<int64_t>(kMaxRows, rows - m0));
-        pick<Q8>(m, std::make_integer_sequence<int, kMaxRows>{})(
-            w + t * w_step, s + t * s_step, blocks, q, m0, k, o + m0 * n + t * kTile, n);
-      }
-    }
-    if (to_bf16) {
-      auto* r = result.data_ptr<c10::BFloat16>();
-      for (int64_t m = 0; m < rows; ++m)
-        store_bf16(o + m * n + t0 * kTile, r + m * n + t0 * kTile, (t1 - t0) * kTile);
-    }
-  });
+  gemm(Q8, q, rows, k, packed.data_ptr<uint8_t>(),
+       reinterpret_cast<const uint16_t*>(scales.data_ptr()), tiles, out.data_ptr<float>(), n);
+  if (float_out || x.scalar_type() == at::kFloat) return out;
+  at::Tensor result = at::empty({rows, n}, x.options());
+  store_bf16(out.data_ptr<float>(), result.data_ptr<c10::BFloat16>(), rows * n);
   return result;
 }
 

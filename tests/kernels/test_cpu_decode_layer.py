@@ -14,10 +14,9 @@ from kernels.cpu_decode_layer import (
     decode_layer,
     decode_layer_ref,
 )
+from tests.conftest import needs_int8_dot
 
-pytestmark = pytest.mark.skipif(
-    not k.available(), reason="the int8-dot kernels do not run on this CPU"
-)
+pytestmark = needs_int8_dot
 H, HEADS, KV_HEADS, D, INTER = 128, 4, 2, 32, 96
 
 

@@ -7,10 +7,8 @@ import pytest
 import torch
 
 from kernels import int8_dot_linear as k
+from tests.conftest import needs_int8_dot
 
-needs_kernels = pytest.mark.skipif(
-    not k.available(), reason="the int8-dot kernels do not run on this CPU"
-)
 GEN = torch.Generator().manual_seed(0)
 
 
@@ -42,7 +40,7 @@ def test_activations_keep_about_15_bits_of_each_blocks_largest():
     assert bool((error.view(4, -1, k.BLOCK).abs() <= largest[..., None] / (127 * 254)).all())
 
 
-@needs_kernels
+@needs_int8_dot
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 17])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("layout", ["q4", "q8"])
@@ -62,7 +60,7 @@ def test_kernels_equal_their_references(rows, dtype, layout):
     torch.testing.assert_close(exact, ref(x, *packed, True), rtol=1e-5, atol=1e-4)
 
 
-@needs_kernels
+@needs_int8_dot
 def test_a_rows_result_does_not_depend_on_the_others():
     packed = k.pack_q4(*_q4(64, 96))
     x = torch.randn(11, 96, generator=GEN).bfloat16()
@@ -70,7 +68,7 @@ def test_a_rows_result_does_not_depend_on_the_others():
     assert torch.equal(k.q4_linear(x, *packed), alone)
 
 
-@needs_kernels
+@needs_int8_dot
 def test_strided_inputs_are_accepted():
     packed = k.pack_q8(*_q8(32, 64))
     x = torch.randn(5, 128, generator=GEN)[:, :64]

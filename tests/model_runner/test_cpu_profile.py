@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from kernels import int8_dot_linear
 from model_runner import cpu_profile
 from model_runner.config import EngineConfig, resolve_dtype
+from tests.conftest import int8_dot_kernels_run
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +70,7 @@ def test_quantized_crossover_is_cached_per_layout_and_shapes(monkeypatch):
     assert len(calls) == 2
 
 
-LAYOUTS = ["int4"] + (["q4", "q8"] if int8_dot_linear.available() else [])
+LAYOUTS = ["int4"] + (["q4", "q8"] if int8_dot_kernels_run() else [])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

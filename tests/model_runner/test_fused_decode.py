@@ -6,18 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import int8_dot_linear
 from model_runner.compiled_decode import CompiledDecode
 from model_runner.config import EngineConfig
 from model_runner.fused_decode import FusedDecode
 from model_runner.runner import ModelRunner
 from model_runner.sampling_params import SamplingParams
+from tests.conftest import needs_int8_dot
 from tests.model_runner.driver import beside_eager
 from tests.model_runner.test_tiny_models import COMMON, PROMPTS
 
-pytestmark = pytest.mark.skipif(
-    not int8_dot_linear.available(), reason="the int8-dot kernels do not run on this CPU"
-)
+pytestmark = needs_int8_dot
 
 
 def _runner(tmp_path, **overrides) -> ModelRunner:

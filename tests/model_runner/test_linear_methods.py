@@ -118,12 +118,12 @@ def test_the_kernel_choice(monkeypatch):
     from kernels import int8_dot_linear
     from model_runner.config import EngineConfig
 
-    monkeypatch.setattr(int8_dot_linear, "available", lambda: True)
+    monkeypatch.setattr(int8_dot_linear, "available", lambda build_dir: True)
     auto, torch_int4 = EngineConfig(), EngineConfig(cpu_quant_kernel="int4")
     assert _quant_kernel(auto, "gguf", CPU) == "int8-dot"
     assert _quant_kernel(torch_int4, "gguf", CPU) == "int4"
     assert _quant_kernel(auto, "none", CPU) == "int4"  # (unused: nothing is quantized)
-    monkeypatch.setattr(int8_dot_linear, "available", lambda: False)
+    monkeypatch.setattr(int8_dot_linear, "available", lambda build_dir: False)
     assert _quant_kernel(auto, "gguf", CPU) == "int4"
     with pytest.raises(QuantizationError, match="AVX-512 VNNI"):
         _quant_kernel(EngineConfig(cpu_quant_kernel="int8-dot"), "gguf", CPU)
