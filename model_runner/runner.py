@@ -48,6 +48,7 @@ from model_runner.model_source import (
     model_config_from_hf,
     resolve_model,
 )
+from model_runner.placeholders import LastSampled, fill_placeholders
 from model_runner.sampler import Sampler
 from model_runner.step_input import NewSequence, StepInput, StepOutput
 from model_runner.step_timer import StepTimer
@@ -105,6 +106,7 @@ class ModelRunner:
         self._load_weights_and_cache(reader, progress)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.seed)
         self._seqs: dict[str, SequenceState] = {}
+        self.last_sampled = LastSampled()  # overlap: the previous step's tokens, on the device
         self.decode_context = self._make_decode_context()
         has_context = self.decode_context is not None
         # CPU decode steps of a few rows: fused C++ layers, else compiled ones, else eager.
@@ -267,6 +269,7 @@ class ModelRunner:
         """Apply the step's state changes, run the forward, sample, append the new tokens."""
         start = time.perf_counter()
         self.step_timer.start()
+        step, prev_rows, prev_tokens = self.last_sampled.take(step)
         apply_state_updates(self._seqs, step, self._make_grammar)
         self.kv_cache.copy_blocks(step.block_copies)
         if not step.chunks:
@@ -280,6 +283,7 @@ class ModelRunner:
             inputs = build_model_inputs(
                 self._seqs, step, self.block_size, self.device, self.config.batch_invariant
             )
+            fill_placeholders(inputs.input_ids, step, prev_rows, prev_tokens)
             graphs = (
                 self.graphs if self.graphs is not None and self.graphs.applies(inputs) else None
             )
@@ -307,6 +311,13 @@ class ModelRunner:
             if meta.decode_context is not None:
                 self.decode_context.commit()
             sampled = self.sampler(logits, inputs.sample_seqs)
+            # NOTE: the sampler's tokens come back as a list; a device tensor of them would
+            # be recorded as is (no copy) once the sampler returns one.
+            self.last_sampled.record(
+                step.step_id,
+                [s.seq_id for s in sampled],
+                torch.tensor([s.token_id for s in sampled], dtype=torch.long, device=self.device),
+            )
         device_seconds = self.step_timer.stop()
         for seq, token in zip(inputs.sample_seqs, sampled, strict=True):
             seq.append(token.token_id)

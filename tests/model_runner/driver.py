@@ -23,6 +23,7 @@ class DriverSeq:
     outputs: list[SampledToken] = field(default_factory=list)
     started: bool = False
     done: bool = False
+    sampled_at: int = -1  # the step that sampled its last token
 
     @property
     def all_tokens(self) -> list[int]:
@@ -34,12 +35,19 @@ class Driver:
 
     `chunk_size` caps a prefill chunk; `token_budget` caps the tokens of one step (decodes
     first, then prefill chunks), so prefills and decodes mix as with the real scheduler.
+    `placeholders` (overlap, the engine's default): a decode of the token the step before
+    sampled is sent as a placeholder row, its input left for the runner to fill.
     """
 
     def __init__(
-        self, runner: ModelRunner, chunk_size: int | None = None, token_budget: int = 4096
+        self,
+        runner: ModelRunner,
+        chunk_size: int | None = None,
+        token_budget: int = 4096,
+        placeholders: bool = True,
     ):
         self.runner = runner
+        self.placeholders = placeholders
         self.chunk_size = chunk_size
         self.token_budget = token_budget
         self.free = list(range(runner.num_blocks))
@@ -83,7 +91,10 @@ class Driver:
                     )
                 )
                 seq.started = True
-            chunks.append(ScheduledChunk(seq.seq_id, num, start, new_blocks))
+            placeholder = (
+                self.placeholders and num == remaining == 1 and seq.sampled_at == self.step_id - 1
+            )
+            chunks.append(ScheduledChunk(seq.seq_id, num, start, new_blocks, int(placeholder)))
             seq.num_computed += num
             budget -= num
         step = StepInput(
@@ -105,6 +116,7 @@ class Driver:
             seq = by_id[sampled.seq_id]
             seq.tokens.append(sampled.token_id)
             seq.outputs.append(sampled)
+            seq.sampled_at = out.step_id
             p = seq.sampling
             stop = not p.ignore_eos and sampled.token_id in self.runner.eos_token_ids
             if stop or len(seq.tokens) >= p.max_tokens:
@@ -161,10 +173,11 @@ def generate(
     sampling: SamplingParams = GREEDY,
     chunk_size: int | None = None,
     token_budget: int = 4096,
+    placeholders: bool = True,
 ) -> list[list[int]]:
     """Run all prompts together to completion; returns each one's output token ids."""
     seqs = [DriverSeq(f"s{i}", list(p), sampling) for i, p in enumerate(prompts)]
-    return Driver(runner, chunk_size, token_budget).run(seqs)
+    return Driver(runner, chunk_size, token_budget, placeholders).run(seqs)
 
 
 def beside_eager(runner: ModelRunner, path, runs, params: SamplingParams) -> list:
