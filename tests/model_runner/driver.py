@@ -23,7 +23,7 @@ class DriverSeq:
     outputs: list[SampledToken] = field(default_factory=list)
     started: bool = False
     done: bool = False
-    sampled_at: int = -1  # the step that sampled its last token
+    sampled_at: int | None = None  # the step that sampled its last token (None: none yet)
 
     @property
     def all_tokens(self) -> list[int]:
@@ -35,8 +35,10 @@ class Driver:
 
     `chunk_size` caps a prefill chunk; `token_budget` caps the tokens of one step (decodes
     first, then prefill chunks), so prefills and decodes mix as with the real scheduler.
-    `placeholders` (overlap, the engine's default): a decode of the token the step before
-    sampled is sent as a placeholder row, its input left for the runner to fill.
+    `placeholders` (overlap; default: the runner's `config.async_scheduling`): a decode of
+    the token the step before sampled is sent as a placeholder row, its input left for the
+    runner to fill. Each step checks that the runner sampled exactly the sequences whose
+    chunk reached their end (a row it dropped would otherwise leave the driver out of step).
     """
 
     def __init__(
@@ -44,9 +46,11 @@ class Driver:
         runner: ModelRunner,
         chunk_size: int | None = None,
         token_budget: int = 4096,
-        placeholders: bool = True,
+        placeholders: bool | None = None,
     ):
         self.runner = runner
+        if placeholders is None:
+            placeholders = runner.config.async_scheduling
         self.placeholders = placeholders
         self.chunk_size = chunk_size
         self.token_budget = token_budget
@@ -55,6 +59,7 @@ class Driver:
         self.pending_finished: list[str] = []
         self.pending_copies: list[tuple[int, int]] = []
         self.refs: dict[int, int] = {}
+        self.samplers: list[str] = []  # the sequences the last planned step samples for
 
     def _alloc(self) -> int:
         block = self.free.pop(0)
@@ -68,7 +73,7 @@ class Driver:
         return new
 
     def _plan(self, seqs: list[DriverSeq]) -> StepInput:
-        new_seqs, chunks, budget = [], [], self.token_budget
+        new_seqs, chunks, budget, samplers = [], [], self.token_budget, []
         ordered = sorted(seqs, key=lambda s: s.num_computed < len(s.all_tokens) - 1)
         for seq in ordered:
             if seq.done or budget <= 0:
@@ -91,11 +96,13 @@ class Driver:
                     )
                 )
                 seq.started = True
-            placeholder = (
-                self.placeholders and num == remaining == 1 and seq.sampled_at == self.step_id - 1
-            )
+            # NOTE: only a token sampled by the step just before: never a one-token prompt.
+            last_sampled = seq.sampled_at is not None and seq.sampled_at == self.step_id - 1
+            placeholder = self.placeholders and num == remaining == 1 and last_sampled
             chunks.append(ScheduledChunk(seq.seq_id, num, start, new_blocks, int(placeholder)))
             seq.num_computed += num
+            if num == remaining:
+                samplers.append(seq.seq_id)
             budget -= num
         step = StepInput(
             step_id=self.step_id,
@@ -106,12 +113,14 @@ class Driver:
         )
         self.step_id += 1
         self.pending_finished, self.pending_copies = [], []
+        self.samplers = samplers
         return step
 
     def step(self, seqs: list[DriverSeq]) -> None:
         """Plan and execute one step; record sampled tokens and finish sequences."""
         by_id = {s.seq_id: s for s in seqs}
         out = self.runner.execute(self._plan(seqs))
+        assert [t.seq_id for t in out.sampled] == self.samplers, "the runner dropped a row"
         for sampled in out.sampled:
             seq = by_id[sampled.seq_id]
             seq.tokens.append(sampled.token_id)
@@ -173,7 +182,7 @@ def generate(
     sampling: SamplingParams = GREEDY,
     chunk_size: int | None = None,
     token_budget: int = 4096,
-    placeholders: bool = True,
+    placeholders: bool | None = None,
 ) -> list[list[int]]:
     """Run all prompts together to completion; returns each one's output token ids."""
     seqs = [DriverSeq(f"s{i}", list(p), sampling) for i, p in enumerate(prompts)]

@@ -64,7 +64,7 @@ def test_placeholder_rows_wait_on_a_failed_step_and_are_dropped(runner, referenc
     """Overlap: a step planned while the one before ran takes that step's tokens on the
     device; when that step raised, its rows are dropped and the rest of the step runs."""
     (a_ids, _), (b_ids, b_ref) = reference_cases[:2]
-    driver = Driver(runner)
+    driver = Driver(runner, placeholders=True)
     a, b = DriverSeq("fa", list(a_ids), GREEDY), DriverSeq("fb", list(b_ids), GREEDY)
     driver.step([a])
     failing = driver._plan([a])
