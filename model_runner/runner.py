@@ -27,6 +27,7 @@ from model_runner.gguf_loader import check_gguf_tensor_types, model_config_from_
 from model_runner.grammar import SequenceGrammar
 from model_runner.grammar_cache import GrammarCache, hf_tokenizer_info
 from model_runner.input_batch import (
+    ModelInputs,
     SequenceState,
     apply_state_updates,
     build_model_inputs,
@@ -250,16 +251,25 @@ class ModelRunner:
         self.graphs = graphs
         return graphs
 
-    def _with_decode_context(self, step: StepInput, meta: AttentionMetadata) -> AttentionMetadata:
-        """Decode-only steps without block copies attend over the DecodeContext (CPU)."""
-        if self.decode_context is None:
+    def _with_decode_context(self, step: StepInput, inputs: ModelInputs) -> AttentionMetadata:
+        """Decode-only steps without block copies attend over the DecodeContext (CPU).
+
+        NOTE: `step` is the step that executes (placeholder rows already dropped): every
+        chunk must be one row of one new token. Its rows are the runner's sequence states,
+        so a sequence re-sent (preemption) or a new one under a finished one's id gathers.
+        """
+        meta, ctx = inputs.meta, self.decode_context
+        if ctx is None:
             return meta
-        if meta.max_query_len != 1 or step.block_copies:
-            self.decode_context.reset()
+        one_token_rows = len(step.chunks) == inputs.input_ids.shape[0]
+        if meta.max_query_len != 1 or not one_token_rows or step.block_copies:
+            ctx.reset()
             return meta
-        seq_ids = [chunk.seq_id for chunk in step.chunks]
-        plan = self.decode_context.plan(seq_ids, meta.seq_lens, meta.block_tables, self.block_size)
-        return meta if plan is None else dataclasses.replace(meta, decode_context=plan)
+        rows = [self._seqs[chunk.seq_id] for chunk in step.chunks]
+        plan = ctx.plan(rows, meta.seq_lens, meta.block_tables, self.block_size)
+        if plan is None:
+            return meta
+        return dataclasses.replace(meta, decode_context=plan)
 
     @property
     def num_active_sequences(self) -> int:
@@ -288,7 +298,7 @@ class ModelRunner:
                 self.graphs if self.graphs is not None and self.graphs.applies(inputs) else None
             )
             if graphs is None:
-                meta = self._with_decode_context(step, inputs.meta)
+                meta = self._with_decode_context(step, inputs)
             else:
                 meta = inputs.meta
                 if self.decode_context is not None:
@@ -301,7 +311,7 @@ class ModelRunner:
                 meta,
                 inputs.logits_indices,
             )
-            rows = len(inputs.sample_seqs)
+            rows = inputs.input_ids.shape[0]  # NOTE: the rows the forward runs, sampled or not
             if graphs is not None:
                 logits = graphs.run(inputs)
             elif self.compiled is not None and self.compiled.applies(meta, rows):
@@ -309,7 +319,7 @@ class ModelRunner:
             else:
                 logits = self.model(*args)
             if meta.decode_context is not None:
-                self.decode_context.commit()
+                self.decode_context.commit(meta.decode_context)
             sampled = self.sampler(logits, inputs.sample_seqs)
             # NOTE: the sampler's tokens come back as a list; a device tensor of them would
             # be recorded as is (no copy) once the sampler returns one.
