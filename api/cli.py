@@ -136,10 +136,9 @@ def _add_capacity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", default=True, action=argparse.BooleanOptionalAction)
     p.add_argument(
         "--async-scheduling",
-        default=False,
+        default=True,
         action=argparse.BooleanOptionalAction,
-        help="plan step N+1 while step N runs (default off until the full suite runs with it; "
-        "--no-async-scheduling: one step at a time)",
+        help="plan step N+1 while step N runs (--no-async-scheduling: one step at a time)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

@@ -1,7 +1,7 @@
 """The scheduler actor: wraps the pure-Python `Scheduler` policy in a message loop.
 
 A StepPlan goes to the executor, its StepResult comes back, the policy updates, the step's
-tokens go to the detokenizer. With overlap (`EngineConfig.async_scheduling`, off by default)
+tokens go to the detokenizer. With overlap (`EngineConfig.async_scheduling`, on by default)
 step N+1 is planned and sent as soon as step N is, so the executor starts it the moment N
 is done; then each result plans the step after the one running (two in flight at most; see
 actors/scheduler/overlap.py). Without it one step is in flight.
