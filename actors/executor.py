@@ -104,8 +104,9 @@ class ExecutorActor(Actor):
     async def handle(self, msg: msgspec.Struct) -> None:
         match msg:
             case StepPlan(step=step):
-                # NOTE: the scheduler keeps one step in flight; the inbox stays open meanwhile,
-                # so a CompileGrammar starts during a step, not after it.
+                # NOTE: up to two steps in flight (overlap); the one worker thread runs them in
+                # order, so step N+1 starts as soon as N is done and results go back in order.
+                # The inbox stays open meanwhile: a CompileGrammar starts during a step.
                 self.step_task = asyncio.create_task(self.run_step(step))
             case CompileGrammar(request_id=rid, grammar=spec):
                 self.compiles[rid] = asyncio.create_task(self.compile(rid, spec))

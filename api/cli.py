@@ -134,6 +134,12 @@ def _add_capacity_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enable-prefix-caching", default=True, action=argparse.BooleanOptionalAction)
+    p.add_argument(
+        "--async-scheduling",
+        default=True,
+        action=argparse.BooleanOptionalAction,
+        help="plan step N+1 while step N runs (--no-async-scheduling: one step at a time)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--max-waiting",
@@ -289,6 +295,7 @@ def engine_config(args: argparse.Namespace):
         kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching,
+        async_scheduling=args.async_scheduling,
         seed=args.seed,
         max_logprobs=args.max_logprobs,
         enforce_eager=args.enforce_eager,

@@ -45,6 +45,7 @@ class EngineConfig:
     seed: int = 0
     max_logprobs: int = 20
     enforce_eager: bool = False
+    async_scheduling: bool = True  # overlap: plan step N+1 while step N runs (actors/scheduler)
     cpu_packed_batch: int = 32  # CPU: packed GEMM weights for steps of this many rows (0: off)
     # CPU 4-bit weights: steps of up to this many rows take the 4-bit GEMM, larger ones a
     # dense bf16 copy. None: measured once per CPU model; -1: always 4-bit, no dense copy.

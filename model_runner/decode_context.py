@@ -6,11 +6,17 @@ decoding the batch is the same from one step to the next and each context grows 
 token, so `DecodeContext` keeps per layer K and V of shape [rows, capacity, kv_heads, dim],
 row i holding the context of the step's i-th sequence:
 
-- a decode step that continues the previous step (same sequences in the same order, each
-  one token longer) appends its new token per row: the *append* mode;
+- a decode step that continues the last committed step (the same rows in the same order,
+  each exactly one token longer) appends its new token per row: the *append* mode;
 - any other decode step gathers every row once from the paged cache: the *gather* mode;
 - prefill or mixed steps, steps with block copies, and batches over the memory budget
   skip it (and the next decode step gathers).
+
+A row is a key the caller picks for what the row holds: the runner passes its sequence
+state objects, so a sequence re-sent after preemption, or a new one that took a finished
+one's id, is a new row even at the right length. Overlap (model_runner/placeholders.py) may
+drop rows from a step after the scheduler planned it: the caller plans with the rows that
+execute, never the planned ones, and commits the step it ran.
 
 The paged cache stays the source of truth (prefix caching, forks, preemption): every step
 writes it first. Positions past a row's length hold zeros or stale (finite) values that
@@ -18,6 +24,8 @@ the mask hides.
 """
 
 from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
 
 import torch
 
@@ -31,7 +39,7 @@ class DecodeContextStep:
     """One decode step's use of the context: its mode and per-step index tensors."""
 
     __slots__ = (
-        "_mask", "append", "buffers", "ctx_len", "gather_index", "max_len", "new_slots",
+        "_mask", "append", "buffers", "ctx_len", "gather_index", "held", "max_len", "new_slots",
         "seq_lens", "sliding_window",
     )  # fmt: skip
 
@@ -45,6 +53,7 @@ class DecodeContextStep:
         new_slots: torch.Tensor,
         gather_index: torch.Tensor | None,
         sliding_window: int | None = None,
+        held: tuple[tuple, list[int]] | None = None,
     ):
         self.buffers = buffers
         self.append = append
@@ -55,6 +64,7 @@ class DecodeContextStep:
         self._mask: torch.Tensor | None = None  # built by the first `attend`, shared by layers
         self.new_slots = new_slots  # [seqs] row * capacity + position of the new token
         self.gather_index = gather_index  # [seqs * blocks] block ids, gather mode only
+        self.held = held  # (rows, lengths) the buffers hold once this step has run
 
     def mask_before_new(self, length: int) -> torch.Tensor:
         """[S, 1, 1, length + 1] bool: the first `length` context columns, then the new token.
@@ -124,9 +134,9 @@ class DecodeContext:
         self.max_bytes = max_bytes
         self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.rows = self.capacity = 0
-        # What the buffers hold after the last committed step: sequence ids and lengths.
-        self._held: tuple[tuple[str, ...], list[int]] | None = None
-        self._pending: tuple[tuple[str, ...], list[int]] | None = None
+        # What the buffers hold after the last committed step: its rows and their lengths.
+        self._held: tuple[tuple, list[int]] | None = None
+        self._planned: DecodeContextStep | None = None  # the last step planned, until run
 
     def bytes_for(self, rows: int, capacity: int) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
@@ -134,51 +144,62 @@ class DecodeContext:
 
     def plan(
         self,
-        seq_ids: list[str],
+        rows: Sequence[Hashable],
         seq_lens_t: torch.Tensor,
         block_tables: torch.Tensor,
         block_size: int,
     ) -> DecodeContextStep | None:
         """The step's use of the context for a decode-only batch, or None to gather as usual.
 
-        Call `commit` once the step's forward has succeeded; until then nothing is held.
+        `rows`: one key per row of the step that executes, in its order, one new token each
+        (see the module). Call `commit` with the returned step once its forward has
+        succeeded; until then nothing is held.
         """
-        held, self._held = self._held, None
+        held, self._held, self._planned = self._held, None, None
+        if not len(rows) == seq_lens_t.shape[0] == block_tables.shape[0]:
+            raise ValueError(
+                f"{len(rows)} rows, {seq_lens_t.shape[0]} lengths, {block_tables.shape[0]} "
+                "block tables: a decode context step has one of each per row"
+            )
         seq_lens = seq_lens_t.tolist()
         max_len = max(seq_lens)
-        fits, kept = self._ensure_capacity(len(seq_ids), max_len, block_size)
+        fits, kept = self._ensure_capacity(len(rows), max_len, block_size)
         if not fits:
             return None
-        ids = tuple(seq_ids)
+        keys = tuple(rows)
         append = (
             kept
             and held is not None
-            and held[0] == ids
+            and held[0] == keys  # NOTE: keys without __eq__ (sequence states) by identity
             and all(n == h + 1 for n, h in zip(seq_lens, held[1], strict=True))
         )
-        rows = torch.arange(len(seq_ids), dtype=torch.long)
-        new_slots = rows * self.capacity + (seq_lens_t.long() - 1)
+        index = torch.arange(len(keys), dtype=torch.long)
+        new_slots = index * self.capacity + (seq_lens_t.long() - 1)
         num_blocks = -(-max_len // block_size)
         gather_index = None
         if not append:
             gather_index = block_tables[:, :num_blocks].reshape(-1).long()
-        self._pending = (ids, seq_lens)
         # NOTE: attend over whole blocks (masked past each length), as the paged path does: a
         # row's result then depends on its own length only, not on the longest in the batch
         # (a bare max length moved the attention kernel's vector tails: not batch-invariant).
         ctx_len = num_blocks * block_size
-        return DecodeContextStep(
+        step = DecodeContextStep(
             self.buffers, append, seq_lens_t, max_len, ctx_len, new_slots, gather_index,
-            self.sliding_window,
+            self.sliding_window, held=(keys, seq_lens),
         )  # fmt: skip
+        self._planned = step
+        return step
 
-    def commit(self) -> None:
-        """The planned step ran: the buffers now hold its sequences at their new lengths."""
-        self._held = self._pending
+    def commit(self, step: DecodeContextStep) -> None:
+        """`step` ran: the buffers now hold its rows at their new lengths. Only the step
+        planned last may commit (an older one's rows are no longer what the buffers hold)."""
+        if step is not self._planned:
+            raise ValueError("commit(): not the decode context step planned last")
+        self._held, self._planned = step.held, None
 
     def reset(self) -> None:
         """A step that bypassed the context ran: what the buffers hold is stale."""
-        self._held = None
+        self._held, self._planned = None, None
 
     def _ensure_capacity(self, rows: int, max_len: int, block_size: int) -> tuple[bool, bool]:
         """(fits the budget, buffers kept): grows them when the batch outgrows them."""

@@ -123,12 +123,13 @@ class _FlatBatch:
     sample_seqs: list[SequenceState] = field(default_factory=list)
     max_query_len: int = 0
 
-    def add(self, seq: SequenceState, num: int, block_size: int) -> None:
-        """Append `num` tokens of `seq` from its num_computed on, and advance it."""
+    def add(self, seq: SequenceState, num: int, block_size: int, placeholder: bool) -> None:
+        """Append `num` tokens of `seq` from its num_computed on, and advance it.
+        `placeholder`: a one-token row whose input the device fills (model_runner/placeholders)."""
         start, table = seq.num_computed, seq.block_table
         end = start + num
         if num == 1:
-            self.input_ids.append(seq.token_ids[start])
+            self.input_ids.append(0 if placeholder else seq.token_ids[start])
             self.positions.append(start)
             self.slots.append(table[start // block_size] * block_size + start % block_size)
         else:
@@ -160,7 +161,7 @@ def build_model_inputs(
     """
     flat = _FlatBatch()
     for chunk in step.chunks:
-        flat.add(seqs[chunk.seq_id], chunk.num_tokens, block_size)
+        flat.add(seqs[chunk.seq_id], chunk.num_tokens, block_size, chunk.num_placeholders > 0)
     tables, seq_lens, query_start_loc = flat.tables, flat.seq_lens, flat.query_start_loc
     width = max(len(t) for t in tables)
     padded = [t + [0] * (width - len(t)) for t in tables]

@@ -27,6 +27,7 @@ from model_runner.gguf_loader import check_gguf_tensor_types, model_config_from_
 from model_runner.grammar import SequenceGrammar
 from model_runner.grammar_cache import GrammarCache, hf_tokenizer_info
 from model_runner.input_batch import (
+    ModelInputs,
     SequenceState,
     apply_state_updates,
     build_model_inputs,
@@ -48,6 +49,7 @@ from model_runner.model_source import (
     model_config_from_hf,
     resolve_model,
 )
+from model_runner.placeholders import LastSampled, fill_placeholders
 from model_runner.sampler import Sampler
 from model_runner.step_input import NewSequence, StepInput, StepOutput
 from model_runner.step_timer import StepTimer
@@ -105,6 +107,7 @@ class ModelRunner:
         self._load_weights_and_cache(reader, progress)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.seed)
         self._seqs: dict[str, SequenceState] = {}
+        self.last_sampled = LastSampled()  # overlap: the previous step's tokens, on the device
         self.decode_context = self._make_decode_context()
         has_context = self.decode_context is not None
         # CPU decode steps of a few rows: fused C++ layers, else compiled ones, else eager.
@@ -248,16 +251,25 @@ class ModelRunner:
         self.graphs = graphs
         return graphs
 
-    def _with_decode_context(self, step: StepInput, meta: AttentionMetadata) -> AttentionMetadata:
-        """Decode-only steps without block copies attend over the DecodeContext (CPU)."""
-        if self.decode_context is None:
+    def _with_decode_context(self, step: StepInput, inputs: ModelInputs) -> AttentionMetadata:
+        """Decode-only steps without block copies attend over the DecodeContext (CPU).
+
+        NOTE: `step` is the step that executes (placeholder rows already dropped): every
+        chunk must be one row of one new token. Its rows are the runner's sequence states,
+        so a sequence re-sent (preemption) or a new one under a finished one's id gathers.
+        """
+        meta, ctx = inputs.meta, self.decode_context
+        if ctx is None:
             return meta
-        if meta.max_query_len != 1 or step.block_copies:
-            self.decode_context.reset()
+        one_token_rows = len(step.chunks) == inputs.input_ids.shape[0]
+        if meta.max_query_len != 1 or not one_token_rows or step.block_copies:
+            ctx.reset()
             return meta
-        seq_ids = [chunk.seq_id for chunk in step.chunks]
-        plan = self.decode_context.plan(seq_ids, meta.seq_lens, meta.block_tables, self.block_size)
-        return meta if plan is None else dataclasses.replace(meta, decode_context=plan)
+        rows = [self._seqs[chunk.seq_id] for chunk in step.chunks]
+        plan = ctx.plan(rows, meta.seq_lens, meta.block_tables, self.block_size)
+        if plan is None:
+            return meta
+        return dataclasses.replace(meta, decode_context=plan)
 
     @property
     def num_active_sequences(self) -> int:
@@ -267,6 +279,7 @@ class ModelRunner:
         """Apply the step's state changes, run the forward, sample, append the new tokens."""
         start = time.perf_counter()
         self.step_timer.start()
+        step, prev_rows, prev_tokens = self.last_sampled.take(step)
         apply_state_updates(self._seqs, step, self._make_grammar)
         self.kv_cache.copy_blocks(step.block_copies)
         if not step.chunks:
@@ -280,11 +293,12 @@ class ModelRunner:
             inputs = build_model_inputs(
                 self._seqs, step, self.block_size, self.device, self.config.batch_invariant
             )
+            fill_placeholders(inputs.input_ids, step, prev_rows, prev_tokens)
             graphs = (
                 self.graphs if self.graphs is not None and self.graphs.applies(inputs) else None
             )
             if graphs is None:
-                meta = self._with_decode_context(step, inputs.meta)
+                meta = self._with_decode_context(step, inputs)
             else:
                 meta = inputs.meta
                 if self.decode_context is not None:
@@ -297,7 +311,7 @@ class ModelRunner:
                 meta,
                 inputs.logits_indices,
             )
-            rows = len(inputs.sample_seqs)
+            rows = inputs.input_ids.shape[0]  # NOTE: the rows the forward runs, sampled or not
             if graphs is not None:
                 logits = graphs.run(inputs)
             elif self.compiled is not None and self.compiled.applies(meta, rows):
@@ -305,8 +319,15 @@ class ModelRunner:
             else:
                 logits = self.model(*args)
             if meta.decode_context is not None:
-                self.decode_context.commit()
+                self.decode_context.commit(meta.decode_context)
             sampled = self.sampler(logits, inputs.sample_seqs)
+            # NOTE: the sampler's tokens come back as a list; a device tensor of them would
+            # be recorded as is (no copy) once the sampler returns one.
+            self.last_sampled.record(
+                step.step_id,
+                [s.seq_id for s in sampled],
+                torch.tensor([s.token_id for s in sampled], dtype=torch.long, device=self.device),
+            )
         device_seconds = self.step_timer.stop()
         for seq, token in zip(inputs.sample_seqs, sampled, strict=True):
             seq.append(token.token_id)

@@ -32,12 +32,16 @@ class ScheduledChunk(msgspec.Struct, frozen=True, array_like=True):
     the end of token_ids the runner samples one new token and appends it.
     Before the step, the block table is cut at `block_table_start` and `block_ids` appended
     (a plain append, or the replacement of the last block after copy-on-write).
+    `num_placeholders` (0 or 1; overlap): the chunk's last input token is the one the
+    previous step samples for this sequence, which the scheduler does not know yet; the
+    runner takes it from its record of that step's samples (then num_tokens == 1).
     """
 
     seq_id: str
     num_tokens: int
     block_table_start: int
     block_ids: list[int]
+    num_placeholders: int = 0
 
 
 class StepInput(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,7 +1,10 @@
 """The scheduler actor: wraps the pure-Python `Scheduler` policy in a message loop.
 
-Exactly one step is in flight: a StepPlan goes to the executor, its StepResult comes back,
-the policy updates, the step's tokens go to the detokenizer, and the next step is planned.
+A StepPlan goes to the executor, its StepResult comes back, the policy updates, the step's
+tokens go to the detokenizer. With overlap (`EngineConfig.async_scheduling`, on by default)
+step N+1 is planned and sent as soon as step N is, so the executor starts it the moment N
+is done; then each result plans the step after the one running (two in flight at most; see
+actors/scheduler/overlap.py). Without it one step is in flight.
 
 A request with a grammar first passes the admission checks, then waits outside the policy
 (no slot, no blocks) while the executor compiles its grammar; GrammarReady queues it,
@@ -34,6 +37,7 @@ from actors.protocol import (
     TokenizedRequest,
 )
 from actors.scheduler.errors import AdmissionError
+from actors.scheduler.overlap import MAX_STEPS_IN_FLIGHT
 from actors.scheduler.scheduler import Scheduler
 from actors.transport import Transport
 from model_runner.grammar_cache import GrammarCacheStats
@@ -50,7 +54,8 @@ class SchedulerActor(Actor):
         super().__init__(transport)
         self.config = config
         self.policy: Scheduler | None = None
-        self.step_in_flight = False
+        overlap = getattr(config, "async_scheduling", False)
+        self.max_steps_in_flight = MAX_STEPS_IN_FLIGHT if overlap else 1
         self.pending: list[TokenizedRequest] = []  # arrived before the executor was ready
         self.compiling: dict[str, TokenizedRequest] = {}  # waiting for their grammar
         self.releases: list[str] = []  # grammars to unpin, sent with the next plan
@@ -71,10 +76,8 @@ class SchedulerActor(Actor):
             case Abort(request_id=rid, index=index, reason=reason):
                 self.abort(rid, index, reason)
             case StepResult(output=output):
-                self.step_in_flight = False
                 self.emit(self.policy.update(output))
             case StepFailed(step_id=step_id):
-                self.step_in_flight = False
                 self.emit(self.policy.fail_step(step_id))
             case GrammarReady(request_id=rid, stats=stats):
                 self.grammar_stats, self.grammar_stats_changed = stats, True
@@ -195,17 +198,17 @@ class SchedulerActor(Actor):
         if self.releases:
             self.executor.send(ReleaseGrammars(request_ids=self.releases))
             self.releases = []
-        if self.step_in_flight:
-            if self.grammar_stats_changed:  # NOTE: compile counters need not wait for a step
-                self.send_stats()
-            return
-        step = self.policy.schedule()
-        # NOTE: after schedule(): it may itself finish a sequence that can never grow.
-        self.emit(self.policy.take_finished_aborts())
-        if step is not None:
+        planned = False
+        while self.policy.num_steps_in_flight < self.max_steps_in_flight:
+            step = self.policy.schedule()
+            # NOTE: after schedule(): it may itself finish a sequence that can never grow.
+            self.emit(self.policy.take_finished_aborts())
+            planned = True
+            if step is None:
+                break
             self.executor.send(StepPlan(step=step))
-            self.step_in_flight = True
-        self.send_stats()
+        if planned or self.grammar_stats_changed:  # NOTE: compile counters need not wait
+            self.send_stats()
 
     def send_stats(self) -> None:
         stats = self.policy.stats()

@@ -1,9 +1,12 @@
 """The scheduling policy: continuous batching over a paged KV cache, pure Python.
 
-One step is in flight at a time: `schedule()` plans it, the runner executes it, `update()`
-takes its sampled tokens. Each step first continues the running sequences in order (decodes,
-then the rest of chunked prefills), then admits waiting ones (FCFS) into what is left of
-the token budget. When blocks run out, the newest running sequence is preempted by
+`schedule()` plans a step, the runner executes it, `update()` takes its sampled tokens. With
+overlap a second step is planned while the first runs (actors/scheduler/overlap.py): its
+rows may take the token the first samples (placeholders), learnt one step later.
+
+Each step first continues the running sequences in order (decodes, then the rest of chunked
+prefills), then admits waiting ones (FCFS) into what is left of the token budget
+(actors/scheduler/planning.py). When blocks run out, the newest running sequence is preempted by
 recompute (it frees its blocks and goes back to the front of the waiting queue).
 
 Samples of n > 1: sample 0 prefills the prompt; when the prompt is computed the others fork
@@ -13,20 +16,21 @@ own first token); writes into shared blocks are copied on write (`StepInput.bloc
 
 from __future__ import annotations
 
-import time
 from collections import deque
 
 from actors.protocol import DetokParams, SchedulerStats, SeqOutput, StepTokens, TokenizedRequest
 from actors.scheduler.admission import check_admission, effective_max_tokens
-from actors.scheduler.block_manager import Allocation, BlockManager
+from actors.scheduler.block_manager import BlockManager
 from actors.scheduler.cost import CostLedger
 from actors.scheduler.errors import AdmissionError
 from actors.scheduler.finishing import check_stop, detok_params
+from actors.scheduler.overlap import MAX_STEPS_IN_FLIGHT, InFlightStep
 from actors.scheduler.plan import Plan
+from actors.scheduler.planning import schedule_running, schedule_waiting
 from actors.scheduler.prefix_cache import PrefixCache
 from actors.scheduler.prefix_hash import extra_keys
 from actors.scheduler.sequence import Request, SeqStatus, Sequence, sample_seq_ids
-from model_runner.step_input import NewSequence, ScheduledChunk, StepInput, StepOutput
+from model_runner.step_input import StepInput, StepOutput
 
 WAITING, RUNNING = SeqStatus.WAITING, SeqStatus.RUNNING
 FORK_PENDING, FINISHED = SeqStatus.FORK_PENDING, SeqStatus.FINISHED
@@ -60,12 +64,14 @@ class Scheduler:
         self.running: list[Sequence] = []  # NOTE: oldest first; preemption pops the newest
         self._requests: dict[str, Request] = {}
         self._seqs: dict[str, Sequence] = {}
-        self._in_flight: tuple[int, list[tuple[Sequence, int]]] | None = None
+        self._in_flight: deque[InFlightStep] = deque()  # oldest first
+        self.sync_next = False  # the next step waits until no step is in flight
         self._next_step_id = 0
-        self._finished_ids: list[str] = []  # for the next StepInput.finished_seq_ids
+        # NOTE: the fields below are shared with planning.py.
+        self.finished_ids: list[str] = []  # for the next StepInput.finished_seq_ids
         self._started: list[DetokParams] = []
         self._outputs: list[SeqOutput] = []
-        self._preemptions = 0
+        self.preemptions = 0
         self._grammar_done: list[str] = []  # finished requests whose grammar can be unpinned
         self.costs = CostLedger()
 
@@ -111,9 +117,9 @@ class Scheduler:
         # NOTE: fork-pending samples first, so a dying leader promotes no heir needlessly.
         targets.sort(key=lambda s: s.status is not FORK_PENDING)
         for seq in targets:
-            self._retire(seq)
+            self.retire(seq)
             if reason != "stop":
-                self._emit(seq, [], reason)
+                self.emit(seq, [], reason)
 
     def drain(self) -> None:
         """Shutting down: abort the waiting requests never started (the preempted go on).
@@ -128,24 +134,36 @@ class Scheduler:
 
     # --- steps -----------------------------------------------------------------------
 
+    @property
+    def num_steps_in_flight(self) -> int:
+        return len(self._in_flight)
+
     def schedule(self) -> StepInput | None:
-        """Plan the next step; None when there is nothing to compute."""
-        if self._in_flight is not None:
-            raise RuntimeError("a step is already in flight: update() or fail_step() first")
+        """Plan the next step; None when there is nothing to compute. With a step in flight
+        (overlap) it plans ahead, or returns None to wait for that step."""
+        if len(self._in_flight) >= MAX_STEPS_IN_FLIGHT:
+            raise RuntimeError("two steps are in flight: update() or fail_step() first")
+        ahead = bool(self._in_flight)
+        if ahead and self.sync_next:
+            return None
+        self.sync_next = False
         plan = Plan(self.max_num_batched_tokens)
-        preempted = self._schedule_running(plan)
+        preempted = schedule_running(self, plan, ahead)
         if not preempted or not plan.chunks:
-            self._schedule_waiting(plan)
+            schedule_waiting(self, plan, ahead)
         if not plan.chunks:
             # NOTE: only when nothing is left: a lone sequence always runs or finishes.
-            assert not self.has_unfinished
+            assert ahead or not self.has_unfinished
             return None
         step_id = self._next_step_id
         self._next_step_id += 1
-        for seq, _ in plan.scheduled:
-            seq.in_flight = True
-        self._in_flight = (step_id, plan.scheduled)
-        finished, self._finished_ids = self._finished_ids, []
+        for seq, num_tokens in plan.scheduled:
+            seq.in_flight += 1
+            seq.num_scheduled += num_tokens
+        for seq in plan.samplers:
+            seq.num_pending += 1
+        self._in_flight.append(InFlightStep(step_id, plan.scheduled, plan.samplers))
+        finished, self.finished_ids = self.finished_ids, []
         return StepInput(
             step_id=step_id,
             new_sequences=plan.new_seqs,
@@ -155,46 +173,64 @@ class Scheduler:
         )
 
     def update(self, output: StepOutput) -> StepTokens:
-        """Take the in-flight step's result: advance, fork, append tokens, finish, free."""
-        if self._in_flight is None or self._in_flight[0] != output.step_id:
-            raise ValueError(f"step {output.step_id} is not the step in flight")
-        scheduled = self._in_flight[1]
-        self._in_flight = None
-        self.costs.charge(scheduled, output.device_seconds, len(output.sampled))
-        for seq, num_tokens in scheduled:
-            seq.in_flight = False
-            if seq.status is FINISHED:  # aborted while the step ran
-                self.blocks.free(seq.seq_id)
+        """Take the oldest step's result: advance, fork, append tokens, finish, free.
+
+        NOTE: samples are matched to the step's own sequences, not looked up by id: a
+        finished sequence's id may already belong to a new request.
+        """
+        step = self._take_in_flight(output.step_id)
+        if step is None:
+            raise ValueError(f"step {output.step_id} is not the oldest step in flight")
+        samplers = {seq.seq_id: seq for seq in step.samplers}
+        kept = [
+            (seq, sampled) for sampled in output.sampled
+            if (seq := samplers.get(sampled.seq_id)) is not None and seq.status is RUNNING
+        ]  # fmt: skip
+        # NOTE: a discarded token (its sequence finished the step before) is not counted.
+        self.costs.charge(step.scheduled, output.device_seconds, len(kept))
+        for seq, num_tokens in step.scheduled:
+            if seq.status is FINISHED:  # aborted, or ended by the step before
+                if not seq.in_flight:
+                    self.blocks.free(seq.seq_id)
                 continue
             seq.num_computed += num_tokens
             self.prefix_cache.register_computed(seq, num_tokens)
             if seq.forks and seq.num_computed >= seq.prompt_len:
                 self._fork(seq)
+        assert len(kept) == sum(s.status is RUNNING for s in step.samplers), "a sample is missing"
         any_finished = False
-        for sampled in output.sampled:
-            seq = self._seqs.get(sampled.seq_id)
-            if seq is not None and seq.status is RUNNING:
-                any_finished |= self._append_token(seq, sampled)
+        for seq, sampled in kept:
+            any_finished |= self._append_token(seq, sampled)
         if any_finished:
             self.running = [s for s in self.running if s.status is RUNNING]
         return self.take_finished_aborts()
 
     def fail_step(self, step_id: int) -> StepTokens:
-        """The step raised: finish each of its sequences (and their pending forks) "error"."""
-        if self._in_flight is None or self._in_flight[0] != step_id:
+        """The step raised: finish each of its sequences (and their pending forks) "error".
+        A step planned after it still runs; what it computed for them is discarded."""
+        step = self._take_in_flight(step_id)
+        if step is None:
             return self.take_finished_aborts()
-        scheduled = self._in_flight[1]
-        self._in_flight = None
-        for seq, _ in scheduled:
-            seq.in_flight = False
-        for seq, _ in scheduled:
+        for seq, _ in step.scheduled:
             if seq.status is FINISHED:
-                self.blocks.free(seq.seq_id)
+                if not seq.in_flight:
+                    self.blocks.free(seq.seq_id)
                 continue
             for victim in [*seq.forks, seq]:
-                self._retire(victim)
-                self._emit(victim, [], "error")
+                self.retire(victim)
+                self.emit(victim, [], "error")
         return self.take_finished_aborts()
+
+    def _take_in_flight(self, step_id: int) -> InFlightStep | None:
+        """Pop the oldest step in flight if it is `step_id` (results come back in order)."""
+        if not self._in_flight or self._in_flight[0].step_id != step_id:
+            return None
+        step = self._in_flight.popleft()
+        for seq, _ in step.scheduled:
+            seq.in_flight -= 1
+        for seq in step.samplers:
+            seq.num_pending -= 1
+        return step
 
     def take_finished_grammars(self) -> list[str]:
         """Ids of the requests with a grammar that finished since the last call."""
@@ -221,7 +257,7 @@ class Scheduler:
             num_blocks_in_use=self.blocks.num_used_blocks,
             prefix_cache_queries=self.prefix_cache.queries,
             prefix_cache_hits=self.prefix_cache.hits,
-            num_preemptions=self._preemptions,
+            num_preemptions=self.preemptions,
             gpu_seconds_by_feature=self.costs.gpu_seconds_by_feature,  # NOTE: encoded at send
             prompt_tokens_computed=self.costs.prompt_tokens_computed,
             generation_tokens=self.costs.generation_tokens,
@@ -233,101 +269,13 @@ class Scheduler:
         self.blocks.reset_prefix_cache()
         return True
 
-    # --- planning --------------------------------------------------------------------
-
-    def _schedule_running(self, plan: Plan) -> bool:
-        """Continue running sequences in order; returns whether any was preempted."""
-        preempted = False
-        i = 0
-        while i < len(self.running) and plan.budget > 0 and len(plan.scheduled) < self.max_num_seqs:
-            seq = self.running[i]
-            num_tokens = min(seq.num_tokens - seq.num_computed, plan.budget)
-            alloc = self.blocks.allocate(seq.seq_id, seq.num_computed, num_tokens)
-            while alloc is None and len(self.running) - 1 > i:
-                self._preempt(self.running.pop())
-                preempted = True
-                alloc = self.blocks.allocate(seq.seq_id, seq.num_computed, num_tokens)
-            if alloc is None:
-                self.running.pop()  # NOTE: seq is the newest left
-                if i == 0:  # it holds every used block and still cannot grow
-                    self._retire(seq, unlink=False)
-                    self._emit(seq, [], "length")
-                else:
-                    self._preempt(seq)
-                    preempted = True
-                break
-            self._add_to_plan(plan, seq, num_tokens, alloc)
-            i += 1
-        return preempted
-
-    def _schedule_waiting(self, plan: Plan) -> None:
-        """Admit waiting sequences (FCFS) while budget, seats and blocks last."""
-        # NOTE: samples that will fork from a running sequence hold their seats already.
-        seats = self.max_num_seqs - len(self.running) - sum(len(s.forks) for s in self.running)
-        while self.waiting and plan.budget > 0 and len(plan.scheduled) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if self.running and 1 + len(seq.forks) > seats:
-                break
-            hits = self.prefix_cache.lookup(seq)
-            num_computed = len(hits) * self.block_size
-            num_tokens = min(seq.num_tokens - num_computed, plan.budget)
-            alloc = self.blocks.allocate(seq.seq_id, num_computed, num_tokens, hits)
-            if alloc is None:
-                if self.running:
-                    break
-                self.waiting.popleft()  # NOTE: cannot fit even alone; never deadlock
-                self._retire(seq, unlink=False)
-                self._emit(seq, [], "length")
-                continue
-            self.waiting.popleft()
-            seats -= 1 + len(seq.forks)
-            if seq.request.queue_seconds is None:
-                seq.request.queue_seconds = max(0.0, time.time() - seq.request.arrival_time)
-            seq.status = RUNNING
-            seq.num_computed = num_computed
-            self.running.append(seq)
-            self.prefix_cache.count_query(seq, num_computed)
-            self._add_to_plan(plan, seq, num_tokens, alloc)
-
-    def _add_to_plan(self, plan: Plan, seq: Sequence, num_tokens: int, alloc: Allocation):
-        start = alloc.block_table_start
-        if not seq.on_runner:
-            plan.new_seqs.append(
-                NewSequence(
-                    seq_id=seq.seq_id,
-                    token_ids=list(seq.token_ids),
-                    num_prompt_tokens=seq.prompt_len,
-                    num_output_tokens=seq.num_output_tokens,
-                    block_ids=self.blocks.block_table(seq.seq_id)[:start],
-                    num_computed_tokens=seq.num_computed,
-                    sampling=seq.request.sampling,
-                    seed=seq.seed,
-                )
-            )
-            seq.on_runner = True
-        plan.chunks.append(ScheduledChunk(seq.seq_id, num_tokens, start, alloc.block_ids))
-        plan.copies.extend(alloc.copies)
-        plan.scheduled.append((seq, num_tokens))
-        plan.budget -= num_tokens
-
-    def _preempt(self, seq: Sequence) -> None:
-        """Recompute later: free the blocks, back to the front of the waiting queue."""
-        self.blocks.free(seq.seq_id)
-        seq.num_computed = 0
-        seq.status = WAITING
-        if seq.on_runner:
-            self._finished_ids.append(seq.seq_id)
-            seq.on_runner = False
-        self.waiting.appendleft(seq)
-        self._preemptions += 1
-
     # --- results ---------------------------------------------------------------------
 
     def _fork(self, parent: Sequence) -> None:
         """Sample 0's prompt is computed: its pending samples share all its blocks."""
         for child in parent.forks:
             self.blocks.fork(parent.seq_id, child.seq_id)
-            child.num_computed = child.prompt_len - 1
+            child.num_computed = child.num_scheduled = child.prompt_len - 1
             child.block_keys = parent.block_keys[: child.prompt_len // self.block_size]
             child.status = RUNNING
             child.fork_parent = None
@@ -342,13 +290,13 @@ class Scheduler:
         logprobs = None
         if sampled.logprob is not None:
             logprobs = [(token, sampled.logprob, list(sampled.top_logprobs or ()))]
-        self._emit(seq, [token], reason, stop_reason, logprobs)
+        self.emit(seq, [token], reason, stop_reason, logprobs)
         if reason is None:
             return False
-        self._retire(seq, unlink=False)
+        self.retire(seq, unlink=False)
         return True
 
-    def _emit(self, seq: Sequence, token_ids: list[int], reason: str | None,
+    def emit(self, seq: Sequence, token_ids: list[int], reason: str | None,
               stop_reason: int | None = None, logprobs=None) -> None:  # fmt: skip
         """Queue one SeqOutput, after its request's DetokParams (sent once)."""
         request = seq.request
@@ -366,7 +314,7 @@ class Scheduler:
             )  # fmt: skip
         )
 
-    def _retire(self, seq: Sequence, unlink: bool = True) -> None:
+    def retire(self, seq: Sequence, unlink: bool = True) -> None:
         """Mark finished, unlink from its queue, free its blocks (after the step in flight),
         tell the runner, and hand pending forks to an heir if it never forked them."""
         if unlink:
@@ -387,7 +335,7 @@ class Scheduler:
         if not seq.in_flight:
             self.blocks.free(seq.seq_id)
         if seq.on_runner:
-            self._finished_ids.append(seq.seq_id)
+            self.finished_ids.append(seq.seq_id)
             seq.on_runner = False
         del self._seqs[seq.seq_id]
         request = seq.request

@@ -99,6 +99,8 @@ class Sequence:
         "seed",
         "status",
         "num_computed",
+        "num_scheduled",
+        "num_pending",
         "block_keys",
         "forks",
         "fork_parent",
@@ -115,16 +117,26 @@ class Sequence:
         seed = request.sampling.seed
         self.seed = None if seed is None else seed + index
         self.status = status
-        self.num_computed = 0
+        self.num_computed = 0  # leading tokens whose K/V the finished steps computed
+        # NOTE: overlap. num_scheduled >= num_computed counts the tokens of the steps in flight
+        # too; num_pending is how many tokens those steps will sample (unknown to the host
+        # yet): the sequence's length as planned is num_tokens + num_pending.
+        self.num_scheduled = 0
+        self.num_pending = 0
         self.block_keys: list[bytes] = []  # prefix-cache keys of its full blocks, as known
         self.forks: list[Sequence] = []  # samples that fork from this one after its prompt
         self.fork_parent: Sequence | None = None
         self.on_runner = False  # the runner holds its state (sent as NewSequence)
-        self.in_flight = False  # part of the step now executing
+        self.in_flight = 0  # how many of the steps in flight (at most two) compute it
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_planned_tokens(self) -> int:
+        """Its length once the steps in flight have sampled (placeholders included)."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_output_tokens(self) -> int:

@@ -38,6 +38,36 @@ def test_alone_equals_among_sixteen(llm, hf_greedy):
         assert alone == ids == hf_greedy[prompt], prompt
 
 
+def test_overlap_rows_run_as_configured(llm, hf_greedy):
+    """With async scheduling (overlap) the runner fills placeholder rows from the step before
+    (and the decode context still appends); without it none are sent. Greedy output holds."""
+    (executor,) = [a for a in llm.engine.local_actors if a.name == "executor"]
+    runner = executor.runner
+    counts, real_take = {"placeholders": 0, "appends": 0}, runner.last_sampled.take
+    real_plan = runner.decode_context.plan
+
+    def take(step):
+        counts["placeholders"] += sum(c.num_placeholders for c in step.chunks)
+        return real_take(step)
+
+    def plan(*args):
+        planned = real_plan(*args)
+        counts["appends"] += planned is not None and planned.append
+        return planned
+
+    runner.last_sampled.take, runner.decode_context.plan = take, plan
+    try:
+        got = token_ids(llm.generate(GREEDY_PROMPTS[:4], GREEDY))
+    finally:
+        runner.last_sampled.take, runner.decode_context.plan = real_take, real_plan
+    assert all(got[p] == hf_greedy[p] for p in GREEDY_PROMPTS[:4])
+    assert counts["appends"] > 0
+    if llm.config.async_scheduling:
+        assert counts["placeholders"] > 0
+    else:
+        assert counts["placeholders"] == 0
+
+
 def test_greedy_text_is_decoded_tokens(llm, hf_tokenizer):
     out = llm.generate(["The capital of France is"], GREEDY)[0].outputs[0]
     assert out.text == hf_tokenizer.decode(out.token_ids, skip_special_tokens=True)

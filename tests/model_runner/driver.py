@@ -23,6 +23,7 @@ class DriverSeq:
     outputs: list[SampledToken] = field(default_factory=list)
     started: bool = False
     done: bool = False
+    sampled_at: int | None = None  # the step that sampled its last token (None: none yet)
 
     @property
     def all_tokens(self) -> list[int]:
@@ -34,12 +35,23 @@ class Driver:
 
     `chunk_size` caps a prefill chunk; `token_budget` caps the tokens of one step (decodes
     first, then prefill chunks), so prefills and decodes mix as with the real scheduler.
+    `placeholders` (overlap; default: the runner's `config.async_scheduling`): a decode of
+    the token the step before sampled is sent as a placeholder row, its input left for the
+    runner to fill. Each step checks that the runner sampled exactly the sequences whose
+    chunk reached their end (a row it dropped would otherwise leave the driver out of step).
     """
 
     def __init__(
-        self, runner: ModelRunner, chunk_size: int | None = None, token_budget: int = 4096
+        self,
+        runner: ModelRunner,
+        chunk_size: int | None = None,
+        token_budget: int = 4096,
+        placeholders: bool | None = None,
     ):
         self.runner = runner
+        if placeholders is None:
+            placeholders = runner.config.async_scheduling
+        self.placeholders = placeholders
         self.chunk_size = chunk_size
         self.token_budget = token_budget
         self.free = list(range(runner.num_blocks))
@@ -47,6 +59,7 @@ class Driver:
         self.pending_finished: list[str] = []
         self.pending_copies: list[tuple[int, int]] = []
         self.refs: dict[int, int] = {}
+        self.samplers: list[str] = []  # the sequences the last planned step samples for
 
     def _alloc(self) -> int:
         block = self.free.pop(0)
@@ -60,7 +73,7 @@ class Driver:
         return new
 
     def _plan(self, seqs: list[DriverSeq]) -> StepInput:
-        new_seqs, chunks, budget = [], [], self.token_budget
+        new_seqs, chunks, budget, samplers = [], [], self.token_budget, []
         ordered = sorted(seqs, key=lambda s: s.num_computed < len(s.all_tokens) - 1)
         for seq in ordered:
             if seq.done or budget <= 0:
@@ -83,8 +96,13 @@ class Driver:
                     )
                 )
                 seq.started = True
-            chunks.append(ScheduledChunk(seq.seq_id, num, start, new_blocks))
+            # NOTE: only a token sampled by the step just before: never a one-token prompt.
+            last_sampled = seq.sampled_at is not None and seq.sampled_at == self.step_id - 1
+            placeholder = self.placeholders and num == remaining == 1 and last_sampled
+            chunks.append(ScheduledChunk(seq.seq_id, num, start, new_blocks, int(placeholder)))
             seq.num_computed += num
+            if num == remaining:
+                samplers.append(seq.seq_id)
             budget -= num
         step = StepInput(
             step_id=self.step_id,
@@ -95,16 +113,19 @@ class Driver:
         )
         self.step_id += 1
         self.pending_finished, self.pending_copies = [], []
+        self.samplers = samplers
         return step
 
     def step(self, seqs: list[DriverSeq]) -> None:
         """Plan and execute one step; record sampled tokens and finish sequences."""
         by_id = {s.seq_id: s for s in seqs}
         out = self.runner.execute(self._plan(seqs))
+        assert [t.seq_id for t in out.sampled] == self.samplers, "the runner dropped a row"
         for sampled in out.sampled:
             seq = by_id[sampled.seq_id]
             seq.tokens.append(sampled.token_id)
             seq.outputs.append(sampled)
+            seq.sampled_at = out.step_id
             p = seq.sampling
             stop = not p.ignore_eos and sampled.token_id in self.runner.eos_token_ids
             if stop or len(seq.tokens) >= p.max_tokens:
@@ -161,10 +182,11 @@ def generate(
     sampling: SamplingParams = GREEDY,
     chunk_size: int | None = None,
     token_budget: int = 4096,
+    placeholders: bool | None = None,
 ) -> list[list[int]]:
     """Run all prompts together to completion; returns each one's output token ids."""
     seqs = [DriverSeq(f"s{i}", list(p), sampling) for i, p in enumerate(prompts)]
-    return Driver(runner, chunk_size, token_budget).run(seqs)
+    return Driver(runner, chunk_size, token_budget, placeholders).run(seqs)
 
 
 def beside_eager(runner: ModelRunner, path, runs, params: SamplingParams) -> list:

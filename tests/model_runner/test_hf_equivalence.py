@@ -5,6 +5,7 @@ This also verifies the GGUF q/k un-permutation: without it, not one prompt would
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kernels.linear import packing_available
@@ -26,8 +27,9 @@ def test_reference_cases_are_varied(reference_cases):
     assert sum(len(ref) == 32 for _, ref in reference_cases) >= 8
 
 
-def test_greedy_batched_matches_hf(runner, reference_cases):
-    outputs = generate(runner, [ids for ids, _ in reference_cases])
+@pytest.mark.parametrize("placeholders", [True, False], ids=["overlap", "sync"])
+def test_greedy_batched_matches_hf(runner, reference_cases, placeholders):
+    outputs = generate(runner, [ids for ids, _ in reference_cases], placeholders=placeholders)
     _assert_all_equal(outputs, reference_cases)
 
 

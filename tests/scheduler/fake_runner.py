@@ -5,12 +5,15 @@ sequences, block copies (all read before any is written) and block-table deltas,
 chunks' tokens, then checks that every slot each sequence attends to holds its own token:
 that catches wrong prefix hits, missing or wrong copy-on-write, and writes into blocks that
 another sequence reads. A chunk reaching the end of its tokens samples one new token.
+A placeholder chunk (overlap) must be a one-token decode of the token this runner sampled
+for it in the step before; after a failed step such rows are dropped, as the runner does.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 
 from actors.protocol import TokenizedRequest
@@ -41,9 +44,12 @@ class FakeRunner:
         self.seqs: dict[str, _RunnerSeq] = {}
         rng = random.Random(seed)
         self.next_token = next_token or (lambda seq_id, tokens: rng.randrange(1, 50))
+        self.last_sampled: tuple[int, dict[str, int]] = (-1, {})  # (step id, seq id -> token)
+        self.num_placeholders = 0  # placeholder rows computed
 
     def fail(self, step: StepInput) -> None:
         """A step that raised in the forward, after taking in the sequence changes."""
+        self.last_sampled = (-1, {})
         self._take_sequences(step)
 
     def _take_sequences(self, step: StepInput) -> None:
@@ -55,14 +61,33 @@ class FakeRunner:
                 list(new.token_ids), list(new.block_ids), new.num_computed_tokens
             )
 
+    def _resolve_placeholders(self, step: StepInput) -> list:
+        """The chunks to compute: placeholder rows checked, unresolvable ones dropped."""
+        prev_id, prev = self.last_sampled
+        prev = prev if prev_id == step.step_id - 1 else {}
+        self.last_sampled = (-1, {})
+        kept = []
+        for chunk in step.chunks:
+            if chunk.num_placeholders:
+                assert chunk.num_placeholders == 1 and chunk.num_tokens == 1
+                if chunk.seq_id not in prev:
+                    continue  # its previous step failed
+                seq = self.seqs[chunk.seq_id]
+                assert seq.num_computed == len(seq.token_ids) - 1
+                assert seq.token_ids[-1] == prev[chunk.seq_id]
+                self.num_placeholders += 1
+            kept.append(chunk)
+        return kept
+
     def execute(self, step: StepInput) -> StepOutput:
         bs = self.block_size
         self._take_sequences(step)
+        chunks = self._resolve_placeholders(step)
         sources = {src: list(self.kv[src]) for src, _ in step.block_copies}
         for src, dst in step.block_copies:
             self.kv[dst] = list(sources[src])
         written: dict[tuple[int, int], str] = {}
-        for chunk in step.chunks:
+        for chunk in chunks:
             seq = self.seqs[chunk.seq_id]
             del seq.table[chunk.block_table_start :]
             seq.table.extend(chunk.block_ids)
@@ -75,7 +100,7 @@ class FakeRunner:
                 written[slot] = chunk.seq_id
                 self.kv[slot[0]][slot[1]] = seq.token_ids[pos]
         sampled = []
-        for chunk in step.chunks:
+        for chunk in chunks:
             seq = self.seqs[chunk.seq_id]
             end = seq.num_computed + chunk.num_tokens
             for pos in range(end):
@@ -86,7 +111,8 @@ class FakeRunner:
                 token = self.next_token(chunk.seq_id, seq.token_ids)
                 seq.token_ids.append(token)
                 sampled.append(SampledToken(chunk.seq_id, token))
-        device_seconds = self.seconds_per_token * sum(c.num_tokens for c in step.chunks)
+        self.last_sampled = (step.step_id, {t.seq_id: t.token_id for t in sampled})
+        device_seconds = self.seconds_per_token * sum(c.num_tokens for c in chunks)
         return StepOutput(step_id=step.step_id, sampled=sampled, device_seconds=device_seconds)
 
 
@@ -178,3 +204,54 @@ class Driver:
             t for o in self.outputs if (o.request_id, o.index) == (request_id, index)
             for t in o.token_ids
         ]  # fmt: skip
+
+
+class OverlapDriver(Driver):
+    """As Driver, with overlap: a step is planned while the one before is in flight (two at
+    most), results come back in order. The runner executes a step before its result is
+    taken, as the executor's worker does."""
+
+    def __init__(self, sched: Scheduler, runner: FakeRunner | None = None) -> None:
+        super().__init__(sched, runner)
+        self.in_flight: deque[StepInput] = deque()
+        self.steps: list[StepInput] = []
+
+    def plan(self) -> None:
+        while self.sched.num_steps_in_flight < 2:
+            step = self.sched.schedule()
+            self.outputs.extend(self.sched.take_finished_aborts().outputs)
+            if step is None:
+                return
+            self.in_flight.append(step)
+            self.steps.append(step)
+
+    def step(self, fail: bool = False):
+        """Plan ahead, then take the oldest step's result (or its failure)."""
+        self.plan()
+        if not self.in_flight:
+            return None
+        step = self.in_flight.popleft()
+        if fail:
+            self.runner.fail(step)
+            tokens = self.sched.fail_step(step.step_id)
+        else:
+            tokens = self.sched.update(self.runner.execute(step))
+        self.outputs.extend(tokens.outputs)
+        self.check()
+        return step, tokens
+
+    def check(self) -> None:
+        """Block invariants; tables only for running sequences or ones a step in flight
+        still computes; the runner holds at least what the scheduler knows."""
+        sched = self.sched
+        sched.blocks.check_invariants()
+        in_flight = {c.seq_id for s in self.in_flight for c in s.chunks}
+        running = {s.seq_id for s in sched.running}
+        assert sched.blocks.seq_ids() - running <= in_flight
+        for seq in sched.running:
+            if not seq.on_runner or seq.seq_id in in_flight:
+                continue
+            mine = self.runner.seqs[seq.seq_id]
+            assert mine.table == sched.blocks.block_table(seq.seq_id)
+            assert mine.num_computed == seq.num_computed
+            assert mine.token_ids == seq.token_ids

@@ -246,16 +246,18 @@ def test_logprobs_are_converted():
     assert tokens.outputs == [SeqOutput("a", 0, [9], None, None, [(9, -0.5, top)])]
 
 
-def test_one_step_in_flight():
+def test_at_most_two_steps_in_flight():
     sched = make_scheduler()
     sched.add_request(request("a", [1, 2, 3]))
     step = sched.schedule()
+    ahead = sched.schedule()  # overlap: planned while `step` runs
+    assert ahead.step_id == step.step_id + 1 and sched.num_steps_in_flight == 2
     with pytest.raises(RuntimeError):
         sched.schedule()
     with pytest.raises(ValueError):
-        sched.update(StepOutput(step_id=step.step_id + 1))
+        sched.update(StepOutput(step_id=ahead.step_id))  # results come back in order
     sched.update(StepOutput(step_id=step.step_id, sampled=[SampledToken("a", 5)]))
-    assert sched.schedule().step_id == step.step_id + 1
+    assert sched.schedule().step_id == ahead.step_id + 1
 
 
 def test_fail_step_finishes_its_sequences_with_error():
