@@ -31,6 +31,18 @@ GREEDY_PROMPTS = [
 GREEDY_NEW_TOKENS = 32
 
 
+def settled_stats(llm, timeout: float = 30.0):
+    """`llm.stats()` once no block is in use, or the last stats after `timeout`.
+
+    NOTE: stats reach the API apart from the outputs, and with overlap a step planned ahead
+    still holds blocks when the last output is back: the numbers settle a step later.
+    """
+    deadline = time.monotonic() + timeout
+    while (stats := llm.stats()).num_blocks_in_use and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return stats
+
+
 def int8_dot_kernels_run() -> bool:
     """Whether the int8-dot CPU kernels run here, built where the engine keeps them."""
     from kernels import int8_dot_linear

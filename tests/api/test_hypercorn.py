@@ -134,7 +134,7 @@ async def test_slow_and_oversized_clients_are_cut_off(engine, monkeypatch):
         start = asyncio.get_running_loop().time()
         for _ in range(16):  # a header byte every 0.5 s: never complete
             await asyncio.sleep(0.5)
-            if reader.at_eof():
+            if reader.at_eof() or reader.exception() is not None:  # closed, or reset
                 break
             writer.write(b"X")
         assert await _read_until_closed(reader, 5) == b""

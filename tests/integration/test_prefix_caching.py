@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 from api import LLM, SamplingParams
+from tests.conftest import settled_stats
 
 SYSTEM = (
     "You are a careful assistant for a public library. Answer questions about opening hours, "
@@ -35,7 +36,7 @@ def run(enable_prefix_caching: bool, num_blocks: int):
             for question in QUESTIONS:
                 prefix = SYSTEM if round_ == 0 or len(question) % 2 else SYSTEM.upper()
                 outs.append(llm.generate([prefix + "\nQ: " + question + "\nA:"], GREEDY)[0])
-        return outs, llm.stats()
+        return outs, settled_stats(llm)
     finally:
         llm.shutdown()
 
