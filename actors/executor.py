@@ -21,6 +21,8 @@ from actors.protocol import (
     ExecutorReady,
     GrammarFailed,
     GrammarReady,
+    LoraAdapterRead,
+    ReadLoraAdapter,
     ReleaseGrammars,
     StepFailed,
     StepPlan,
@@ -29,6 +31,7 @@ from actors.protocol import (
 from actors.transport import Transport
 from model_runner.config import EngineConfigError
 from model_runner.grammar_cache import GrammarError
+from model_runner.lora_adapter import LoraAdapterError
 from model_runner.sampling_params import GrammarSpec
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,7 @@ class ExecutorActor(Actor):
         )
         self.compile_timeout = structured_outputs_timeout
         self.compiles: dict[str, asyncio.Task] = {}
+        self.lora_reads: set[asyncio.Task] = set()
         self.step_task: asyncio.Task | None = None
         self.scheduler = transport.outbox("scheduler")
 
@@ -110,6 +114,10 @@ class ExecutorActor(Actor):
                 self.step_task = asyncio.create_task(self.run_step(step))
             case CompileGrammar(request_id=rid, grammar=spec):
                 self.compiles[rid] = asyncio.create_task(self.compile(rid, spec))
+            case ReadLoraAdapter(request_id=rid, key=key, path=path):
+                task = asyncio.create_task(self.read_lora(rid, key, path))
+                self.lora_reads.add(task)  # NOTE: a reference, so the task is not collected
+                task.add_done_callback(self.lora_reads.discard)
             case ReleaseGrammars(request_ids=request_ids):
                 for rid in request_ids:
                     if (task := self.compiles.pop(rid, None)) is not None:
@@ -125,6 +133,18 @@ class ExecutorActor(Actor):
             self.scheduler.send(StepFailed(step_id=step.step_id, message=repr(e)))
             return
         self.scheduler.send(StepResult(output=output))
+
+    async def read_lora(self, request_id: str, key: str, path: str) -> None:
+        """In the step thread (between steps: the runner's adapter cache is not shared)."""
+        loop, error = asyncio.get_running_loop(), None
+        try:
+            await loop.run_in_executor(self.worker, self.runner.read_lora_adapter, key, path)
+        except LoraAdapterError as e:
+            error = str(e)
+        except Exception as e:  # NOTE: an unexpected read failure refuses the load only
+            log.exception("reading LoRA adapter %s failed", path)
+            error = f"LoRA adapter {path!r} cannot be read: {e!r}"
+        self.scheduler.send(LoraAdapterRead(request_id=request_id, error=error))
 
     async def compile(self, request_id: str, spec: GrammarSpec) -> None:
         """Compile in the pool; answer GrammarReady (pinned) or GrammarFailed.

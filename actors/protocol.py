@@ -38,6 +38,7 @@ class GenerateRequest(_Message, kw_only=True):
     # Character spans of `prompt` that client text wrote as control-token spellings: the
     # tokenizer encodes them as plain text (sorted, non-overlapping).
     literal_spans: list[tuple[int, int]] | None = None
+    lora_name: str | None = None  # the adapter the request's `model` names; None: the base
 
 
 # --- tokenizer -> scheduler, api -> scheduler, detokenizer -> scheduler -----------------
@@ -50,6 +51,7 @@ class TokenizedRequest(_Message, kw_only=True):
     cache_salt: str | None = None
     arrival_time: float
     feature: str = "none"
+    lora_name: str | None = None
 
 
 class Abort(_Message, kw_only=True):
@@ -67,6 +69,22 @@ class ResetPrefixCache(_Message, kw_only=True):
 class Drain(_Message, kw_only=True):
     """Shutting down: refuse new requests (503) and abort every request not yet started;
     running ones go on."""
+
+
+class LoadLoraAdapter(_Message, kw_only=True):
+    """Runtime load (`POST /v1/load_lora_adapter`): answered by a LoraAdapterUpdated."""
+
+    request_id: str
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraAdapter(_Message, kw_only=True):
+    """New requests for the adapter get a 404; running ones finish. A LoraAdapterUpdated
+    answers."""
+
+    request_id: str
+    lora_name: str
 
 
 # --- executor <-> scheduler -------------------------------------------------------------
@@ -117,6 +135,19 @@ class ReleaseGrammars(_Message, kw_only=True):
     their compiles)."""
 
     request_ids: list[str]
+
+
+class ReadLoraAdapter(_Message, kw_only=True):
+    """Read and check an adapter into the runner's host cache; a LoraAdapterRead answers."""
+
+    request_id: str
+    key: str  # model_runner.step_input.lora_key
+    path: str
+
+
+class LoraAdapterRead(_Message, kw_only=True):
+    request_id: str
+    error: str | None = None  # why the adapter cannot be served; None: it can
 
 
 class GrammarReady(_Message, kw_only=True):
@@ -249,6 +280,14 @@ class PrefixCacheReset(_Message, kw_only=True):
     ok: bool
 
 
+class LoraAdapterUpdated(_Message, kw_only=True):
+    """The answer to a Load/UnloadLoraAdapter: status 200, or the error's status and text."""
+
+    request_id: str
+    status: int
+    message: str
+
+
 # --- to the supervisor ------------------------------------------------------------------
 
 
@@ -264,7 +303,13 @@ class Heartbeat(_Message, kw_only=True):
 
 
 ApiInbox = Union[
-    TextDeltas, RequestError, SchedulerStats, EngineReady, EngineFailed, PrefixCacheReset
+    TextDeltas,
+    RequestError,
+    SchedulerStats,
+    EngineReady,
+    EngineFailed,
+    PrefixCacheReset,
+    LoraAdapterUpdated,
 ]
 TokenizerInbox = Union[GenerateRequest]
 SchedulerInbox = Union[
@@ -278,8 +323,11 @@ SchedulerInbox = Union[
     StepFailed,
     GrammarReady,
     GrammarFailed,
+    LoadLoraAdapter,
+    UnloadLoraAdapter,
+    LoraAdapterRead,
 ]
-ExecutorInbox = Union[StepPlan, CompileGrammar, ReleaseGrammars]
+ExecutorInbox = Union[StepPlan, CompileGrammar, ReleaseGrammars, ReadLoraAdapter]
 DetokenizerInbox = Union[StepTokens]
 SupervisorInbox = Union[Heartbeat]
 

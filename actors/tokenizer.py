@@ -84,6 +84,7 @@ class TokenizerActor(Actor):
                 cache_salt=req.cache_salt,
                 arrival_time=req.arrival_time,
                 feature=req.feature,
+                lora_name=req.lora_name,
             )
         )
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from api.offline import LLM, CompletionOutput, RequestOutput
+    from api.offline import LLM, CompletionOutput, LoRARequest, RequestOutput
     from model_runner.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "LoRARequest"]
 
 
 def __getattr__(name: str) -> Any:
@@ -19,7 +19,7 @@ def __getattr__(name: str) -> Any:
         from model_runner.sampling_params import SamplingParams
 
         return SamplingParams
-    if name in ("LLM", "RequestOutput", "CompletionOutput"):
+    if name in ("LLM", "RequestOutput", "CompletionOutput", "LoRARequest"):
         from api import offline
 
         return getattr(offline, name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import NamedTuple
 
@@ -14,12 +15,15 @@ from actors.protocol import (
     EngineFailed,
     EngineReady,
     GenerateRequest,
+    LoadLoraAdapter,
+    LoraAdapterUpdated,
     PrefixCacheReset,
     RequestError,
     ResetPrefixCache,
     SchedulerStats,
     TextDelta,
     TextDeltas,
+    UnloadLoraAdapter,
 )
 from actors.supervisor import Supervisor
 from actors.transport import InProcessTransport, Transport, ZmqTransport, make_run_dir
@@ -66,6 +70,8 @@ class EngineClient:
         self.ready = asyncio.Event()
         self.start_failure: str | None = None  # why the engine cannot start (EngineFailed)
         self.reset_waiters: list[asyncio.Future] = []
+        self.lora_adapters: dict[str, str] = dict(config.lora_modules)  # servable: name -> path
+        self.lora_waiters: dict[str, asyncio.Future] = {}  # load/unload id -> its answer
         self.to_scheduler = None
         self.tokenizer = None
         self.model_name = ""
@@ -208,6 +214,9 @@ class EngineClient:
                     self.ready.set()
                 case EngineFailed(message=message):
                     self.start_failure = message
+                case LoraAdapterUpdated(request_id=rid):
+                    if (fut := self.lora_waiters.pop(rid, None)) is not None and not fut.done():
+                        fut.set_result(msg)
                 case PrefixCacheReset(ok=ok):
                     waiters, self.reset_waiters = self.reset_waiters, []
                     for fut in waiters:
@@ -225,6 +234,7 @@ class EngineClient:
         cache_salt: str | None = None,
         feature: str = "none",
         literal_spans: list[tuple[int, int]] | None = None,
+        lora_name: str | None = None,
     ) -> AsyncIterator[TextDelta]:
         if request_id in self.streams:
             raise ValueError(f"duplicate request id {request_id}")
@@ -243,6 +253,7 @@ class EngineClient:
                 arrival_time=time.time(),
                 feature=feature,
                 literal_spans=literal_spans or None,
+                lora_name=lora_name,
             )
         )
         unfinished = sampling.n
@@ -301,6 +312,30 @@ class EngineClient:
         """End every open request with finish_reason "abort"."""
         for request_id in list(self.streams):
             self.to_scheduler.send(Abort(request_id=request_id))
+
+    async def load_lora_adapter(self, name: str, path: str) -> tuple[int, str]:
+        """(status, message): 200 once the engine has read and checked the adapter."""
+        return await self._update_lora(LoadLoraAdapter, name, lora_path=path)
+
+    async def unload_lora_adapter(self, name: str) -> tuple[int, str]:
+        """(status, message): new requests for it get a 404 from then on."""
+        return await self._update_lora(UnloadLoraAdapter, name)
+
+    async def _update_lora(self, message_type, name: str, **fields) -> tuple[int, str]:
+        request_id = f"lora-{uuid.uuid4().hex}"
+        fut = asyncio.get_running_loop().create_future()
+        self.lora_waiters[request_id] = fut
+        self.to_scheduler.send(message_type(request_id=request_id, lora_name=name, **fields))
+        try:
+            answer = await asyncio.wait_for(fut, 60.0)
+        finally:
+            self.lora_waiters.pop(request_id, None)
+        if answer.status == 200:
+            if message_type is LoadLoraAdapter:
+                self.lora_adapters[name] = fields["lora_path"]
+            else:
+                self.lora_adapters.pop(name, None)
+        return answer.status, answer.message
 
     async def reset_prefix_cache(self) -> bool:
         fut = asyncio.get_running_loop().create_future()

@@ -39,6 +39,15 @@ class CompletionOutput:
     logprobs: list | None = None  # list[TokenLogprob] when asked for
 
 
+@dataclass(frozen=True)
+class LoRARequest:
+    """vLLM's: an adapter by name and PEFT folder (`lora_int_id` is accepted, unused)."""
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -141,8 +150,11 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         *,
         use_tqdm: bool | None = None,
+        lora_request: LoRARequest | list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Complete every prompt; outputs come back in the order of `prompts`."""
+        """Complete every prompt; outputs come back in the order of `prompts`.
+        `lora_request`: run them with that adapter, or one (or None) per prompt; an adapter
+        is loaded on first use (`LLM(enable_lora=True)`)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         texts: list[str | None] = []
@@ -155,7 +167,7 @@ class LLM:
             encoded = self.engine.tokenizer([texts[i] for i in missing]).input_ids
             for i, enc in zip(missing, encoded, strict=True):
                 ids[i] = list(enc)
-        return self._run(texts, ids, sampling_params, use_tqdm)
+        return self._run(texts, ids, sampling_params, use_tqdm, lora_request)
 
     def chat(
         self,
@@ -165,6 +177,7 @@ class LLM:
         use_tqdm: bool | None = None,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        lora_request: LoRARequest | list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Chat completions: one conversation (a list of messages) or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
@@ -186,13 +199,33 @@ class LLM:
                     rendered.text, add_special_tokens=False, literal_spans=rendered.literal_spans
                 )
             )
-        return self._run(texts, ids, sampling_params, use_tqdm)
+        return self._run(texts, ids, sampling_params, use_tqdm, lora_request)
 
-    def _run(self, texts, ids, sampling_params, use_tqdm) -> list[RequestOutput]:
+    def _adapter(self, lora: LoRARequest | None) -> str | None:
+        """The adapter's name, loaded into the engine first if it is new."""
+        if lora is None:
+            return None
+        if not self.config.enable_lora:
+            raise ValueError("a lora_request needs LLM(enable_lora=True)")
+        known = self.engine.lora_adapters.get(lora.lora_name)
+        if known is None:
+            load = self.engine.load_lora_adapter(lora.lora_name, lora.lora_path)
+            status, message = asyncio.run_coroutine_threadsafe(load, self._loop).result()
+            if status != 200:
+                raise ValueError(message)
+        elif known != lora.lora_path:
+            raise ValueError(f"the adapter {lora.lora_name!r} is loaded from {known!r}")
+        return lora.lora_name
+
+    def _run(self, texts, ids, sampling_params, use_tqdm, lora=None) -> list[RequestOutput]:
         params = self._check(ids, sampling_params)
+        loras = lora if isinstance(lora, list) else [lora] * len(ids)
+        if len(loras) != len(ids):
+            raise ValueError("give one lora_request, or one per prompt")
+        names = [self._adapter(x) for x in loras]
         futures = [
-            asyncio.run_coroutine_threadsafe(self._one(text, tokens, p), self._loop)
-            for text, tokens, p in zip(texts, ids, params, strict=True)
+            asyncio.run_coroutine_threadsafe(self._one(text, tokens, p, name), self._loop)
+            for text, tokens, p, name in zip(texts, ids, params, names, strict=True)
         ]
         show = self.use_tqdm if use_tqdm is None else use_tqdm
         try:
@@ -223,10 +256,14 @@ class LLM:
             raise ValueError(e.message) from None
         return sampling_params
 
-    async def _one(self, text: str | None, ids: list[int], params: SamplingParams) -> RequestOutput:
+    async def _one(
+        self, text: str | None, ids: list[int], params: SamplingParams, lora: str | None
+    ) -> RequestOutput:
         request_id = f"offline-{uuid.uuid4().hex}"
         acc = Accumulator(1, params.n)
-        stream = self.engine.generate(request_id, prompt_token_ids=ids, sampling=params)
+        stream = self.engine.generate(
+            request_id, prompt_token_ids=ids, sampling=params, lora_name=lora
+        )
         try:
             async for delta in stream:
                 acc.add(0, delta)

@@ -220,6 +220,17 @@ def _register_routes(app: Quart, engine, serving: OpenAIServing, metrics: Servin
     async def prometheus():
         return Response(metrics.render(), 200, content_type=CONTENT_TYPE_LATEST)
 
+    cfg = getattr(engine, "config", None)
+    if getattr(cfg, "enable_lora", False) and getattr(cfg, "allow_runtime_lora_updating", False):
+
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter():
+            return await serving.load_lora_adapter(await request.get_data())
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter():
+            return await serving.unload_lora_adapter(await request.get_data())
+
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache():
         ok = await engine.reset_prefix_cache()

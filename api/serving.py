@@ -28,7 +28,9 @@ from api.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoraAdapterRequest,
     TokenizeRequest,
+    UnloadLoraAdapterRequest,
 )
 from api.request_tracker import RequestTracker
 from api.responses import ChatStreamer, CompletionStreamer, chat_response, completion_response
@@ -156,11 +158,15 @@ class OpenAIServing:
             "max_model_len": self.engine.max_model_len,
             "permission": [],
         }
-        return {"object": "list", "data": [card]}
+        adapters = [
+            card | {"id": lora, "root": path, "parent": name}
+            for lora, path in self.engine.lora_adapters.items()
+        ]
+        return {"object": "list", "data": [card, *adapters]}
 
     async def chat(self, body: bytes, feature_header: str | None = None) -> Response:
         req = decode_body(body, ChatCompletionRequest)
-        check_model(req.model, self.engine.model_name)
+        lora = check_model(req.model, self.engine.model_name, self.engine.lora_adapters)
         if self.token_only:
             raise needs_tokenizer("A chat request", "messages")
         feature = self.features.label(feature_header, req.metadata)
@@ -193,10 +199,11 @@ class OpenAIServing:
             add_special_tokens=req.add_special_tokens,
             cache_salt=req.cache_salt,
             feature=feature,
+            lora_name=lora,
         )
         acc = Accumulator(1, sampling.n)
         tracker = self.metrics.track(request_id, feature, sampling.n, self.log_request)
-        created, model = int(time.time()), self.engine.model_name
+        created, model = int(time.time()), lora or self.engine.model_name
         if req.stream:
             streamer = ChatStreamer(
                 request_id, created, model, acc, logprobs=req.logprobs, tool_plan=tool_plan,
@@ -210,7 +217,7 @@ class OpenAIServing:
 
     async def completions(self, body: bytes, feature_header: str | None = None) -> Response:
         req = decode_body(body, CompletionRequest)
-        check_model(req.model, self.engine.model_name)
+        lora = check_model(req.model, self.engine.model_name, self.engine.lora_adapters)
         feature = self.features.label(feature_header, req.metadata)
         constraint = await off_the_loop(checked_constraint, req)
         sampling = completion_sampling_params(req, self.limits, constraint and constraint.grammar)
@@ -227,6 +234,7 @@ class OpenAIServing:
                 add_special_tokens=req.add_special_tokens,
                 cache_salt=req.cache_salt,
                 feature=feature,
+                lora_name=lora,
             )
             for i, p in enumerate(prompts)
         ]
@@ -235,7 +243,7 @@ class OpenAIServing:
         if req.echo:
             echo = [p if isinstance(p, str) else self.engine.tokenizer.decode(p) for p in prompts]
         acc = Accumulator(len(prompts), sampling.n)
-        created, model = int(time.time()), self.engine.model_name
+        created, model = int(time.time()), lora or self.engine.model_name
         logprobs = req.logprobs is not None
         if req.stream:
             streamer = CompletionStreamer(
@@ -274,7 +282,7 @@ class OpenAIServing:
 
     async def tokenize(self, body: bytes) -> Response:
         req = decode_body(body, TokenizeRequest)
-        check_model(req.model, self.engine.model_name)
+        check_model(req.model, self.engine.model_name, self.engine.lora_adapters)
         if self.token_only:
             raise needs_tokenizer("/tokenize", None)
         if (req.prompt is None) == (req.messages is None):
@@ -312,10 +320,31 @@ class OpenAIServing:
             }
         )
 
+    async def load_lora_adapter(self, body: bytes) -> Response:
+        req = decode_body(body, LoadLoraAdapterRequest)
+        if not req.lora_name or req.lora_name == self.engine.model_name:
+            raise bad_request("`lora_name` must be a new name, not the base model's.", "lora_name")
+        if not req.lora_path:
+            raise bad_request("`lora_path` must name a PEFT adapter folder.", "lora_path")
+        status, message = await self.engine.load_lora_adapter(req.lora_name, req.lora_path)
+        return _lora_answer(status, message, "lora_path" if status == 400 else "lora_name")
+
+    async def unload_lora_adapter(self, body: bytes) -> Response:
+        req = decode_body(body, UnloadLoraAdapterRequest)
+        status, message = await self.engine.unload_lora_adapter(req.lora_name)
+        return _lora_answer(status, message, "lora_name")
+
     async def detokenize(self, body: bytes) -> Response:
         req = decode_body(body, DetokenizeRequest)
-        check_model(req.model, self.engine.model_name)
+        check_model(req.model, self.engine.model_name, self.engine.lora_adapters)
         if self.token_only:
             raise needs_tokenizer("/detokenize", None)
         ids = check_token_ids(req.tokens, self.limits, "tokens")
         return json_response({"prompt": self.engine.tokenizer.decode(ids)})
+
+
+def _lora_answer(status: int, message: str, param: str) -> Response:
+    """vLLM's answers: the text on success, OpenAI's error shape otherwise."""
+    if status == 200:
+        return Response(message, 200, content_type="text/plain")
+    raise ApiError(status, message, param=param)

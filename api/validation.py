@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -84,10 +85,14 @@ def _field_message(message: str) -> str:
     return f"Invalid value for `{param}`: {text}" if param else f"Invalid request: {text}"
 
 
-def check_model(requested: str | None, served: str) -> None:
-    """A named model must be the served one (404 NotFoundError, param "model")."""
-    if requested is not None and requested != served:
-        raise ApiError(404, f"The model `{requested}` does not exist.", param="model")
+def check_model(requested: str | None, served: str, adapters: Collection[str] = ()) -> str | None:
+    """A named model must be the served one or one of its LoRA adapters (404 NotFoundError,
+    param "model"); returns the adapter's name, None for the base model."""
+    if requested is None or requested == served:
+        return None
+    if requested in adapters:
+        return requested
+    raise ApiError(404, f"The model `{requested}` does not exist.", param="model")
 
 
 def check_token_ids(ids: Any, limits: Limits, param: str) -> list[int]:

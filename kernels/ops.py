@@ -15,6 +15,7 @@ import torch
 from kernels.activation import silu_and_mul_ref
 from kernels.kv_cache import write_kv_ref
 from kernels.layernorm import fused_add_rms_norm_ref, rms_norm_ref
+from kernels.lora import lora_expand_ref, lora_shrink_ref
 from kernels.paged_attention import paged_attention_ref
 from kernels.rotary import rotary_embedding_ref
 from kernels.rotary import rotary_tables as rotary_tables_ref
@@ -128,3 +129,27 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
         return silu_and_mul_triton(x)
     return silu_and_mul_ref(x)
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    """Grouped LoRA shrink; see `kernels.lora.lora_shrink_ref`."""
+    if use_triton(x):
+        from kernels.lora_triton import lora_shrink_triton as impl
+    else:
+        impl = lora_shrink_ref
+    return impl(x, lora_a, token_slots)
+
+
+def lora_expand(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    lora_b: torch.Tensor,
+    token_slots: torch.Tensor,
+    scales: torch.Tensor,
+) -> None:
+    """Grouped LoRA expand, in place on y; see `kernels.lora.lora_expand_ref`."""
+    if use_triton(y):
+        from kernels.lora_triton import lora_expand_triton as impl
+    else:
+        impl = lora_expand_ref
+    impl(y, h, lora_b, token_slots, scales)

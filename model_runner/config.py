@@ -63,6 +63,13 @@ class EngineConfig:
     grammar_compile_niceness: int = 5  # Linux niceness of the compile threads (0: as the step)
     # vLLM's --skip-tokenizer-init: no tokenizer anywhere; token-id prompts and outputs only
     skip_tokenizer_init: bool = False
+    # Multi-LoRA (vLLM's flags): adapters by name, mixed in one step (model_runner.lora)
+    enable_lora: bool = False
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, PEFT adapter folder)
+    max_lora_rank: int = 16
+    max_loras: int = 4  # adapters resident on the device, so at most this many in one step
+    max_cpu_loras: int | None = None  # adapters kept in host memory (LRU); None: max_loras
+    allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter, /v1/unload_...
 
 
 DEFAULT_CPU_KV_CACHE_GIB = 2.0

@@ -33,6 +33,7 @@ class SequenceState:
         "prompt_token_set",
         "output_counts",
         "grammar",
+        "lora_slot",
     )
 
     def __init__(self, new: NewSequence, grammar: SequenceGrammar | None = None):
@@ -48,6 +49,7 @@ class SequenceState:
         self.prompt_token_set: frozenset[int] | None = None  # made when penalties need it
         self.output_counts: dict[int, int] | None = None  # made when penalties need it
         self.grammar = grammar  # structured output: its matcher has seen every output token
+        self.lora_slot = new.lora_slot  # NOTE: its slot keeps this adapter while it lives
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -147,6 +147,7 @@ class Linear(nn.Module):
             if bias
             else None
         )
+        self.lora = None  # model_runner.lora.LoraStacks: adapter deltas added on top
 
     def load(self, shard: int, source: WeightSource) -> None:
         """Load the weight of shard `shard` (its rows start at `offsets[shard]`)."""
@@ -164,7 +165,8 @@ class Linear(nn.Module):
         self.method.finalize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(x, self.bias)
+        y = self.method.apply(x, self.bias)
+        return y if self.lora is None else self.lora.add_to(y, x)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {list(self.output_sizes)}, {self.method.kind}"

@@ -42,6 +42,8 @@ from model_runner.kv_cache import (
 )
 from model_runner.linear_plan import plan_linears
 from model_runner.loader import available_memory_bytes, load_model
+from model_runner.lora import make_lora_slots
+from model_runner.lora_adapter import LoraAdapterError
 from model_runner.model_source import (
     ModelConfig,
     ModelSource,
@@ -105,6 +107,7 @@ class ModelRunner:
             available_memory_bytes(),
         )
         self._load_weights_and_cache(reader, progress)
+        self.lora = make_lora_slots(config, self.model.layers, self.dtype, self.device)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.seed)
         self._seqs: dict[str, SequenceState] = {}
         self.last_sampled = LastSampled()  # overlap: the previous step's tokens, on the device
@@ -271,6 +274,19 @@ class ModelRunner:
             return meta
         return dataclasses.replace(meta, decode_context=plan)
 
+    def _lora_token_slots(self, step: StepInput) -> torch.Tensor | None:
+        if self.lora is None:
+            return None
+        return self.lora.token_slots(
+            [(self._seqs[c.seq_id].lora_slot, c.num_tokens) for c in step.chunks]
+        )
+
+    def read_lora_adapter(self, key: str, path: str) -> None:
+        """Read and check an adapter into the host cache (raises LoraAdapterError)."""
+        if self.lora is None:
+            raise LoraAdapterError("LoRA adapters need --enable-lora")
+        self.lora.read(key, path)
+
     @property
     def num_active_sequences(self) -> int:
         return len(self._seqs)
@@ -282,6 +298,8 @@ class ModelRunner:
         step, prev_rows, prev_tokens = self.last_sampled.take(step)
         apply_state_updates(self._seqs, step, self._make_grammar)
         self.kv_cache.copy_blocks(step.block_copies)
+        for load in step.lora_loads:
+            self.lora.load(load.slot, load.key, load.path)
         if not step.chunks:
             device_seconds = self.step_timer.stop()
             return StepOutput(
@@ -294,8 +312,12 @@ class ModelRunner:
                 self._seqs, step, self.block_size, self.device, self.config.batch_invariant
             )
             fill_placeholders(inputs.input_ids, step, prev_rows, prev_tokens)
+            lora_slots = self._lora_token_slots(step)
+            # NOTE: steps with adapter rows run eagerly: graphs and fused layers have no LoRA.
             graphs = (
-                self.graphs if self.graphs is not None and self.graphs.applies(inputs) else None
+                self.graphs
+                if self.graphs is not None and lora_slots is None and self.graphs.applies(inputs)
+                else None
             )
             if graphs is None:
                 meta = self._with_decode_context(step, inputs)
@@ -314,6 +336,12 @@ class ModelRunner:
             rows = inputs.input_ids.shape[0]  # NOTE: the rows the forward runs, sampled or not
             if graphs is not None:
                 logits = graphs.run(inputs)
+            elif lora_slots is not None:
+                self.lora.context.token_slots = lora_slots
+                try:
+                    logits = self.model(*args)
+                finally:
+                    self.lora.context.token_slots = None
             elif self.compiled is not None and self.compiled.applies(meta, rows):
                 logits = self.compiled.run(*args)
             else:

@@ -23,6 +23,7 @@ class NewSequence(msgspec.Struct, frozen=True, kw_only=True):
     num_computed_tokens: int  # leading tokens whose K/V already sit in the cache
     sampling: SamplingParams
     seed: int | None = None  # the sample's own seed (sampling.seed + sample index)
+    lora_slot: int = -1  # its adapter's slot (model_runner.lora); -1: the base model
 
 
 class ScheduledChunk(msgspec.Struct, frozen=True, array_like=True):
@@ -44,12 +45,26 @@ class ScheduledChunk(msgspec.Struct, frozen=True, array_like=True):
     num_placeholders: int = 0
 
 
+def lora_key(name: str, generation: int) -> str:
+    """An adapter loaded under `name` for the `generation`-th time (start-up ones: 0)."""
+    return f"{name}#{generation}"
+
+
+class LoraLoad(msgspec.Struct, frozen=True, kw_only=True):
+    """Before the step: make `slot` hold adapter `key` (read from `path` unless cached)."""
+
+    slot: int
+    key: str  # the adapter's name and load generation: "name#generation"
+    path: str
+
+
 class StepInput(msgspec.Struct, frozen=True, kw_only=True):
     step_id: int
     new_sequences: list[NewSequence] = []
     chunks: list[ScheduledChunk] = []  # every sequence computed this step, new ones too
     finished_seq_ids: list[str] = []  # drop their state before the step (finished/preempted)
     block_copies: list[tuple[int, int]] = []  # (src, dst) block copies before the forward
+    lora_loads: list[LoraLoad] = []  # adapter slots to fill before the forward
 
 
 class SampledToken(msgspec.Struct, frozen=True, array_like=True):

@@ -26,7 +26,11 @@ from actors.protocol import (
     ExecutorReady,
     GrammarFailed,
     GrammarReady,
+    LoadLoraAdapter,
+    LoraAdapterRead,
+    LoraAdapterUpdated,
     PrefixCacheReset,
+    ReadLoraAdapter,
     ReleaseGrammars,
     RequestError,
     ResetPrefixCache,
@@ -35,6 +39,7 @@ from actors.protocol import (
     StepResult,
     StepTokens,
     TokenizedRequest,
+    UnloadLoraAdapter,
 )
 from actors.scheduler.errors import AdmissionError
 from actors.scheduler.overlap import MAX_STEPS_IN_FLIGHT
@@ -62,6 +67,8 @@ class SchedulerActor(Actor):
         self.grammar_stats: GrammarCacheStats | None = None
         self.grammar_stats_changed = False
         self.draining = False
+        self.lora_loads: dict[str, tuple[str, str, str]] = {}  # request id -> name, key, path
+        self.loading_loras: dict[str, str] = {}  # adapter name -> its load's request id
         self.executor = transport.outbox("executor")
         self.detokenizer = transport.outbox("detokenizer")
         self.api = transport.outbox("api")
@@ -93,10 +100,51 @@ class SchedulerActor(Actor):
                 self.api.send(EngineFailed(message=message))
             case Drain():
                 self.drain()
+            case LoadLoraAdapter():
+                self.load_lora(msg)
+            case UnloadLoraAdapter(request_id=rid, lora_name=name):
+                found = self.policy is not None and self.policy.loras.unregister(name)
+                self.api.send(LoraAdapterUpdated(
+                    request_id=rid, status=200 if found else 404,
+                    message=f"Success: LoRA adapter '{name}' removed successfully." if found
+                    else f"The LoRA adapter '{name}' cannot be found.",
+                ))  # fmt: skip
+            case LoraAdapterRead(request_id=rid, error=error):
+                self.lora_read(rid, error)
             case ResetPrefixCache():
                 ok = self.policy is not None and self.policy.reset_prefix_cache()
                 self.api.send(PrefixCacheReset(ok=ok))
         self.plan_next_step()
+
+    def load_lora(self, msg: LoadLoraAdapter) -> None:
+        """Have the executor read and check the adapter; it is servable once it answers."""
+        name, reply = msg.lora_name, None
+        if self.policy is None:
+            reply = (503, "The engine is still starting.")
+        elif self.policy.loras.lookup(name) is not None or name in self.loading_loras:
+            reply = (400, f"The LoRA adapter '{name}' has already been loaded.")
+        if reply is not None:
+            self.api.send(LoraAdapterUpdated(
+                request_id=msg.request_id, status=reply[0], message=reply[1]
+            ))  # fmt: skip
+            return
+        key = self.policy.loras.next_key(name)
+        self.loading_loras[name] = msg.request_id
+        self.lora_loads[msg.request_id] = (name, key, msg.lora_path)
+        self.executor.send(ReadLoraAdapter(request_id=msg.request_id, key=key, path=msg.lora_path))
+
+    def lora_read(self, request_id: str, error: str | None) -> None:
+        pending = self.lora_loads.pop(request_id, None)
+        if pending is None:
+            return
+        name, key, path = pending
+        del self.loading_loras[name]
+        if error is None:
+            self.policy.loras.register(name, key, path)
+            status, message = 200, f"Success: LoRA adapter '{name}' added successfully."
+        else:
+            status, message = 400, error
+        self.api.send(LoraAdapterUpdated(request_id=request_id, status=status, message=message))
 
     def open_requests(self) -> int:
         """Requests waiting for the executor, compiling their grammar, queued or running."""

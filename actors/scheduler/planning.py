@@ -56,10 +56,18 @@ def schedule_waiting(sched: Scheduler, plan: Plan, ahead: bool) -> None:
     running, waiting = sched.running, sched.waiting
     # NOTE: samples that will fork from a running sequence hold their seats already.
     seats = sched.max_num_seqs - len(running) - sum(len(s.forks) for s in running)
+    adapters_in_use = {s.request.lora[0] for s in running if s.request.lora is not None}
+    no_slot: list[Sequence] = []  # NOTE: waiting for an adapter slot; the others go past
     while waiting and plan.budget > 0 and len(plan.scheduled) < sched.max_num_seqs:
         seq = waiting[0]
         if running and 1 + len(seq.forks) > seats:
             break
+        lora, slot = seq.request.lora, -1
+        if lora is not None:
+            slot = sched.loras.pick(lora[0], adapters_in_use)
+            if slot is None:
+                no_slot.append(waiting.popleft())
+                continue
         if sched.blocks.has_blocks(seq.seq_id):
             break  # NOTE: a finished namesake's blocks are freed when its last step returns
         hits = sched.prefix_cache.lookup(seq)
@@ -74,6 +82,10 @@ def schedule_waiting(sched: Scheduler, plan: Plan, ahead: bool) -> None:
             sched.emit(seq, [], "length")
             continue
         waiting.popleft()
+        if lora is not None:
+            sched.loras.assign(slot, *lora)
+            seq.request.lora_slot = slot
+            adapters_in_use.add(lora[0])
         seats -= 1 + len(seq.forks)
         if seq.request.queue_seconds is None:
             seq.request.queue_seconds = max(0.0, time.time() - seq.request.arrival_time)
@@ -82,6 +94,7 @@ def schedule_waiting(sched: Scheduler, plan: Plan, ahead: bool) -> None:
         running.append(seq)
         sched.prefix_cache.count_query(seq, num_computed)
         add_to_plan(plan, sched, seq, num_tokens, alloc)
+    waiting.extendleft(reversed(no_slot))
 
 
 def add_to_plan(
@@ -99,6 +112,7 @@ def add_to_plan(
                 num_computed_tokens=seq.num_computed,
                 sampling=seq.request.sampling,
                 seed=seq.seed,
+                lora_slot=seq.request.lora_slot,
             )
         )
         seq.on_runner = True

@@ -24,6 +24,7 @@ from actors.scheduler.block_manager import BlockManager
 from actors.scheduler.cost import CostLedger
 from actors.scheduler.errors import AdmissionError
 from actors.scheduler.finishing import check_stop, detok_params
+from actors.scheduler.lora_slots import LoraRegistry
 from actors.scheduler.overlap import MAX_STEPS_IN_FLIGHT, InFlightStep
 from actors.scheduler.plan import Plan
 from actors.scheduler.planning import schedule_running, schedule_waiting
@@ -74,6 +75,10 @@ class Scheduler:
         self.preemptions = 0
         self._grammar_done: list[str] = []  # finished requests whose grammar can be unpinned
         self.costs = CostLedger()
+        self.loras = LoraRegistry(
+            getattr(config, "max_loras", 1) if getattr(config, "enable_lora", False) else 0,
+            getattr(config, "lora_modules", ()),
+        )
 
     # --- requests --------------------------------------------------------------------
 
@@ -84,6 +89,11 @@ class Scheduler:
             raise AdmissionError(
                 400, f"Request id {rid!r} is already in use.", code="duplicate_request_id"
             )
+        if req.lora_name is not None and self.loras.lookup(req.lora_name) is None:
+            raise AdmissionError(
+                404, f"The model `{req.lora_name}` does not exist.", param="model",
+                code="model_not_found",
+            )  # fmt: skip
         check_admission(
             len(req.prompt_token_ids),
             req.sampling.max_tokens,
@@ -98,9 +108,12 @@ class Scheduler:
         """Queue a request; raise AdmissionError for what can never fit or a full queue."""
         self.check_request(req)
         prompt_len = len(req.prompt_token_ids)
-        extra = extra_keys(req.cache_salt, getattr(req, "lora_name", None))
+        lora = self.loras.lookup(req.lora_name) if req.lora_name is not None else None
+        # NOTE: the key carries the load generation: a reloaded adapter never hits old blocks.
+        extra = extra_keys(req.cache_salt, lora[0] if lora is not None else None)
         max_tokens = effective_max_tokens(req.sampling.max_tokens, prompt_len, self.max_model_len)
         request = Request.with_samples(req, max_tokens, extra)
+        request.lora = lora
         for seq in request.seqs:
             self._seqs[seq.seq_id] = seq
         self._requests[req.request_id] = request
@@ -170,6 +183,7 @@ class Scheduler:
             chunks=plan.chunks,
             finished_seq_ids=finished,
             block_copies=plan.copies,
+            lora_loads=self.loras.take_loads(),
         )
 
     def update(self, output: StepOutput) -> StepTokens:
@@ -209,6 +223,7 @@ class Scheduler:
         """The step raised: finish each of its sequences (and their pending forks) "error".
         A step planned after it still runs; what it computed for them is discarded."""
         step = self._take_in_flight(step_id)
+        self.loras.resend_loads()  # NOTE: the runner may not have applied this step's loads
         if step is None:
             return self.take_finished_aborts()
         for seq, _ in step.scheduled:

@@ -40,6 +40,8 @@ class Request:
         "arrival_time",
         "queue_seconds",
         "gpu_seconds",
+        "lora",
+        "lora_slot",
     )
 
     def __init__(
@@ -67,6 +69,8 @@ class Request:
         self.arrival_time = arrival_time  # wall clock, when the API accepted it
         self.queue_seconds: float | None = None  # arrival to first scheduled, once scheduled
         self.gpu_seconds = 0.0  # device time charged so far (actors/scheduler/cost.py)
+        self.lora: tuple[str, str] | None = None  # its adapter's (key, path); None: the base
+        self.lora_slot = -1  # the adapter's slot while a sample runs (lora_slots.py)
 
     @classmethod
     def with_samples(cls, req: TokenizedRequest, max_tokens: int, extra_key: bytes) -> Request:

@@ -55,6 +55,7 @@ class FakeEngine:
         self.resets = 0
         self.draining = False
         self.stats_listeners: list = []
+        self.lora_adapters: dict[str, str] = {}  # served adapter names -> paths
 
     def set_output(self, text: str) -> None:
         """What every sample streams from now on (one token per delta)."""
@@ -97,6 +98,7 @@ class FakeEngine:
         cache_salt: str | None = None,
         feature: str = "none",
         literal_spans: list[tuple[int, int]] | None = None,
+        lora_name: str | None = None,
     ):
         self.calls.append(
             dict(
@@ -108,6 +110,7 @@ class FakeEngine:
                 cache_salt=cache_salt,
                 add_special_tokens=add_special_tokens,
                 literal_spans=literal_spans,
+                lora_name=lora_name,
             )
         )
         if self.refusal is not None:

@@ -1,0 +1,42 @@
+"""Grouped LoRA shrink and expand (torch references; one adapter slot per token).
+
+`lora_a [S, R, H]` and `lora_b [S, R, N]` stack S adapter slots, ranks padded to R with
+zeros; `token_slots [T]` picks each token's slot, -1 for none. The references are the CPU
+serving path, so they run without a loop over tokens or slots: shrink is one GEMM against
+every slot at once and a gather; expand scatters each token's rank vector (times its scale)
+into its slot's columns and runs one GEMM against all slots' B, whose other columns are 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def lora_shrink_ref(
+    x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor
+) -> torch.Tensor:
+    """h [T, R] in x's dtype: h[t] = x[t] @ lora_a[slot[t]].T, 0 where slot[t] == -1."""
+    num_slots, rank, hidden = lora_a.shape
+    tokens = x.shape[0]
+    every = x @ lora_a.reshape(num_slots * rank, hidden).t()  # [T, S*R]
+    rows = torch.arange(tokens, device=x.device)
+    h = every.view(tokens, num_slots, rank)[rows, token_slots.clamp(min=0)]
+    return h * (token_slots >= 0).unsqueeze(1).to(h.dtype)
+
+
+def lora_expand_ref(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    lora_b: torch.Tensor,
+    token_slots: torch.Tensor,
+    scales: torch.Tensor,
+) -> None:
+    """In place: y[t] += scales[slot[t]] * (h[t] @ lora_b[slot[t]]) where slot[t] >= 0."""
+    num_slots, rank, out = lora_b.shape
+    tokens = h.shape[0]
+    active = token_slots >= 0
+    slots = token_slots.clamp(min=0)
+    weight = torch.where(active, scales[slots], 0.0).to(h.dtype)
+    spread = h.new_zeros(tokens, num_slots, rank)
+    spread[torch.arange(tokens, device=h.device), slots] = h * weight.unsqueeze(1)
+    y += (spread.view(tokens, num_slots * rank) @ lora_b.reshape(num_slots * rank, out)).to(y.dtype)
