@@ -141,7 +141,8 @@ def test_the_server_serves_adapters_by_model_name_and_loads_them_at_runtime(
     key = "lora-test-key"
     modules = [f"{n}={adapters[n]}" for n in ("sql", "chat")]
     args = ["--dtype", "float32", "--enable-lora", "--lora-modules", *modules,
-            "--allow-runtime-lora-updating", "--max-loras", "2", "--max-cpu-loras", "3"]  # fmt: skip
+            "--allow-runtime-lora-updating", "--max-loras", "2",
+            "--max-cpu-loras", "3"]  # fmt: skip
     bad = bad_adapters(tmp_path, adapters["sql"], hf_model)
     with ServerProcess(*args, api_key=key) as server:
         auth = {"Authorization": f"Bearer {key}"}
