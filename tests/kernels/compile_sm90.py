@@ -18,7 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import activation_triton, kv_cache_triton, layernorm_triton, rotary_triton
+from kernels import activation_triton, kv_cache_triton, layernorm_triton, lora_triton, rotary_triton
 from kernels import paged_attention_triton as pa
 
 H100 = GPUTarget("cuda", 90, 32)
@@ -119,8 +119,22 @@ def _elementwise_variants():
         yield f"rotary_neox{int(neox)}", rotary_triton._rotary_kernel, bf16, {}, consts, w4
 
 
+def _lora_variants():
+    """Ranks 16 and 48 (q/k/v of rank 16 stacked), as the launchers pick their blocks."""
+    ptrs = {n: "*bf16" for n in ("x_ptr", "a_ptr", "h_ptr", "y_ptr", "b_ptr")}
+    ptrs |= {"slots_ptr": "*i64", "scales_ptr": "*fp32"}
+    w4 = dict(num_warps=4, num_stages=1)
+    for rank, block_r, block_h in ((16, 16, 256), (48, 64, 128)):
+        ints = {"rank": rank, "stride_ar": 4096}
+        consts = dict(BLOCK_R=block_r, BLOCK_H=block_h)
+        yield f"lora_shrink_r{rank}", lora_triton._lora_shrink_kernel, ptrs, ints, consts, w4
+        consts = dict(BLOCK_R=block_r, BLOCK_N=max(16, min(128, 8192 // block_r)))
+        yield f"lora_expand_r{rank}", lora_triton._lora_expand_kernel, ptrs, ints, consts, w4
+
+
 def main() -> None:
-    for name, fn, ptrs, ints, consts, launch in [*_attention_variants(), *_elementwise_variants()]:
+    variants = [*_attention_variants(), *_elementwise_variants(), *_lora_variants()]
+    for name, fn, ptrs, ints, consts, launch in variants:
         kernel = compile_variant(fn, ptrs, ints, consts, **launch)
         ttgir = kernel.asm["ttgir"]
         print(json.dumps({
