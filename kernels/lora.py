@@ -40,3 +40,29 @@ def lora_expand_ref(
     spread = h.new_zeros(tokens, num_slots, rank)
     spread[torch.arange(tokens, device=h.device), slots] = h * weight.unsqueeze(1)
     y += (spread.view(tokens, num_slots * rank) @ lora_b.reshape(num_slots * rank, out)).to(y.dtype)
+
+
+def lora_slot_weights(token_slots: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """[T, S]: each token's scale in its slot's column, 0 elsewhere (a row of 0 without one).
+    Built once per step; `lora_add_dense` reads it in every projection."""
+    num_slots = scales.shape[0]
+    onehot = token_slots.unsqueeze(1) == torch.arange(num_slots, device=token_slots.device)
+    return onehot.to(scales.dtype) * scales
+
+
+def lora_add_dense(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    slot_weights: torch.Tensor,
+) -> None:
+    """The CPU's shrink + expand in three ops: y += ((x @ A.T) * w) @ B over every slot at
+    once (A = lora_a as [S*R, H], B = lora_b as [S*R, N], views), where w spreads
+    `slot_weights` over each slot's R columns: every token computes every slot's columns and
+    the weights zero the other slots' (exact: it adds zeros)."""
+    num_slots, rank, hidden = lora_a.shape
+    tokens = x.shape[0]
+    h = (x @ lora_a.view(num_slots * rank, hidden).t()).view(tokens, num_slots, rank)
+    h = (h * slot_weights.to(h.dtype).unsqueeze(2)).view(tokens, num_slots * rank)
+    y += (h @ lora_b.view(num_slots * rank, -1)).to(y.dtype)

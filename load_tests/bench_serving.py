@@ -54,7 +54,8 @@ def build_payloads(args: argparse.Namespace, model: str, level: int) -> list[dic
     else:
         users = make_prompts(n, args.input_len, seed)
     system = shared_prefix(args.shared_prefix_len, args.seed) if args.shared_prefix_len else None
-    return [make_payload(args, model, user, system) for user in users]
+    models = model.split(",")  # NOTE: several (e.g. LoRA adapters): requests take turns
+    return [make_payload(args, models[i % len(models)], u, system) for i, u in enumerate(users)]
 
 
 def make_payload(args: argparse.Namespace, model: str, user: str, system: str | None) -> dict:
@@ -251,7 +252,10 @@ async def run_benchmark(args: argparse.Namespace) -> list[dict]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
-    p.add_argument("--model", default=None, help="default: the first of /v1/models")
+    p.add_argument(
+        "--model", default=None,
+        help="default: the first of /v1/models; a comma-separated list: requests take turns",
+    )  # fmt: skip
     p.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
     p.add_argument("--api-key", default=None)
     p.add_argument("--concurrency", type=int, default=8)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from kernels import ops
+from kernels.lora import lora_add_dense, lora_slot_weights
 from model_runner.linear import Linear
 from model_runner.lora_adapter import TARGETS, BaseShapes, LoraAdapter, read_adapter
 
@@ -32,10 +33,18 @@ for _module, (_proj, _shard) in TARGETS.items():
 
 class LoraContext:
     """The step's token slots, shared by every projection with adapters (set by the runner
-    around one forward; None: no adapter rows this step)."""
+    around one forward; None: no adapter rows this step), and on the CPU their per-slot
+    weights (`kernels.lora.lora_slot_weights`), built once for every projection."""
 
-    def __init__(self) -> None:
+    def __init__(self, scales: torch.Tensor) -> None:
+        self.scales = scales
         self.token_slots: torch.Tensor | None = None
+        self.slot_weights: torch.Tensor | None = None
+
+    def set(self, token_slots: torch.Tensor | None) -> None:
+        self.token_slots = token_slots
+        cpu = token_slots is not None and not ops.use_triton(token_slots)
+        self.slot_weights = lora_slot_weights(token_slots, self.scales) if cpu else None
 
 
 class LoraStacks:
@@ -74,6 +83,9 @@ class LoraStacks:
             return y
         if x.dtype != self.a.dtype:
             x = x.to(self.a.dtype)
+        if self.context.slot_weights is not None:
+            lora_add_dense(y, x, self.a, self.b, self.context.slot_weights)
+            return y
         h = ops.lora_shrink(x, self.a, slots)
         ops.lora_expand(y, h, self.b, slots, self.scales)
         return y
@@ -84,10 +96,10 @@ class LoraSlots:
 
     def __init__(self, layers: Sequence[torch.nn.Module], num_slots: int, max_rank: int,
                  max_cpu_loras: int, dtype: torch.dtype, device: torch.device):  # fmt: skip
-        self.context = LoraContext()
         self.num_slots, self.max_rank, self.max_cpu_loras = num_slots, max_rank, max_cpu_loras
         self.device = device
         self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)
+        self.context = LoraContext(self.scales)
         self.stacks: list[tuple[int, LoraStacks]] = []
         modules: dict[str, tuple[int, int]] = {}
         for index, layer in enumerate(layers):

@@ -337,11 +337,11 @@ class ModelRunner:
             if graphs is not None:
                 logits = graphs.run(inputs)
             elif lora_slots is not None:
-                self.lora.context.token_slots = lora_slots
+                self.lora.context.set(lora_slots)
                 try:
                     logits = self.model(*args)
                 finally:
-                    self.lora.context.token_slots = None
+                    self.lora.context.set(None)
             elif self.compiled is not None and self.compiled.applies(meta, rows):
                 logits = self.compiled.run(*args)
             else:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels import ops
-from kernels.lora import lora_expand_ref, lora_shrink_ref
+from kernels.lora import lora_add_dense, lora_expand_ref, lora_shrink_ref, lora_slot_weights
 from kernels.lora_triton import lora_expand_triton, lora_shrink_triton
 from tests.kernels.helpers import assert_close, randn
 
@@ -83,3 +83,16 @@ def test_ops_pick_the_reference_on_the_cpu(monkeypatch):
     y = wide[:, :12].clone()
     ops.lora_expand(y, ops.lora_shrink(x, a, slots), b, slots, scales)
     assert calls == ["shrink", "expand"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_cpus_dense_form_matches_shrink_and_expand(shape, dtype):
+    x, a, b, scales, slots, wide = inputs(*shape, dtype, "cpu", seed=11 + sum(shape))
+    y = wide[:, 3 : 3 + shape[2]]
+    want = y.clone()
+    lora_expand_ref(want, lora_shrink_ref(x, a, slots), b, slots, scales)
+    before = y.clone()
+    lora_add_dense(y, x, a, b, lora_slot_weights(slots, scales))
+    assert_close(y, want, dtype)
+    assert torch.equal(y[slots < 0], before[slots < 0])
