@@ -5,6 +5,8 @@ zeros; `token_slots [T]` picks each token's slot, -1 for none. The references ar
 serving path, so they run without a loop over tokens or slots: shrink is one GEMM against
 every slot at once and a gather; expand scatters each token's rank vector (times its scale)
 into its slot's columns and runs one GEMM against all slots' B, whose other columns are 0.
+A CPU step where no token has an adapter runs no GEMM at all (on other devices that check
+would be a host sync, so it is skipped there).
 """
 
 from __future__ import annotations
@@ -12,16 +14,24 @@ from __future__ import annotations
 import torch
 
 
+def _none_active(token_slots: torch.Tensor) -> bool:
+    """No token has an adapter (only asked on the CPU, where it costs no device sync)."""
+    return token_slots.device.type == "cpu" and not bool((token_slots >= 0).any())
+
+
 def lora_shrink_ref(
     x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor
 ) -> torch.Tensor:
-    """h [T, R] in x's dtype: h[t] = x[t] @ lora_a[slot[t]].T, 0 where slot[t] == -1."""
+    """x [T, H], lora_a [S, R, H], token_slots [T] -> h [T, R] in x's dtype:
+    h[t] = x[t] @ lora_a[slot[t]].T, and 0 where slot[t] == -1 (float32 accumulation)."""
     num_slots, rank, hidden = lora_a.shape
     tokens = x.shape[0]
+    if _none_active(token_slots):
+        return x.new_zeros(tokens, rank)
     every = x @ lora_a.reshape(num_slots * rank, hidden).t()  # [T, S*R]
     rows = torch.arange(tokens, device=x.device)
-    h = every.view(tokens, num_slots, rank)[rows, token_slots.clamp(min=0)]
-    return h * (token_slots >= 0).unsqueeze(1).to(h.dtype)
+    h = every.view(tokens, num_slots, rank)[rows, token_slots.clamp(min=0)]  # a copy
+    return h.masked_fill_((token_slots < 0).unsqueeze(1), 0.0)
 
 
 def lora_expand_ref(
@@ -31,14 +41,19 @@ def lora_expand_ref(
     token_slots: torch.Tensor,
     scales: torch.Tensor,
 ) -> None:
-    """In place: y[t] += scales[slot[t]] * (h[t] @ lora_b[slot[t]]) where slot[t] >= 0."""
+    """In place: y [T, N] (any row stride) += scales[slot[t]] * (h[t] @ lora_b[slot[t]]) for
+    slot[t] >= 0; h [T, R], lora_b [S, R, N], scales [S] float32. Rows with slot -1 get 0."""
     num_slots, rank, out = lora_b.shape
     tokens = h.shape[0]
-    active = token_slots >= 0
+    if _none_active(token_slots):
+        return
     slots = token_slots.clamp(min=0)
-    weight = torch.where(active, scales[slots], 0.0).to(h.dtype)
+    # NOTE: the scale is applied to h in float32 and rounded once; rows of tokens without an
+    # adapter stay zero whatever h holds there, so their delta is exactly 0.
+    scaled = h.float() * scales[slots].float().unsqueeze(1)
+    scaled = torch.where((token_slots >= 0).unsqueeze(1), scaled, 0.0)
     spread = h.new_zeros(tokens, num_slots, rank)
-    spread[torch.arange(tokens, device=h.device), slots] = h * weight.unsqueeze(1)
+    spread[torch.arange(tokens, device=h.device), slots] = scaled.to(h.dtype)
     y += (spread.view(tokens, num_slots * rank) @ lora_b.reshape(num_slots * rank, out)).to(y.dtype)
 
 

@@ -120,16 +120,16 @@ def _elementwise_variants():
 
 
 def _lora_variants():
-    """Ranks 16 and 48 (q/k/v of rank 16 stacked), as the launchers pick their blocks."""
+    """Padded ranks 16, 48 (q/k/v of rank 16 stacked) and 1536 (q/k/v at --max-lora-rank 512),
+    with the launchers' own block choices."""
     ptrs = {n: "*bf16" for n in ("x_ptr", "a_ptr", "h_ptr", "y_ptr", "b_ptr")}
     ptrs |= {"slots_ptr": "*i64", "scales_ptr": "*fp32"}
     w4 = dict(num_warps=4, num_stages=1)
-    for rank, block_r, block_h in ((16, 16, 256), (48, 64, 128)):
-        ints = {"rank": rank, "stride_ar": 4096}
-        consts = dict(BLOCK_R=block_r, BLOCK_H=block_h)
-        yield f"lora_shrink_r{rank}", lora_triton._lora_shrink_kernel, ptrs, ints, consts, w4
-        consts = dict(BLOCK_R=block_r, BLOCK_N=max(16, min(128, 8192 // block_r)))
-        yield f"lora_expand_r{rank}", lora_triton._lora_expand_kernel, ptrs, ints, consts, w4
+    for rank in (16, 48, 1536):
+        ints = {"rank": rank, "stride_h": rank}
+        shrink, expand = lora_triton.shrink_blocks(rank), lora_triton.expand_blocks(rank)
+        yield f"lora_shrink_r{rank}", lora_triton._lora_shrink_kernel, ptrs, ints, shrink, w4
+        yield f"lora_expand_r{rank}", lora_triton._lora_expand_kernel, ptrs, ints, expand, w4
 
 
 def main() -> None:
