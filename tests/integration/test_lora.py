@@ -188,7 +188,18 @@ def test_the_server_serves_adapters_by_model_name_and_loads_them_at_runtime(
         cards = {c["id"] for c in http.get("/v1/models").json()["data"]}
         assert cards == {MODEL, "sql", "chat", "mlp"}
 
+        # Unloading lets a running request finish; new ones get the 404.
+        stream = client.completions.create(
+            model="mlp", prompt=PROMPTS[0], max_tokens=40, temperature=0, stream=True,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        chunks = iter(stream)
+        first = next(chunks)
         assert http.post("/v1/unload_lora_adapter", json={"lora_name": "mlp"}).status_code == 200
+        rest = [c for c in chunks if c.choices]
+        assert rest[-1].choices[0].finish_reason == "length"
+        streamed = first.choices[0].text + "".join(c.choices[0].text for c in rest)
+        assert streamed.startswith(hf_texts("mlp")[0])
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="mlp", prompt="Hi", max_tokens=2)
         gone = http.post("/v1/unload_lora_adapter", json={"lora_name": "mlp"})
