@@ -225,7 +225,7 @@ class LlamaForCausalLM(nn.Module):
 
 
 # Hugging Face module name -> (projection attribute, shard) of a decoder layer.
-_LINEAR_SHARDS = {
+LINEAR_SHARDS = {
     "self_attn.q_proj": ("qkv_proj", 0),
     "self_attn.k_proj": ("qkv_proj", 1),
     "self_attn.v_proj": ("qkv_proj", 2),
@@ -240,9 +240,9 @@ def _layer_slot(layer: LlamaDecoderLayer, module: str, kind: str) -> WeightSlot 
     if module in ("input_layernorm", "post_attention_layernorm"):
         param = getattr(layer, module)
         return ParamSlot(param, 0, param.shape[0]) if kind == "weight" else None
-    if module not in _LINEAR_SHARDS:
+    if module not in LINEAR_SHARDS:
         return None
-    name, shard = _LINEAR_SHARDS[module]
+    name, shard = LINEAR_SHARDS[module]
     linear: Linear = getattr(layer, name)
     if kind == "weight":
         return LinearSlot(linear, shard)

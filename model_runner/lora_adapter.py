@@ -19,15 +19,11 @@ from pathlib import Path
 
 import torch
 
+from model_runner.llama import LINEAR_SHARDS
+
 # peft's module names -> (the fused projection of the model, its shard)
 TARGETS: dict[str, tuple[str, int]] = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "o_proj": ("o_proj", 0),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-    "down_proj": ("down_proj", 0),
+    name.rpartition(".")[2]: where for name, where in LINEAR_SHARDS.items()
 }
 _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$"
