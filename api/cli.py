@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 
 from api.lifecycle import run, serve
+from api.lora_flags import add_lora_args, parse_lora_modules, runtime_lora_updating
 from api.startup_checks import StartupError, check_serve_flags, reserve_port
 
 log = logging.getLogger("tokenmill")
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_args(serve)
     _add_engine_args(serve)
     _add_tool_args(serve)
-    _add_lora_args(serve)
+    add_lora_args(serve)
     return parser
 
 
@@ -235,60 +235,11 @@ def _add_tool_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_lora_args(p: argparse.ArgumentParser) -> None:
-    """Multi-LoRA (vLLM's flag names)."""
-    p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters")
-    p.add_argument(
-        "--lora-modules",
-        nargs="+",
-        default=[],
-        metavar="NAME=PATH",
-        help='adapters served by name: name=path, or JSON {"name": ..., "path": ..., '
-        '"base_model_name": ...}; each a PEFT adapter folder',
-    )
-    p.add_argument("--max-lora-rank", type=int, default=16, help="the highest adapter rank")
-    p.add_argument(
-        "--max-loras", type=int, default=4,
-        help="adapters resident on the device, so at most this many in one step",
-    )  # fmt: skip
-    p.add_argument(
-        "--max-cpu-loras", type=int, default=None,
-        help="adapters kept in host memory (LRU); default: --max-loras",
-    )  # fmt: skip
-    p.add_argument(
-        "--allow-runtime-lora-updating",
-        action="store_true",
-        help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (also "
-        "TOKENMILL_ALLOW_RUNTIME_LORA_UPDATING=1 or VLLM_ALLOW_RUNTIME_LORA_UPDATING=1)",
-    )
-
-
-def parse_lora_modules(values: list[str]) -> tuple[tuple[str, str], ...]:
-    """`name=path` or vLLM's JSON form; a malformed one is a start-up error."""
-    modules = []
-    for value in values:
-        if value.lstrip().startswith("{"):
-            try:
-                spec = json.loads(value)
-                name, path = spec["name"], spec["path"]
-            except (ValueError, KeyError, TypeError):
-                startup_error(f'--lora-modules {value!r}: JSON needs "name" and "path"')
-        else:
-            name, sep, path = value.partition("=")
-            if not sep:
-                startup_error(f"--lora-modules {value!r}: expected name=path")
-        if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
-            startup_error(f"--lora-modules {value!r}: the name and path must be non-empty")
-        modules.append((name, path))
-    return tuple(modules)
-
-
-def runtime_lora_updating(args) -> bool:
-    env = ("TOKENMILL_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_ALLOW_RUNTIME_LORA_UPDATING")
-    truthy = {"1", "true", "yes", "on"}
-    return args.allow_runtime_lora_updating or any(
-        os.environ.get(name, "").strip().lower() in truthy for name in env
-    )
+def lora_modules(values: list[str]) -> tuple[tuple[str, str], ...]:
+    try:
+        return parse_lora_modules(values)
+    except ValueError as e:
+        startup_error(str(e))
 
 
 def startup_error(message: str) -> None:
@@ -367,11 +318,11 @@ def engine_config(args: argparse.Namespace):
         structured_outputs_timeout=args.structured_outputs_timeout,
         skip_tokenizer_init=args.skip_tokenizer_init,
         enable_lora=args.enable_lora,
-        lora_modules=parse_lora_modules(args.lora_modules),
+        lora_modules=lora_modules(args.lora_modules),
         max_lora_rank=args.max_lora_rank,
         max_loras=args.max_loras,
         max_cpu_loras=args.max_cpu_loras,
-        allow_runtime_lora_updating=runtime_lora_updating(args),
+        allow_runtime_lora_updating=runtime_lora_updating(args.allow_runtime_lora_updating),
     )
 
 

@@ -126,9 +126,6 @@ class LoraSlots:
         self._host.move_to_end(key)
         return adapter
 
-    def forget(self, key: str) -> None:
-        self._host.pop(key, None)
-
     def load(self, slot: int, key: str, path: str) -> None:
         """Make `slot` hold adapter `key` (its scale too)."""
         if self.slot_keys[slot] == key:

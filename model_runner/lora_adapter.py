@@ -61,10 +61,6 @@ class LoraAdapter:
     # (layer, peft module name) -> (A [r, in], B [out, r]), float32 on the host
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
-
 
 def read_adapter(path: str, base: BaseShapes, max_rank: int) -> LoraAdapter:
     """Read and check the PEFT adapter folder at `path`."""
@@ -77,6 +73,13 @@ def read_adapter(path: str, base: BaseShapes, max_rank: int) -> LoraAdapter:
     for f in (config_file, weights_file):
         if not f.is_file():
             raise refuse(f"{f.name} is missing (a PEFT adapter folder has both files)")
+    rank, scale = _rank_and_scale(config_file, max_rank, refuse)
+    weights = _read_weights(weights_file, base, rank, refuse)
+    return LoraAdapter(path=path, rank=rank, scale=scale, weights=weights)
+
+
+def _rank_and_scale(config_file: Path, max_rank: int, refuse) -> tuple[int, float]:
+    """adapter_config.json: the rank and the delta's scale, refusing what changes the math."""
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as e:
@@ -93,8 +96,11 @@ def read_adapter(path: str, base: BaseShapes, max_rank: int) -> LoraAdapter:
         raise refuse(f"its rank {rank} is above --max-lora-rank {max_rank}")
     if not isinstance(alpha, int | float):
         raise refuse(f"lora_alpha={alpha!r} must be a number")
-    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return rank, float(alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank)
 
+
+def _read_weights(weights_file: Path, base: BaseShapes, rank: int, refuse) -> dict:
+    """adapter_model.safetensors: (layer, module) -> (A, B) in float32, each checked."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -103,15 +109,15 @@ def read_adapter(path: str, base: BaseShapes, max_rank: int) -> LoraAdapter:
     except (SafetensorError, OSError, ValueError) as e:
         raise refuse(f"adapter_model.safetensors cannot be read ({e})") from None
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    supported = ", ".join(TARGETS)
     for key, tensor in tensors.items():
         m = _KEY.match(key)
         if m is None:
             raise refuse(f"weight {key!r} targets a module that is not supported "
-                         f"(supported: {', '.join(TARGETS)})")  # fmt: skip
+                         f"(supported: {supported})")  # fmt: skip
         layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
         if module not in TARGETS:
-            raise refuse(f"target module {module!r} is not supported "
-                         f"(supported: {', '.join(TARGETS)})")  # fmt: skip
+            raise refuse(f"target module {module!r} is not supported (supported: {supported})")
         if layer >= base.num_layers:
             raise refuse(f"weight {key!r}: the base model has {base.num_layers} layers")
         pairs.setdefault((layer, module), {})[ab] = tensor
@@ -130,4 +136,4 @@ def read_adapter(path: str, base: BaseShapes, max_rank: int) -> LoraAdapter:
                 f"B ({out_features}, {rank}))"
             )
         weights[layer, module] = (a.float().contiguous(), b.float().contiguous())
-    return LoraAdapter(path=path, rank=rank, scale=float(scale), weights=weights)
+    return weights

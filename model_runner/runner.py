@@ -287,6 +287,40 @@ class ModelRunner:
             raise LoraAdapterError("LoRA adapters need --enable-lora")
         self.lora.read(key, path)
 
+    def _forward(self, step: StepInput, inputs: ModelInputs) -> torch.Tensor:
+        """The step's logits through the fastest path that serves it: a CUDA graph, the
+        CPU's fused or compiled decode layers, else eager (always eager with adapter rows:
+        graphs and fused layers have no LoRA)."""
+        lora_slots = self._lora_token_slots(step)
+        graphs = self.graphs
+        if graphs is not None and (lora_slots is not None or not graphs.applies(inputs)):
+            graphs = None
+        if graphs is None:
+            meta = self._with_decode_context(step, inputs)
+        else:
+            meta = inputs.meta
+            if self.decode_context is not None:
+                self.decode_context.reset()
+        self.faults.check()
+        args = (inputs.input_ids, inputs.positions, self.kv_cache.layers, meta,
+                inputs.logits_indices)  # fmt: skip
+        rows = inputs.input_ids.shape[0]  # NOTE: the rows the forward runs, sampled or not
+        if graphs is not None:
+            logits = graphs.run(inputs)
+        elif lora_slots is not None:
+            self.lora.context.set(lora_slots)
+            try:
+                logits = self.model(*args)
+            finally:
+                self.lora.context.set(None)
+        elif self.compiled is not None and self.compiled.applies(meta, rows):
+            logits = self.compiled.run(*args)
+        else:
+            logits = self.model(*args)
+        if meta.decode_context is not None:
+            self.decode_context.commit(meta.decode_context)
+        return logits
+
     @property
     def num_active_sequences(self) -> int:
         return len(self._seqs)
@@ -312,42 +346,7 @@ class ModelRunner:
                 self._seqs, step, self.block_size, self.device, self.config.batch_invariant
             )
             fill_placeholders(inputs.input_ids, step, prev_rows, prev_tokens)
-            lora_slots = self._lora_token_slots(step)
-            # NOTE: steps with adapter rows run eagerly: graphs and fused layers have no LoRA.
-            graphs = (
-                self.graphs
-                if self.graphs is not None and lora_slots is None and self.graphs.applies(inputs)
-                else None
-            )
-            if graphs is None:
-                meta = self._with_decode_context(step, inputs)
-            else:
-                meta = inputs.meta
-                if self.decode_context is not None:
-                    self.decode_context.reset()
-            self.faults.check()
-            args = (
-                inputs.input_ids,
-                inputs.positions,
-                self.kv_cache.layers,
-                meta,
-                inputs.logits_indices,
-            )
-            rows = inputs.input_ids.shape[0]  # NOTE: the rows the forward runs, sampled or not
-            if graphs is not None:
-                logits = graphs.run(inputs)
-            elif lora_slots is not None:
-                self.lora.context.set(lora_slots)
-                try:
-                    logits = self.model(*args)
-                finally:
-                    self.lora.context.set(None)
-            elif self.compiled is not None and self.compiled.applies(meta, rows):
-                logits = self.compiled.run(*args)
-            else:
-                logits = self.model(*args)
-            if meta.decode_context is not None:
-                self.decode_context.commit(meta.decode_context)
+            logits = self._forward(step, inputs)
             sampled = self.sampler(logits, inputs.sample_seqs)
             # NOTE: the sampler's tokens come back as a list; a device tensor of them would
             # be recorded as is (no copy) once the sampler returns one.
