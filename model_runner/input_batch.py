@@ -1,13 +1,14 @@
 """The runner's per-sequence state and the flat tensors of one step.
 
 NOTE: this runs every step for up to max_num_seqs sequences; everything is built with
-Python lists and one `torch.tensor` call per tensor, never per-token tensor ops.
+Python lists and reaches the device in one copy, never per-token tensor ops.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 
 import torch
 
@@ -15,6 +16,7 @@ from model_runner.attention import AttentionMetadata, per_sequence_views
 from model_runner.grammar import SequenceGrammar
 from model_runner.sampling_params import SamplingParams
 from model_runner.step_input import NewSequence, StepInput
+from model_runner.step_upload import upload_ints
 
 
 class SequenceState:
@@ -166,12 +168,20 @@ def build_model_inputs(
         flat.add(seqs[chunk.seq_id], chunk.num_tokens, block_size, chunk.num_placeholders > 0)
     tables, seq_lens, query_start_loc = flat.tables, flat.seq_lens, flat.query_start_loc
     width = max(len(t) for t in tables)
-    padded = [t + [0] * (width - len(t)) for t in tables]
+    padded = [b for t in tables for b in chain(t, repeat(0, width - len(t)))]
+    # NOTE: one host-to-device copy for the whole step (model_runner/step_upload.py)
+    slot_mapping, block_tables, seq_lens_t, query_start, input_ids, positions, logits = (
+        upload_ints(
+            [flat.slots, padded, seq_lens, query_start_loc, flat.input_ids, flat.positions,
+             flat.logits_indices],
+            device,
+        )
+    )  # fmt: skip
     meta = AttentionMetadata(
-        slot_mapping=torch.tensor(flat.slots, dtype=torch.long, device=device),
-        block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
+        slot_mapping=slot_mapping,
+        block_tables=block_tables.view(len(tables), width).to(torch.int32),
+        seq_lens=seq_lens_t.to(torch.int32),
+        query_start_loc=query_start.to(torch.int32),
         max_query_len=flat.max_query_len,
         max_seq_len=max(seq_lens),
         all_slots_valid=True,  # NOTE: the flat batch has no padding
@@ -180,9 +190,9 @@ def build_model_inputs(
         ),
     )
     return ModelInputs(
-        input_ids=torch.tensor(flat.input_ids, dtype=torch.long, device=device),
-        positions=torch.tensor(flat.positions, dtype=torch.long, device=device),
+        input_ids=input_ids,
+        positions=positions,
         meta=meta,
-        logits_indices=torch.tensor(flat.logits_indices, dtype=torch.long, device=device),
+        logits_indices=logits,
         sample_seqs=flat.sample_seqs,
     )
