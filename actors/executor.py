@@ -32,7 +32,9 @@ from actors.transport import Transport
 from model_runner.config import EngineConfigError
 from model_runner.grammar_cache import GrammarError
 from model_runner.lora_adapter import LoraAdapterError
+from model_runner.runner import CollectFailed
 from model_runner.sampling_params import GrammarSpec
+from model_runner.step_input import StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,8 @@ class ExecutorActor(Actor):
         self.compiles: dict[str, asyncio.Task] = {}
         self.lora_reads: set[asyncio.Task] = set()
         self.step_task: asyncio.Task | None = None
+        self.plans_waiting = 0  # StepPlans received whose launch has not returned
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.scheduler = transport.outbox("scheduler")
 
     async def start(self) -> None:
@@ -86,6 +90,8 @@ class ExecutorActor(Actor):
             self.scheduler.send(ExecutorFailed(message=str(e)))
             await asyncio.Event().wait()
         r = self.runner
+        self.loop = loop
+        r.on_output = self._send_output
         self.scheduler.send(
             ExecutorReady(
                 num_blocks=r.num_blocks,
@@ -108,9 +114,10 @@ class ExecutorActor(Actor):
     async def handle(self, msg: msgspec.Struct) -> None:
         match msg:
             case StepPlan(step=step):
-                # NOTE: up to two steps in flight (overlap); the one worker thread runs them in
-                # order, so step N+1 starts as soon as N is done and results go back in order.
-                # The inbox stays open meanwhile: a CompileGrammar starts during a step.
+                # NOTE: up to two steps in flight (overlap); the one worker thread launches them
+                # in order, and launching N+1 collects N, so results go back in order. The
+                # inbox stays open meanwhile: a CompileGrammar starts during a step.
+                self.plans_waiting += 1
                 self.step_task = asyncio.create_task(self.run_step(step))
             case CompileGrammar(request_id=rid, grammar=spec):
                 self.compiles[rid] = asyncio.create_task(self.compile(rid, spec))
@@ -125,14 +132,42 @@ class ExecutorActor(Actor):
                     self.runner.grammars.unpin(rid)
 
     async def run_step(self, step) -> None:
+        """Launch the step; collect it at once unless a later plan is waiting, whose launch
+        collects it (the device is then never idle between the two)."""
         loop = asyncio.get_running_loop()
+        failed = await loop.run_in_executor(self.worker, self._launch, step)
+        self.plans_waiting -= 1
+        if not failed and self.plans_waiting == 0:
+            # NOTE: submitted before any later plan's launch: the worker runs them in order
+            failed = await loop.run_in_executor(self.worker, self._flush)
+        for step_id, message in failed:
+            self.scheduler.send(StepFailed(step_id=step_id, message=message))
+
+    def _launch(self, step) -> list[tuple[int, str]]:
+        """In the step thread: (step id, reason) of each step that failed, in order. After a
+        failure the step still in flight is collected (its output is good)."""
         try:
-            output = await loop.run_in_executor(self.worker, self.runner.execute, step)
+            self.runner.launch(step)
+            return []
+        except CollectFailed as e:
+            log.exception("step %d failed", e.step_id)
+            failed = [(e.step_id, repr(e.__cause__)), (step.step_id, "the step before it failed")]
         except Exception as e:
             log.exception("step %d failed", step.step_id)
-            self.scheduler.send(StepFailed(step_id=step.step_id, message=repr(e)))
-            return
-        self.scheduler.send(StepResult(output=output))
+            failed = [(step.step_id, repr(e))]
+        return self._flush() + failed
+
+    def _flush(self) -> list[tuple[int, str]]:
+        try:
+            self.runner.flush()
+            return []
+        except CollectFailed as e:
+            log.exception("step %d failed", e.step_id)
+            return [(e.step_id, repr(e.__cause__))]
+
+    def _send_output(self, output: StepOutput) -> None:
+        """The runner's `on_output`, called in the step thread: sent from the loop, in order."""
+        self.loop.call_soon_threadsafe(self.scheduler.send, StepResult(output=output))
 
     async def read_lora(self, request_id: str, key: str, path: str) -> None:
         """In the step thread (between steps: the runner's adapter cache is not shared)."""

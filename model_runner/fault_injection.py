@@ -2,7 +2,7 @@
 step's requests, frees their KV blocks and leaves the engine serving.
 
 `TOKENMILL_FAULT_AT_FORWARD=N[,M...]`: the N-th (1-based) step that runs the model raises
-`InjectedFault` inside `ModelRunner.execute`, after the step's state updates and before the
+`InjectedFault` inside `ModelRunner.launch`, after the step's state updates and before the
 forward. Unset (always, outside tests) it costs one integer increment per step.
 """
 

@@ -36,6 +36,7 @@ class SequenceState:
         "output_counts",
         "grammar",
         "lora_slot",
+        "num_pending",
     )
 
     def __init__(self, new: NewSequence, grammar: SequenceGrammar | None = None):
@@ -52,10 +53,18 @@ class SequenceState:
         self.output_counts: dict[int, int] | None = None  # made when penalties need it
         self.grammar = grammar  # structured output: its matcher has seen every output token
         self.lora_slot = new.lora_slot  # NOTE: its slot keeps this adapter while it lives
+        # NOTE: sampled tokens still on their way to the host (0 or 1): the runner launches a
+        # step before it collects the previous one, whose token feeds a placeholder row
+        self.num_pending = 0
 
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens known to the device: those on the host and the pending one."""
+        return len(self.token_ids) + self.num_pending
 
     def append(self, token_id: int) -> None:
         self.token_ids.append(token_id)
@@ -132,6 +141,7 @@ class _FlatBatch:
         `placeholder`: a one-token row whose input the device fills (model_runner/placeholders)."""
         start, table = seq.num_computed, seq.block_table
         end = start + num
+        assert placeholder or not seq.num_pending, "only a placeholder row follows a pending token"
         if num == 1:
             self.input_ids.append(0 if placeholder else seq.token_ids[start])
             self.positions.append(start)
@@ -147,7 +157,7 @@ class _FlatBatch:
         self.tables.append(table[: -(-end // block_size)])
         self.max_query_len = max(self.max_query_len, num)
         seq.num_computed = end
-        if end == len(seq.token_ids):
+        if end == seq.num_tokens:
             self.logits_indices.append(self.query_start_loc[-1] - 1)
             self.sample_seqs.append(seq)
 

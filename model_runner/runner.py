@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -52,9 +53,10 @@ from model_runner.model_source import (
     resolve_model,
 )
 from model_runner.placeholders import LastSampled, fill_placeholders
+from model_runner.sampled_rows import SampledRows
 from model_runner.sampler import Sampler
 from model_runner.step_input import NewSequence, StepInput, StepOutput
-from model_runner.step_timer import StepTimer
+from model_runner.step_timer import StepClock, StepTimer
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ def load_model_config(source: ModelSource, gguf_reader=None) -> ModelConfig:
 class ModelRunner:
     """Loads the model (with a progress bar), allocates the KV cache, executes steps.
 
-    NOT thread-safe: one `execute` at a time.
+    NOT thread-safe: one `launch`, `flush` or `execute` at a time.
     """
 
     def __init__(self, config: EngineConfig, progress: bool = True):
@@ -111,6 +113,10 @@ class ModelRunner:
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.seed)
         self._seqs: dict[str, SequenceState] = {}
         self.last_sampled = LastSampled()  # overlap: the previous step's tokens, on the device
+        self._in_flight: _InFlight | None = None  # the step launched last, until collected
+        self._done: list[StepOutput] = []
+        self.on_output: Callable[[StepOutput], None] = self._done.append
+        self.collect_after_forward = self.device.type == "cuda"
         self.decode_context = self._make_decode_context()
         has_context = self.decode_context is not None
         # CPU decode steps of a few rows: fused C++ layers, else compiled ones, else eager.
@@ -326,41 +332,98 @@ class ModelRunner:
         return len(self._seqs)
 
     def execute(self, step: StepInput) -> StepOutput:
-        """Apply the step's state changes, run the forward, sample, append the new tokens."""
+        """Launch the step and wait for its output (with `on_output` left as it is)."""
+        self.launch(step)
+        self.flush()
+        output = self._done[-1]
+        self._done.clear()  # NOTE: cleared, not replaced: `on_output` appends to this list
+        return output
+
+    def launch(self, step: StepInput) -> None:
+        """Apply the step's state changes, queue its forward and sampling on the device, and
+        collect the step launched before it (its output goes to `on_output`). The new step
+        stays in flight until the next launch or `flush()`.
+
+        NOTE: on CUDA the previous step is collected once this step's forward is queued, so
+        the device has work while the host waits for the previous tokens; on the CPU, where
+        the forward runs in the call, first. If this raises, a step still in flight is kept
+        for `flush()`; CollectFailed names a previous step that failed in its collect.
+        """
         start = time.perf_counter()
-        self.step_timer.start()
+        clock = self.step_timer.start()
         step, prev_rows, prev_tokens = self.last_sampled.take(step)
         apply_state_updates(self._seqs, step, self._make_grammar)
         self.kv_cache.copy_blocks(step.block_copies)
         for load in step.lora_loads:
             self.lora.load(load.slot, load.key, load.path)
-        if not step.chunks:
-            device_seconds = self.step_timer.stop()
-            return StepOutput(
-                step_id=step.step_id,
-                execute_seconds=time.perf_counter() - start,
+        if not self.collect_after_forward:
+            self._collect_in_flight(clock)  # NOTE: then the call after the forward finds none
+        rows, seqs = None, []
+        with torch.inference_mode():
+            if step.chunks:
+                inputs = build_model_inputs(
+                    self._seqs, step, self.block_size, self.device, self.config.batch_invariant
+                )
+                fill_placeholders(inputs.input_ids, step, prev_rows, prev_tokens)
+                logits = self._forward(step, inputs)
+            self._collect_in_flight(clock)
+            if step.chunks:
+                sampled = self.sampler.sample(logits, inputs.sample_seqs)
+                self.last_sampled.record(step.step_id, sampled.seq_ids, sampled.tokens)
+                rows, seqs = sampled.start_copy(), inputs.sample_seqs
+                for seq in seqs:
+                    seq.num_pending += 1
+        clock.end()
+        host_seconds = time.perf_counter() - start - clock.excluded_seconds
+        self._in_flight = _InFlight(step.step_id, rows, seqs, clock, host_seconds)
+
+    def flush(self) -> None:
+        """Collect the step in flight, if any (raises CollectFailed if that fails)."""
+        self._collect_in_flight()
+
+    def _collect_in_flight(self, inside: StepClock | None = None) -> None:
+        """Wait for the step in flight and hand its output to `on_output`; `inside`: the
+        clock of the step being launched, whose time leaves this out."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            return
+        start = time.perf_counter()
+        try:
+            flight.clock.wait()
+            sampled = flight.rows.to_host() if flight.rows is not None else []
+            for seq, token in zip(flight.seqs, sampled, strict=True):
+                seq.num_pending -= 1
+                seq.append(token.token_id)
+            device_seconds = flight.clock.seconds()
+        except Exception as e:
+            raise CollectFailed(flight.step_id) from e
+        seconds = time.perf_counter() - start
+        if inside is not None:
+            inside.exclude(seconds)
+        self.on_output(
+            StepOutput(
+                step_id=flight.step_id,
+                sampled=sampled,
+                execute_seconds=flight.host_seconds + seconds,
                 device_seconds=device_seconds,
             )
-        with torch.inference_mode():
-            inputs = build_model_inputs(
-                self._seqs, step, self.block_size, self.device, self.config.batch_invariant
-            )
-            fill_placeholders(inputs.input_ids, step, prev_rows, prev_tokens)
-            logits = self._forward(step, inputs)
-            sampled = self.sampler(logits, inputs.sample_seqs)
-            # NOTE: the sampler's tokens come back as a list; a device tensor of them would
-            # be recorded as is (no copy) once the sampler returns one.
-            self.last_sampled.record(
-                step.step_id,
-                [s.seq_id for s in sampled],
-                torch.tensor([s.token_id for s in sampled], dtype=torch.long, device=self.device),
-            )
-        device_seconds = self.step_timer.stop()
-        for seq, token in zip(inputs.sample_seqs, sampled, strict=True):
-            seq.append(token.token_id)
-        return StepOutput(
-            step_id=step.step_id,
-            sampled=sampled,
-            execute_seconds=time.perf_counter() - start,
-            device_seconds=device_seconds,
         )
+
+
+class CollectFailed(RuntimeError):
+    """A launched step failed while its output was being collected."""
+
+    def __init__(self, step_id: int) -> None:
+        super().__init__(f"step {step_id} failed in its collect")
+        self.step_id = step_id
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _InFlight:
+    """A launched step whose sampled rows are not yet read on the host."""
+
+    step_id: int
+    rows: SampledRows | None  # None: nothing sampled
+    seqs: list[SequenceState]  # one per row; NOTE: a finished one may be gone from _seqs
+    clock: StepClock
+    host_seconds: float  # the launch's host time, less the previous step's collect in it

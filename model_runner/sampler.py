@@ -19,6 +19,7 @@ import torch
 from model_runner.counter_rng import RowUniforms, token_seed
 from model_runner.grammar import GrammarBitmask
 from model_runner.input_batch import SequenceState
+from model_runner.sampled_rows import SampledRows
 from model_runner.sampling_metadata import (
     SamplingMetadata,
     build_sampling_metadata,
@@ -54,17 +55,21 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[SequenceState]) -> list[SampledToken]:
         """logits: [R, vocab] float32 (modified in place), one row per sequence in `seqs`."""
+        return self.sample(logits, seqs).to_host()
+
+    def sample(self, logits: torch.Tensor, seqs: list[SequenceState]) -> SampledRows:
+        """As `__call__`, leaving the rows on the device (no wait for the device)."""
+        seq_ids = [s.seq_id for s in seqs]
         if not seqs:
-            return []
+            return SampledRows(seq_ids, torch.empty(0, dtype=torch.long, device=logits.device))
         grammar_rows = self._bitmask.fill([s.grammar for s in seqs])
         if all(plain_greedy(s) for s in seqs):
             self._bitmask.apply(logits, grammar_rows)
-            tokens = greedy_argmax(logits).tolist()
-            return [SampledToken(s.seq_id, t) for s, t in zip(seqs, tokens, strict=True)]
+            return SampledRows(seq_ids, greedy_argmax(logits))
         meta = build_sampling_metadata(seqs, self.vocab_size, logits.device, self.seed, self._step)
         self._step += 1
-        want = [n is not None for n in meta.num_logprobs]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want) else None
+        any_logprobs = any(n is not None for n in meta.num_logprobs)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any_logprobs else None
         self._bitmask.apply(logits, grammar_rows)
         self._apply_min_tokens(logits, seqs)
         rows, tokens, values = meta.logit_bias
@@ -75,8 +80,8 @@ class Sampler:
             apply_penalties(logits, meta.penalized)
         sampled = pick_tokens(logits, meta)
         if raw_logprobs is None:
-            return [SampledToken(s.seq_id, t) for s, t in zip(seqs, sampled.tolist(), strict=True)]
-        return _with_logprobs(raw_logprobs, sampled, seqs, want)
+            return SampledRows(seq_ids, sampled)
+        return _with_logprobs(raw_logprobs, sampled, seq_ids, meta.num_logprobs)
 
     def _apply_min_tokens(self, logits: torch.Tensor, seqs: list[SequenceState]) -> None:
         rows: list[int] = []
@@ -129,23 +134,19 @@ def pick_tokens(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
 def _with_logprobs(
     raw_logprobs: torch.Tensor,
     tokens: torch.Tensor,
-    seqs: list[SequenceState],
-    want: list[bool],
-) -> list[SampledToken]:
-    token_list = tokens.tolist()
-    sampled_lp = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
-    max_top = max((s.sampling.logprobs or 0) for s in seqs)
-    top_ids: list[list[int]] = []
-    top_lps: list[list[float]] = []
+    seq_ids: list[str],
+    num_logprobs: list[int | None],
+) -> SampledRows:
+    """The rows with each sampled token's logprob and the top-n of the rows that ask."""
+    max_top = max(n or 0 for n in num_logprobs)
+    top_ids = top_lps = None
     if max_top > 0:
-        values, indices = raw_logprobs.topk(max_top, dim=-1)
-        top_ids, top_lps = indices.tolist(), values.tolist()
-    out = []
-    for i, s in enumerate(seqs):
-        if not want[i]:
-            out.append(SampledToken(s.seq_id, token_list[i]))
-            continue
-        n = s.sampling.logprobs or 0
-        top = list(zip(top_ids[i][:n], top_lps[i][:n], strict=True)) if n else []
-        out.append(SampledToken(s.seq_id, token_list[i], sampled_lp[i], top))
-    return out
+        top_lps, top_ids = raw_logprobs.topk(max_top, dim=-1)
+    return SampledRows(
+        seq_ids,
+        tokens,
+        want_logprobs=num_logprobs,
+        token_logprobs=raw_logprobs.gather(1, tokens[:, None]).squeeze(1),
+        top_ids=top_ids,
+        top_logprobs=top_lps,
+    )

@@ -182,17 +182,25 @@ async def test_a_request_that_can_never_fit_is_refused_before_compiling(harness)
 
 
 def toy_runner(step_seconds: float = 0.0) -> SimpleNamespace:
+    """The runner's launch/flush contract: launching a step collects the one before it."""
     vocab = ["</s>", "0", "1", "2", "a", "b"]
     cache = GrammarCache(lambda: xgr.TokenizerInfo(vocab, stop_token_ids=[0]), compile_threads=1)
+    in_flight: list[int] = []
 
-    def execute(step: StepInput) -> StepOutput:
+    def flush() -> None:
+        while in_flight:
+            runner.on_output(StepOutput(step_id=in_flight.pop()))
+
+    def launch(step: StepInput) -> None:
         time.sleep(step_seconds)
-        return StepOutput(step_id=step.step_id)
+        flush()
+        in_flight.append(step.step_id)
 
-    return SimpleNamespace(
+    runner = SimpleNamespace(
         num_blocks=8, block_size=4, max_model_len=32, vocab_size=len(vocab),
-        eos_token_ids=[0], grammars=cache, execute=execute,
+        eos_token_ids=[0], grammars=cache, launch=launch, flush=flush, on_output=None,
     )  # fmt: skip
+    return runner
 
 
 async def test_the_executor_compiles_while_a_step_runs():

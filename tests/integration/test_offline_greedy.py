@@ -68,6 +68,38 @@ def test_overlap_rows_run_as_configured(llm, hf_greedy):
         assert counts["placeholders"] == 0
 
 
+def test_launching_before_collecting_keeps_every_output(llm, hf_greedy):
+    """The GPU's order on the CPU: a step's forward is queued before the previous step's
+    tokens are read, so sequences have a pending token while the next step is built. Greedy
+    output still equals HF's; seeded draws with penalties and logprobs equal the CPU order's."""
+    (executor,) = [a for a in llm.engine.local_actors if a.name == "executor"]
+    runner = executor.runner
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=12,
+                             frequency_penalty=0.5, logprobs=2)  # fmt: skip
+    prompts = GREEDY_PROMPTS[:6]
+    before = [o.outputs[0] for o in llm.generate(prompts, sampled)]
+    pending, real_forward = [0], runner._forward
+
+    def forward(step, inputs):
+        pending[0] += sum(s.num_pending for s in runner._seqs.values())
+        return real_forward(step, inputs)
+
+    runner.collect_after_forward, runner._forward = True, forward
+    try:
+        greedy = token_ids(llm.generate(GREEDY_PROMPTS, GREEDY))
+        after = [o.outputs[0] for o in llm.generate(prompts, sampled)]
+    finally:
+        runner.collect_after_forward = False
+        del runner._forward
+    assert pending[0] > 0, "no step was built while the one before was in flight"
+    for prompt in GREEDY_PROMPTS:
+        assert greedy[prompt] == hf_greedy[prompt], prompt
+    for a, b in zip(before, after, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == b.logprobs
+    assert settled_stats(llm).num_blocks_in_use == 0
+
+
 def test_greedy_text_is_decoded_tokens(llm, hf_tokenizer):
     out = llm.generate(["The capital of France is"], GREEDY)[0].outputs[0]
     assert out.text == hf_tokenizer.decode(out.token_ids, skip_special_tokens=True)

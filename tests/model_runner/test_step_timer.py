@@ -11,22 +11,32 @@ from model_runner.step_timer import StepTimer
 
 
 def test_cpu_step_time_is_its_wall_time():
-    timer = StepTimer(torch.device("cpu"))
-    timer.start()
+    clock = StepTimer(torch.device("cpu")).start()
     time.sleep(0.05)
-    assert 0.05 <= timer.stop() < 1.0
+    clock.end()
+    assert 0.05 <= clock.seconds() < 1.0
+
+
+def test_cpu_step_time_leaves_out_another_steps_work_inside_it():
+    clock = StepTimer(torch.device("cpu")).start()
+    time.sleep(0.03)
+    inner = time.perf_counter()
+    time.sleep(0.05)  # the previous step's collect
+    clock.exclude(time.perf_counter() - inner)
+    clock.end()
+    assert 0.03 <= clock.seconds() < 0.05
 
 
 @pytest.mark.gpu
 def test_cuda_step_time_comes_from_events_not_the_host():
-    timer = StepTimer(torch.device("cuda"))
     a = torch.randn(4096, 4096, device="cuda")
     torch.cuda.synchronize()
-    timer.start()
+    clock = StepTimer(torch.device("cuda")).start()
     host_start = time.perf_counter()
     for _ in range(20):
         a = a @ a.T / 64
     launched = time.perf_counter() - host_start  # launches return before the kernels ran
-    device = timer.stop()
+    clock.end()
+    device = clock.seconds()
     host = time.perf_counter() - host_start
     assert 0 < device <= host and device > launched
