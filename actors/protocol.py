@@ -258,6 +258,16 @@ class SchedulerStats(_Message, kw_only=True):
     prompt_tokens_computed: int = 0  # cumulative prefill tokens (recomputes included)
     generation_tokens: int = 0  # cumulative sampled tokens
     iteration_tokens: list[int] = []  # tokens of each step finished since the last stats
+    spec: SpecDecodeStats | None = None  # with --speculative-config, cumulative
+
+
+class SpecDecodeStats(msgspec.Struct, frozen=True, kw_only=True):
+    """Speculative decoding's counters since start (vLLM's spec_decode metrics)."""
+
+    num_drafts: int = 0  # proposals verified (one per speculating row and step)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = []  # proposals whose i-th token was accepted
 
 
 class EngineReady(_Message, kw_only=True):

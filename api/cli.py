@@ -144,6 +144,12 @@ def _add_capacity_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--speculative-config",
+        default=None,
+        help='speculative decoding as JSON, e.g. \'{"method": "ngram", '
+        '"num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\'',
+    )
+    p.add_argument(
         "--max-waiting",
         type=int,
         default=1024,
@@ -242,6 +248,18 @@ def lora_modules(values: list[str]) -> tuple[tuple[str, str], ...]:
         startup_error(str(e))
 
 
+def speculative_config(text: str | None):
+    from model_runner.config import EngineConfigError
+    from model_runner.spec_config import parse_speculative_config
+
+    if text is None:
+        return None
+    try:
+        return parse_speculative_config(text)
+    except EngineConfigError as e:
+        startup_error(str(e))
+
+
 def startup_error(message: str) -> None:
     """A start-up error the user can fix: one line on stderr, exit status 2. Called while an
     exception is handled, its traceback is logged first, at debug level."""
@@ -323,6 +341,7 @@ def engine_config(args: argparse.Namespace):
         max_loras=args.max_loras,
         max_cpu_loras=args.max_cpu_loras,
         allow_runtime_lora_updating=runtime_lora_updating(args.allow_runtime_lora_updating),
+        speculative_config=speculative_config(args.speculative_config),
     )
 
 

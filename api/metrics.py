@@ -98,7 +98,24 @@ class EngineStatsCollector:
             {(*name, f): s for f, s in sorted(stats.gpu_seconds_by_feature.items())},
         )
         yield from _grammar_metrics(stats.grammar or GrammarCacheStats(), counter, gauge)
+        if stats.spec is not None:
+            yield from _spec_metrics(name, stats.spec, counter)
         yield from _actor_metrics(name, self.engine.actor_states())
+
+
+def _spec_metrics(name: tuple[str], spec, counter) -> Iterator[Metric]:
+    yield counter("spec_decode_num_drafts", "Speculative proposals verified.", spec.num_drafts)
+    yield counter("spec_decode_num_draft_tokens", "Speculative tokens proposed.",
+                  spec.num_draft_tokens)  # fmt: skip
+    yield counter("spec_decode_num_accepted_tokens", "Speculative tokens accepted.",
+                  spec.num_accepted_tokens)  # fmt: skip
+    yield _family(
+        CounterMetricFamily,
+        "spec_decode_num_accepted_tokens_per_pos",
+        "Proposals whose token at this position (0-based) was accepted.",
+        ["model_name", "position"],
+        {(*name, str(i)): n for i, n in enumerate(spec.accepted_per_pos)},
+    )
 
 
 def _actor_metrics(name: tuple[str], states: dict) -> Iterator[Metric]:

@@ -88,7 +88,11 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, use_tqdm: bool = True, **engine_kwargs) -> None:
         from model_runner.config import EngineConfig
+        from model_runner.spec_config import parse_speculative_config
 
+        spec = engine_kwargs.get("speculative_config")
+        if isinstance(spec, dict | str):  # NOTE: vLLM's form: a dict (or its JSON)
+            engine_kwargs["speculative_config"] = parse_speculative_config(spec)
         self.config = EngineConfig(model=model, **engine_kwargs)
         self.use_tqdm = use_tqdm
         self._loop = _new_loop()

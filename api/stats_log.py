@@ -36,13 +36,20 @@ class StatsLine:
         queries = stats.prefix_cache_queries - (last.prefix_cache_queries if last else 0)
         hits = stats.prefix_cache_hits - (last.prefix_cache_hits if last else 0)
         hit_rate = 100.0 * hits / queries if queries else 0.0
-        return (
+        text = (
             f"Avg prompt throughput: {prompt / elapsed:.1f} tokens/s, "
             f"Avg generation throughput: {generation / elapsed:.1f} tokens/s, "
             f"Running: {stats.num_running} reqs, Waiting: {stats.num_waiting} reqs, "
             f"KV cache usage: {100.0 * stats.kv_cache_usage:.1f}%, "
             f"Prefix cache hit rate: {hit_rate:.1f}%"
         )
+        if stats.spec is not None:
+            spec, before = stats.spec, last.spec if last is not None else None
+            drafted = spec.num_draft_tokens - (before.num_draft_tokens if before else 0)
+            accepted = spec.num_accepted_tokens - (before.num_accepted_tokens if before else 0)
+            rate = 100.0 * accepted / drafted if drafted else 0.0
+            text += f", Spec decode acceptance: {rate:.1f}% of {drafted} draft tokens"
+        return text
 
 
 async def log_engine_stats(engine, interval: float) -> None:

@@ -27,6 +27,21 @@ _DTYPES = {
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's --speculative-config (parsed and checked in model_runner/spec_config.py)."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 3  # K: tokens proposed per step for one sequence
+    prompt_lookup_max: int = 4  # the longest suffix n-gram looked up in the sequence
+    prompt_lookup_min: int = 2  # the shortest one
+    # Back-off: a sequence whose last `backoff_window` proposals had fewer than
+    # `backoff_min_acceptance` of their tokens accepted decodes `backoff_steps` steps plainly.
+    backoff_window: int = 4
+    backoff_min_acceptance: float = 0.25
+    backoff_steps: int = 16
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Every engine setting; field names follow vLLM's CLI flags."""
 
@@ -70,6 +85,7 @@ class EngineConfig:
     max_loras: int = 4  # adapters resident on the device, so at most this many in one step
     max_cpu_loras: int | None = None  # adapters kept in host memory (LRU); None: max_loras
     allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter, /v1/unload_...
+    speculative_config: SpeculativeConfig | None = None  # None: no speculative decoding
 
 
 DEFAULT_CPU_KV_CACHE_GIB = 2.0

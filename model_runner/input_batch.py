@@ -15,6 +15,7 @@ import torch
 from model_runner.attention import AttentionMetadata, per_sequence_views
 from model_runner.grammar import SequenceGrammar
 from model_runner.sampling_params import SamplingParams
+from model_runner.speculative import DraftPosition, SpecBatch, SpecGroup
 from model_runner.step_input import NewSequence, StepInput
 from model_runner.step_upload import upload_ints
 
@@ -93,7 +94,10 @@ class ModelInputs:
     positions: torch.Tensor  # [T] int64
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # [R] int64: rows of the sampled tokens
-    sample_seqs: list[SequenceState]  # R sequences, in the order of logits_indices
+    # R sampling rows, in the order of logits_indices: sequence states, and a DraftPosition
+    # for each position of a speculating sequence
+    sample_seqs: list[SequenceState | DraftPosition]
+    spec: SpecBatch | None = None  # the speculating sequences, if any
 
 
 GrammarFactory = Callable[[NewSequence], SequenceGrammar]
@@ -134,32 +138,54 @@ class _FlatBatch:
     tables: list[list[int]] = field(default_factory=list)
     logits_indices: list[int] = field(default_factory=list)
     sample_seqs: list[SequenceState] = field(default_factory=list)
+    spec_groups: list[SpecGroup] = field(default_factory=list)
     max_query_len: int = 0
 
-    def add(self, seq: SequenceState, num: int, block_size: int, placeholder: bool) -> None:
+    def add(
+        self,
+        seq: SequenceState,
+        num: int,
+        block_size: int,
+        placeholder: bool,
+        drafts: list[int] | None = None,
+    ) -> None:
         """Append `num` tokens of `seq` from its num_computed on, and advance it.
-        `placeholder`: a one-token row whose input the device fills (model_runner/placeholders)."""
+        `placeholder`: a one-token row whose input the device fills (model_runner/placeholders).
+        `drafts`: speculative tokens computed after them; every position samples, and
+        num_computed moves past the accepted ones only once they are known (the collect)."""
         start, table = seq.num_computed, seq.block_table
         end = start + num
         assert placeholder or not seq.num_pending, "only a placeholder row follows a pending token"
         if num == 1:
             self.input_ids.append(0 if placeholder else seq.token_ids[start])
-            self.positions.append(start)
-            self.slots.append(table[start // block_size] * block_size + start % block_size)
         else:
             self.input_ids.extend(seq.token_ids[start:end])
-            self.positions.extend(range(start, end))
-            self.slots.extend(
-                table[p // block_size] * block_size + p % block_size for p in range(start, end)
-            )
-        self.seq_lens.append(end)
-        self.query_start_loc.append(self.query_start_loc[-1] + num)
-        self.tables.append(table[: -(-end // block_size)])
-        self.max_query_len = max(self.max_query_len, num)
+        width = num
+        if drafts:
+            self.input_ids.extend(drafts)
+            width += len(drafts)
+        self.positions.extend(range(start, start + width))
+        self.slots.extend(
+            table[p // block_size] * block_size + p % block_size
+            for p in range(start, start + width)
+        )
+        self.seq_lens.append(start + width)
+        self.query_start_loc.append(self.query_start_loc[-1] + width)
+        self.tables.append(table[: -(-(start + width) // block_size)])
+        self.max_query_len = max(self.max_query_len, width)
         seq.num_computed = end
-        if end == seq.num_tokens:
-            self.logits_indices.append(self.query_start_loc[-1] - 1)
+        if end != seq.num_tokens:
+            return
+        last = self.query_start_loc[-1] - 1
+        if not drafts:
+            self.logits_indices.append(last)
             self.sample_seqs.append(seq)
+            return
+        first = len(self.sample_seqs)
+        self.spec_groups.append(SpecGroup(first, seq, list(drafts)))
+        for j in range(len(drafts) + 1):
+            self.logits_indices.append(last - len(drafts) + j)
+            self.sample_seqs.append(DraftPosition(seq, j))
 
 
 def build_model_inputs(
@@ -175,7 +201,13 @@ def build_model_inputs(
     """
     flat = _FlatBatch()
     for chunk in step.chunks:
-        flat.add(seqs[chunk.seq_id], chunk.num_tokens, block_size, chunk.num_placeholders > 0)
+        flat.add(
+            seqs[chunk.seq_id],
+            chunk.num_tokens,
+            block_size,
+            chunk.num_placeholders > 0,
+            chunk.draft_token_ids,
+        )
     tables, seq_lens, query_start_loc = flat.tables, flat.seq_lens, flat.query_start_loc
     width = max(len(t) for t in tables)
     padded = [b for t in tables for b in chain(t, repeat(0, width - len(t)))]
@@ -205,4 +237,5 @@ def build_model_inputs(
         meta=meta,
         logits_indices=logits,
         sample_seqs=flat.sample_seqs,
+        spec=SpecBatch(flat.spec_groups) if flat.spec_groups else None,
     )

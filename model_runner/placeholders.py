@@ -21,11 +21,12 @@ class LastSampled:
         self._rows: dict[str, int] = {}
         self._tokens: torch.Tensor | None = None
 
-    def record(self, step_id: int, seq_ids: list[str], tokens: torch.Tensor) -> None:
-        """Step `step_id` sampled tokens[i] (on the device) for seq_ids[i]."""
+    def record(self, step_id: int, seq_ids: list[str | None], tokens: torch.Tensor) -> None:
+        """Step `step_id` sampled tokens[i] (on the device) for seq_ids[i]; None: a row no
+        placeholder may take (a speculating sequence's positions)."""
         self._step_id, self._rows, self._tokens = (
             step_id,
-            {seq_id: i for i, seq_id in enumerate(seq_ids)},
+            {seq_id: i for i, seq_id in enumerate(seq_ids) if seq_id is not None},
             tokens,
         )
 
@@ -48,7 +49,7 @@ def fill_placeholders(
     device: no host round trip for the token."""
     dst, src, end = [], [], 0
     for chunk in step.chunks:
-        end += chunk.num_tokens
+        end += chunk.num_tokens + len(chunk.draft_token_ids)  # NOTE: the rows it computes
         if chunk.num_placeholders:
             dst.append(end - 1)
             src.append(rows[chunk.seq_id])

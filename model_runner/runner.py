@@ -55,6 +55,7 @@ from model_runner.model_source import (
 from model_runner.placeholders import LastSampled, fill_placeholders
 from model_runner.sampled_rows import SampledRows
 from model_runner.sampler import Sampler
+from model_runner.speculative import SpecBatch
 from model_runner.step_input import NewSequence, StepInput, StepOutput
 from model_runner.step_timer import StepClock, StepTimer
 
@@ -284,7 +285,10 @@ class ModelRunner:
         if self.lora is None:
             return None
         return self.lora.token_slots(
-            [(self._seqs[c.seq_id].lora_slot, c.num_tokens) for c in step.chunks]
+            [
+                (self._seqs[c.seq_id].lora_slot, c.num_tokens + len(c.draft_token_ids))
+                for c in step.chunks
+            ]  # fmt: skip
         )
 
     def read_lora_adapter(self, key: str, path: str) -> None:
@@ -367,15 +371,25 @@ class ModelRunner:
                 fill_placeholders(inputs.input_ids, step, prev_rows, prev_tokens)
                 logits = self._forward(step, inputs)
             self._collect_in_flight(clock)
+            spec = accepted = None
             if step.chunks:
                 sampled = self.sampler.sample(logits, inputs.sample_seqs)
-                self.last_sampled.record(step.step_id, sampled.seq_ids, sampled.tokens)
-                rows, seqs = sampled.start_copy(), inputs.sample_seqs
-                for seq in seqs:
+                spec = inputs.spec
+                if spec is not None:
+                    accepted = host_copy(spec.verify(sampled.tokens))
+                seqs = [getattr(row, "seq", row) for row in inputs.sample_seqs]  # the states
+                self.last_sampled.record(
+                    step.step_id,
+                    [None if row is not seq else seq.seq_id
+                     for row, seq in zip(inputs.sample_seqs, seqs, strict=True)],
+                    sampled.tokens,
+                )  # fmt: skip
+                rows = sampled.start_copy()
+                for seq in _distinct(seqs):
                     seq.num_pending += 1
         clock.end()
         host_seconds = time.perf_counter() - start - clock.excluded_seconds
-        self._in_flight = _InFlight(step.step_id, rows, seqs, clock, host_seconds)
+        self._in_flight = _InFlight(step.step_id, rows, seqs, clock, host_seconds, spec, accepted)
 
     def flush(self) -> None:
         """Collect the step in flight, if any (raises CollectFailed if that fails)."""
@@ -391,8 +405,17 @@ class ModelRunner:
         try:
             flight.clock.wait()
             sampled = flight.rows.to_host() if flight.rows is not None else []
-            for seq, token in zip(flight.seqs, sampled, strict=True):
+            seqs = flight.seqs
+            for seq in _distinct(seqs):
                 seq.num_pending -= 1
+            if flight.spec is not None:
+                accepted = flight.accepted.tolist()
+                keep = flight.spec.kept_rows(len(sampled), accepted)
+                sampled = [t for t, k in zip(sampled, keep, strict=True) if k]
+                seqs = [s for s, k in zip(seqs, keep, strict=True) if k]
+                for group, n in zip(flight.spec.groups, accepted, strict=True):
+                    group.seq.num_computed += n  # NOTE: the accepted proposals' K/V hold
+            for seq, token in zip(seqs, sampled, strict=True):
                 seq.append(token.token_id)
             device_seconds = flight.clock.seconds()
         except Exception as e:
@@ -424,6 +447,18 @@ class _InFlight:
 
     step_id: int
     rows: SampledRows | None  # None: nothing sampled
-    seqs: list[SequenceState]  # one per row; NOTE: a finished one may be gone from _seqs
+    seqs: list[SequenceState]  # one per sampling row; NOTE: a finished one may be gone from _seqs
     clock: StepClock
     host_seconds: float  # the launch's host time, less the previous step's collect in it
+    spec: SpecBatch | None = None  # its speculating sequences
+    accepted: torch.Tensor | None = None  # [G] their accepted proposals (host copy queued)
+
+
+def _distinct(seqs: list[SequenceState]) -> list[SequenceState]:
+    """Each state once (a speculating sequence has a sampling row per position)."""
+    return list({id(s): s for s in seqs}.values())
+
+
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """`t` in host memory; from CUDA queued without blocking (pinned), read after a wait."""
+    return t if t.device.type == "cpu" else t.to("cpu", non_blocking=True)

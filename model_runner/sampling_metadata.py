@@ -22,7 +22,7 @@ _ROW_SPAN = 1 << 20
 
 
 def has_penalties(p: SamplingParams) -> bool:
-    return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
+    return p.penalized
 
 
 def min_tokens_active(seq: SequenceState) -> bool:

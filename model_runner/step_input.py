@@ -36,6 +36,9 @@ class ScheduledChunk(msgspec.Struct, frozen=True, array_like=True):
     `num_placeholders` (0 or 1; overlap): the chunk's last input token is the one the
     previous step samples for this sequence, which the scheduler does not know yet; the
     runner takes it from its record of that step's samples (then num_tokens == 1).
+    `draft_token_ids` (speculative decoding; then num_tokens == 1, no placeholder): tokens
+    proposed after the chunk's last one, computed with it; the runner samples every
+    position and returns the accepted proposals plus one token (model_runner/speculative.py).
     """
 
     seq_id: str
@@ -43,6 +46,7 @@ class ScheduledChunk(msgspec.Struct, frozen=True, array_like=True):
     block_table_start: int
     block_ids: list[int]
     num_placeholders: int = 0
+    draft_token_ids: list[int] = []
 
 
 def lora_key(name: str, generation: int) -> str:
@@ -78,6 +82,8 @@ class SampledToken(msgspec.Struct, frozen=True, array_like=True):
 
 class StepOutput(msgspec.Struct, frozen=True, kw_only=True):
     step_id: int
+    # One token per sampled sequence, in order; a speculating one has its accepted tokens
+    # and the one after them as consecutive entries (1 to K + 1).
     sampled: list[SampledToken] = []
     execute_seconds: float = 0.0  # host wall time of the whole step
     device_seconds: float = 0.0  # the device's time for it (CUDA events; on the CPU, wall time)

@@ -208,6 +208,18 @@ class BlockManager:
         self._num_keyed[child_id] = self._num_keyed[parent_id]
         return list(table)
 
+    def truncate(self, seq_id: str, num_tokens: int) -> None:
+        """Keep only the blocks of the first `num_tokens` tokens (rejected speculative
+        tokens' blocks go back); the runner cuts its table with the next chunk."""
+        table = self._tables.get(seq_id)
+        keep = -(-num_tokens // self.block_size)
+        if table is None or len(table) <= keep:
+            return
+        for block in reversed(table[keep:]):
+            self._release(block)
+        del table[keep:]
+        self._num_keyed[seq_id] = min(self._num_keyed[seq_id], keep)
+
     def free(self, seq_id: str) -> None:
         """Drop the sequence's table; blocks reaching ref 0 become evictable (keyed) or free.
 
@@ -219,13 +231,16 @@ class BlockManager:
         if table is None:
             return
         for block in reversed(table):
-            self._ref[block] -= 1
-            if self._ref[block] == 0:
-                self._num_used -= 1
-                if self._key[block] is not None:
-                    self._evictable[block] = None
-                else:
-                    self._free.append(block)
+            self._release(block)
+
+    def _release(self, block: int) -> None:
+        self._ref[block] -= 1
+        if self._ref[block] == 0:
+            self._num_used -= 1
+            if self._key[block] is not None:
+                self._evictable[block] = None
+            else:
+                self._free.append(block)
 
     def _acquire(self, block: int) -> None:
         if self._ref[block] == 0:

@@ -9,7 +9,9 @@ with at most one in flight, so a sequence has at most one placeholder when plann
 Which rows step synchronously (they join the first step planned after their result):
 - a grammar: the next bitmask needs the matcher to have accepted the token on the host;
 - pending forks (n > 1): the samples fork from the leader's blocks when its prompt is done;
-- the token in flight is the last one (max_tokens or max_model_len): nothing to plan.
+- the token in flight is the last one (max_tokens or max_model_len): nothing to plan;
+- speculation (actors/scheduler/speculation.py): a sequence that proposes next needs the
+  tokens in flight for its proposal, and a speculating step's accepted count.
 Rows that plan ahead anyway, with what may end them one step late:
 - eos and stop_token_ids: found in `update(N)`; step N+1's token for that sequence is
   discarded, never emitted, and its KV slot freed when step N+1 returns;
@@ -25,6 +27,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from actors.scheduler.sequence import Sequence
+from actors.scheduler.speculation import Speculation
 
 MAX_STEPS_IN_FLIGHT = 2
 
@@ -35,11 +38,13 @@ class InFlightStep(NamedTuple):
     samplers: list[Sequence]  # the sequences it samples a token for
 
 
-def plans_ahead(seq: Sequence, max_model_len: int) -> bool:
+def plans_ahead(seq: Sequence, max_model_len: int, spec: Speculation | None = None) -> bool:
     """Whether `seq` may be planned while a step in flight samples its next token."""
     if seq.num_pending == 0:
         return True
-    if seq.request.sampling.grammar is not None or seq.forks:
+    if seq.request.sampling.grammar is not None or seq.forks or seq.num_drafts:
+        return False
+    if spec is not None and spec.eligible(seq):
         return False
     if seq.num_output_tokens + seq.num_pending >= seq.request.max_tokens:
         return False

@@ -25,11 +25,15 @@ def schedule_running(sched: Scheduler, plan: Plan, ahead: bool) -> bool:
     running, preempted, i = sched.running, False, 0
     while i < len(running) and plan.budget > 0 and len(plan.scheduled) < sched.max_num_seqs:
         seq = running[i]
-        if ahead and not plans_ahead(seq, sched.max_model_len):
+        if ahead and not plans_ahead(seq, sched.max_model_len, sched.spec):
             i += 1
             continue
         num_tokens = min(seq.num_planned_tokens - seq.num_scheduled, plan.budget)
-        alloc = sched.blocks.allocate(seq.seq_id, seq.num_scheduled, num_tokens)
+        drafts, alloc = [], None
+        if num_tokens == 1 and seq.num_pending == 0:  # NOTE: its tokens are all known
+            drafts, alloc = propose(sched, seq, plan.budget)
+        if alloc is None:
+            alloc = sched.blocks.allocate(seq.seq_id, seq.num_scheduled, num_tokens)
         if alloc is None and ahead:
             sched.sync_next = True  # NOTE: preemption waits until no step is in flight
             break
@@ -46,9 +50,23 @@ def schedule_running(sched: Scheduler, plan: Plan, ahead: bool) -> bool:
                 preempt(sched, seq)
                 preempted = True
             break
-        add_to_plan(plan, sched, seq, num_tokens, alloc)
+        add_to_plan(plan, sched, seq, num_tokens, alloc, drafts)
         i += 1
     return preempted
+
+
+def propose(sched: Scheduler, seq: Sequence, budget: int) -> tuple[list[int], Allocation | None]:
+    """A decode row's speculative tokens and the blocks for them; ([], None) when it does not
+    speculate this step (not eligible, nothing proposed, or no blocks for the proposal)."""
+    spec = sched.spec
+    if spec is None or not spec.eligible(seq):
+        return [], None
+    drafts = spec.propose(seq, budget)
+    if not drafts:
+        spec.record_empty(seq)
+        return [], None
+    alloc = sched.blocks.allocate(seq.seq_id, seq.num_scheduled, 1 + len(drafts))
+    return (drafts, alloc) if alloc is not None else ([], None)
 
 
 def schedule_waiting(sched: Scheduler, plan: Plan, ahead: bool) -> None:
@@ -98,7 +116,12 @@ def schedule_waiting(sched: Scheduler, plan: Plan, ahead: bool) -> None:
 
 
 def add_to_plan(
-    plan: Plan, sched: Scheduler, seq: Sequence, num_tokens: int, alloc: Allocation
+    plan: Plan,
+    sched: Scheduler,
+    seq: Sequence,
+    num_tokens: int,
+    alloc: Allocation,
+    drafts: list[int] | None = None,
 ) -> None:
     start = alloc.block_table_start
     if not seq.on_runner:
@@ -119,12 +142,16 @@ def add_to_plan(
     # NOTE: a placeholder row is a one-token decode of the token the step in flight samples.
     placeholders = seq.num_pending
     assert placeholders == 0 or (placeholders, num_tokens) == (1, 1)
-    plan.chunks.append(ScheduledChunk(seq.seq_id, num_tokens, start, alloc.block_ids, placeholders))
+    drafts = drafts or []
+    plan.chunks.append(
+        ScheduledChunk(seq.seq_id, num_tokens, start, alloc.block_ids, placeholders, drafts)
+    )
     plan.copies.extend(alloc.copies)
     plan.scheduled.append((seq, num_tokens))
+    seq.num_drafts = len(drafts)
     if seq.num_scheduled + num_tokens == seq.num_planned_tokens:
         plan.samplers.append(seq)
-    plan.budget -= num_tokens
+    plan.budget -= num_tokens + len(drafts)
 
 
 def preempt(sched: Scheduler, seq: Sequence) -> None:

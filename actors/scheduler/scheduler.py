@@ -31,6 +31,7 @@ from actors.scheduler.planning import schedule_running, schedule_waiting
 from actors.scheduler.prefix_cache import PrefixCache
 from actors.scheduler.prefix_hash import extra_keys
 from actors.scheduler.sequence import Request, SeqStatus, Sequence, sample_seq_ids
+from actors.scheduler.speculation import Speculation
 from model_runner.step_input import StepInput, StepOutput
 
 WAITING, RUNNING = SeqStatus.WAITING, SeqStatus.RUNNING
@@ -75,6 +76,8 @@ class Scheduler:
         self.preemptions = 0
         self._grammar_done: list[str] = []  # finished requests whose grammar can be unpinned
         self.costs = CostLedger()
+        spec = getattr(config, "speculative_config", None)
+        self.spec = Speculation(spec, max_model_len) if spec is not None else None
         self.loras = LoraRegistry(
             getattr(config, "max_loras", 1) if getattr(config, "enable_lora", False) else 0,
             getattr(config, "lora_modules", ()),
@@ -160,6 +163,8 @@ class Scheduler:
         if ahead and self.sync_next:
             return None
         self.sync_next = False
+        if self.spec is not None:
+            self.spec.step += 1
         plan = Plan(self.max_num_batched_tokens)
         preempted = schedule_running(self, plan, ahead)
         if not preempted or not plan.chunks:
@@ -196,12 +201,15 @@ class Scheduler:
         if step is None:
             raise ValueError(f"step {output.step_id} is not the oldest step in flight")
         samplers = {seq.seq_id: seq for seq in step.samplers}
+        by_seq: dict[str, list] = {}  # NOTE: a speculating sequence has several, in order
+        for sampled in output.sampled:
+            by_seq.setdefault(sampled.seq_id, []).append(sampled)
         kept = [
-            (seq, sampled) for sampled in output.sampled
-            if (seq := samplers.get(sampled.seq_id)) is not None and seq.status is RUNNING
+            (seq, tokens) for seq_id, tokens in by_seq.items()
+            if (seq := samplers.get(seq_id)) is not None and seq.status is RUNNING
         ]  # fmt: skip
         # NOTE: a discarded token (its sequence finished the step before) is not counted.
-        self.costs.charge(step.scheduled, output.device_seconds, len(kept))
+        self.costs.charge(step.scheduled, output.device_seconds, sum(len(t) for _, t in kept))
         for seq, num_tokens in step.scheduled:
             if seq.status is FINISHED:  # aborted, or ended by the step before
                 if not seq.in_flight:
@@ -213,11 +221,27 @@ class Scheduler:
                 self._fork(seq)
         assert len(kept) == sum(s.status is RUNNING for s in step.samplers), "a sample is missing"
         any_finished = False
-        for seq, sampled in kept:
-            any_finished |= self._append_token(seq, sampled)
+        for seq, tokens in kept:
+            drafts, seq.num_drafts = seq.num_drafts, 0
+            assert len(tokens) <= drafts + 1, "more tokens than a speculating row can return"
+            finished = self._append_tokens(seq, tokens)
+            any_finished |= finished
+            if drafts:
+                self._accept_drafts(seq, drafts, len(tokens) - 1, finished)
         if any_finished:
             self.running = [s for s in self.running if s.status is RUNNING]
         return self.take_finished_aborts()
+
+    def _accept_drafts(self, seq: Sequence, drafts: int, accepted: int, finished: bool) -> None:
+        """A speculating row returned: its accepted proposals' K/V are computed; the blocks
+        past them go back (rejected positions hold K/V of tokens never emitted)."""
+        self.spec.record(seq, drafts, accepted)
+        if finished:
+            return
+        seq.num_computed += accepted
+        seq.num_scheduled += accepted
+        self.prefix_cache.register_computed(seq, accepted)
+        self.blocks.truncate(seq.seq_id, seq.num_computed)
 
     def fail_step(self, step_id: int) -> StepTokens:
         """The step raised: finish each of its sequences (and their pending forks) "error".
@@ -277,6 +301,7 @@ class Scheduler:
             prompt_tokens_computed=self.costs.prompt_tokens_computed,
             generation_tokens=self.costs.generation_tokens,
             iteration_tokens=self.costs.take_iteration_tokens(),
+            spec=self.spec.stats() if self.spec is not None else None,
         )
 
     def reset_prefix_cache(self) -> bool:
@@ -297,15 +322,20 @@ class Scheduler:
             self.running.append(child)
         parent.forks = []
 
-    def _append_token(self, seq: Sequence, sampled) -> bool:
-        """Append one sampled token and emit it; returns whether the sequence finished."""
-        token = sampled.token_id
-        seq.token_ids.append(token)
-        reason, stop_reason = check_stop(seq, token, self.eos_token_ids, self.max_model_len)
-        logprobs = None
-        if sampled.logprob is not None:
-            logprobs = [(token, sampled.logprob, list(sampled.top_logprobs or ()))]
-        self.emit(seq, [token], reason, stop_reason, logprobs)
+    def _append_tokens(self, seq: Sequence, sampled: list) -> bool:
+        """Append a step's sampled tokens (several for a speculating row) up to the first
+        that ends the sequence, emit them; returns whether the sequence finished."""
+        token_ids, logprobs, reason, stop_reason = [], [], None, None
+        for s in sampled:
+            token = s.token_id
+            seq.token_ids.append(token)
+            token_ids.append(token)
+            if s.logprob is not None:
+                logprobs.append((token, s.logprob, list(s.top_logprobs or ())))
+            reason, stop_reason = check_stop(seq, token, self.eos_token_ids, self.max_model_len)
+            if reason is not None:
+                break
+        self.emit(seq, token_ids, reason, stop_reason, logprobs or None)
         if reason is None:
             return False
         self.retire(seq, unlink=False)
@@ -340,6 +370,8 @@ class Scheduler:
             elif seq.status is FORK_PENDING:
                 seq.fork_parent.forks.remove(seq)
         seq.status = FINISHED
+        if self.spec is not None:
+            self.spec.forget(seq.seq_id)
         if seq.forks:
             heir, *rest = seq.forks
             heir.forks, heir.fork_parent, heir.status = rest, None, WAITING

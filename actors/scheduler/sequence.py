@@ -110,6 +110,7 @@ class Sequence:
         "fork_parent",
         "on_runner",
         "in_flight",
+        "num_drafts",
     )
 
     def __init__(self, seq_id: str, request: Request, index: int, status: SeqStatus) -> None:
@@ -132,6 +133,7 @@ class Sequence:
         self.fork_parent: Sequence | None = None
         self.on_runner = False  # the runner holds its state (sent as NewSequence)
         self.in_flight = 0  # how many of the steps in flight (at most two) compute it
+        self.num_drafts = 0  # speculative tokens the step in flight verifies for it
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,94 @@
+"""Speculative decoding in the scheduler: which sequences propose, the n-gram proposals
+(actors/scheduler/ngram.py), the back-off, and the acceptance counters.
+
+A speculating decode row computes its last token plus K proposed ones in one step; the
+runner samples all K + 1 positions and keeps the longest run of proposals its own samples
+confirm, plus its sample after that run (model_runner/speculative.py). Speculating rows
+step synchronously: their next proposal needs the tokens this one accepts.
+Rows that never speculate: a grammar (its bitmask follows each accepted token), penalties
+and an unmet min_tokens (both count the outputs before each position), pending forks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from actors.protocol import SpecDecodeStats
+from actors.scheduler.ngram import propose_ngram
+from actors.scheduler.sequence import Sequence
+from model_runner.config import SpeculativeConfig
+
+
+class Speculation:
+    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+        self.config = config
+        self.k = config.num_speculative_tokens
+        self.max_model_len = max_model_len
+        self.step = 0  # steps planned, the back-off's clock
+        self.num_drafts = 0  # proposals made (one per speculating row and step)
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.accepted_per_pos = [0] * self.k  # proposals whose i-th token was accepted
+        self._history: dict[str, deque[tuple[int, int]]] = {}  # (proposed, accepted)
+        self._paused_until: dict[str, int] = {}
+
+    def eligible(self, seq: Sequence) -> bool:
+        """Whether the sequence speculates when it next decodes (its sampling allows it,
+        and it is not backed off)."""
+        p = seq.request.sampling
+        if p.grammar is not None or p.penalized or seq.forks:
+            return False
+        if seq.num_output_tokens < p.min_tokens:
+            return False
+        return self._paused_until.get(seq.seq_id, 0) <= self.step
+
+    def propose(self, seq: Sequence, budget: int) -> list[int]:
+        """Up to K tokens to verify after `seq`'s last token (which it computes now)."""
+        room = min(
+            self.k,
+            budget - 1,
+            seq.request.max_tokens - seq.num_output_tokens - 1,  # the step samples one more
+            self.max_model_len - seq.num_tokens - 1,
+        )
+        c = self.config
+        return propose_ngram(seq.token_ids, room, c.prompt_lookup_min, c.prompt_lookup_max)
+
+    def record(self, seq: Sequence, proposed: int, accepted: int) -> None:
+        """A proposal's outcome; a run of poor ones pauses the sequence's speculation."""
+        self.num_drafts += 1
+        self.num_draft_tokens += proposed
+        self.num_accepted_tokens += accepted
+        for i in range(accepted):
+            self.accepted_per_pos[i] += 1
+        c = self.config
+        history = self._history.setdefault(seq.seq_id, deque(maxlen=c.backoff_window))
+        history.append((proposed, accepted))
+        self._check_backoff(seq.seq_id, history)
+
+    def _check_backoff(self, seq_id: str, history: deque[tuple[int, int]]) -> None:
+        c = self.config
+        if len(history) < c.backoff_window:
+            return
+        if sum(a for _, a in history) < c.backoff_min_acceptance * sum(p for p, _ in history):
+            self._paused_until[seq_id] = self.step + c.backoff_steps
+            history.clear()
+
+    def record_empty(self, seq: Sequence) -> None:
+        """No n-gram matched: for the back-off, a proposal with nothing accepted (so free
+        text soon decodes plainly, overlapped again); not counted as drafts."""
+        c = self.config
+        history = self._history.setdefault(seq.seq_id, deque(maxlen=c.backoff_window))
+        history.append((1, 0))
+        self._check_backoff(seq.seq_id, history)
+
+    def stats(self) -> SpecDecodeStats:
+        return SpecDecodeStats(
+            num_drafts=self.num_drafts,
+            num_draft_tokens=self.num_draft_tokens,
+            num_accepted_tokens=self.num_accepted_tokens,
+            accepted_per_pos=list(self.accepted_per_pos),
+        )
+
+    def forget(self, seq_id: str) -> None:
+        self._history.pop(seq_id, None)
+        self._paused_until.pop(seq_id, None)

@@ -1,0 +1,149 @@
+"""Speculative decoding (n-gram proposals) through the whole engine, float32 on the CPU:
+output as without speculation, blocks all returned, proposals actually accepted."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from api import LLM, SamplingParams
+from tests.conftest import GREEDY_PROMPTS, settled_stats
+
+CODE = """def total(items):
+    result = 0
+    for item in items:
+        result = result + item.price * item.count
+    return result
+"""
+REPETITIVE = [
+    "Rewrite this function, renaming `total` to `order_total` and changing nothing else:\n\n"
+    + CODE
+    + "\nHere it is:\n\ndef order_total(items):\n",
+    "Quote the passage back word for word. Passage: The river runs past the old mill, under "
+    "the stone bridge and into the lake, where the boats wait for summer. Quote: The river",
+    "apple, banana, cherry, date, apple, banana, cherry, date, apple, banana,",
+]
+PROMPTS = GREEDY_PROMPTS[:4] + REPETITIVE
+TOKENS = 40
+GREEDY = SamplingParams(temperature=0.0, max_tokens=TOKENS)
+GREEDY_MARGINS = SamplingParams(temperature=0.0, max_tokens=TOKENS, logprobs=2)
+MARGIN = 1e-3
+
+
+def ngram(k: int) -> dict:
+    return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4,
+            "prompt_lookup_min": 2}  # fmt: skip
+
+
+def engine(**kw) -> LLM:
+    return LLM(dtype="float32", kv_cache_memory=0.25, max_model_len=1024, use_tqdm=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    llm = engine()
+    yield llm
+    llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(plain):
+    """prompt -> (token ids, top-2 margin at each position) without speculation."""
+    out = {}
+    for o in plain.generate(PROMPTS, GREEDY_MARGINS):
+        c = o.outputs[0]
+        margins = []
+        for entry in c.logprobs:
+            top = sorted((lp for _, _, lp in entry.top), reverse=True)
+            margins.append(top[0] - top[1] if len(top) > 1 else float("inf"))
+        out[o.prompt] = (c.token_ids, margins)
+    return out
+
+
+def assert_same_greedy(reference, got: dict[str, list[int]]) -> None:
+    """Identical tokens up to where the reference's top-2 margin is under MARGIN (scoring
+    K + 1 positions at once is another numeric path than a one-token decode)."""
+    for prompt, (ref, margins) in reference.items():
+        ids = got[prompt]
+        for i, (a, b) in enumerate(zip(ref, ids, strict=False)):
+            if a != b:
+                assert margins[i] < MARGIN, (prompt, i, margins[i])
+                break
+        else:
+            assert len(ids) == len(ref), prompt
+
+
+def token_ids(outputs) -> dict[str, list[int]]:
+    return {o.prompt: o.outputs[0].token_ids for o in outputs}
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_greedy_output_is_unchanged_and_proposals_are_accepted(reference, k):
+    llm = engine(speculative_config=ngram(k))
+    try:
+        together = token_ids(llm.generate(PROMPTS, GREEDY))
+        alone = token_ids(llm.generate(REPETITIVE[:1], GREEDY))
+        spec = settled_stats(llm).spec
+        assert settled_stats(llm).num_blocks_in_use == 0
+        (scheduler,) = [a for a in llm.engine.local_actors if a.name == "scheduler"]
+        scheduler.policy.blocks.check_invariants()  # consistent after rejected proposals
+    finally:
+        llm.shutdown()
+    assert_same_greedy(reference, together)
+    assert_same_greedy({p: reference[p] for p in REPETITIVE[:1]}, alone)
+    assert spec.num_drafts > 0 and spec.num_draft_tokens >= spec.num_accepted_tokens > 0
+    assert len(spec.accepted_per_pos) == k and spec.accepted_per_pos[0] > 0
+    # the repetitive prompts are what speculation is for: most proposals hold there
+    assert spec.num_accepted_tokens / spec.num_draft_tokens > 0.3
+
+
+def test_seeded_samples_are_the_ones_without_speculation(plain):
+    """A seeded row draws each position with its output index's key, so speculation cannot
+    change its tokens; over many seeds the joint law of the first 3 tokens is the same."""
+    prompt = REPETITIVE[2]
+    params = [SamplingParams(temperature=0.7, top_p=0.9, seed=s, max_tokens=6, logprobs=1)
+              for s in range(48)]  # fmt: skip
+    without = [o.outputs[0] for o in plain.generate([prompt] * 48, params)]
+    llm = engine(speculative_config=ngram(3))
+    try:
+        with_spec = [o.outputs[0] for o in llm.generate([prompt] * 48, params)]
+        spec = settled_stats(llm).spec
+        assert settled_stats(llm).num_blocks_in_use == 0
+    finally:
+        llm.shutdown()
+    assert spec.num_accepted_tokens > 0
+    first3 = [Counter(tuple(c.token_ids[:3]) for c in run) for run in (without, with_spec)]
+    tv = 0.5 * sum(abs(first3[0][k] - first3[1][k]) for k in first3[0] | first3[1]) / 48
+    assert tv <= 0.05
+    for a, b in zip(without, with_spec, strict=True):
+        assert a.token_ids == b.token_ids
+        for la, lb in zip(a.logprobs, b.logprobs, strict=True):
+            assert la.token_id == lb.token_id and [t for t, _, _ in la.top] == [
+                t for t, _, _ in lb.top
+            ]
+            assert la.logprob == pytest.approx(lb.logprob, abs=1e-4)
+
+
+def test_stop_strings_and_preemption_under_speculation(plain):
+    """A stop string inside an accepted run cuts where it does without speculation; a KV
+    cache of a few blocks preempts speculating rows and output still holds."""
+    prompt = REPETITIVE[0]
+    full = plain.generate([prompt], GREEDY)[0].outputs[0].text
+    stop = SamplingParams(temperature=0.0, max_tokens=TOKENS, stop=[full[25:33]])
+    want = plain.generate([prompt], stop)[0].outputs[0]
+    tiny = LLM(dtype="float32", kv_cache_memory=16 * 16 * 2 * 30 * 3 * 64 * 4 / 2**30,
+               max_model_len=256, max_num_seqs=8, use_tqdm=False,
+               speculative_config=ngram(4))  # fmt: skip
+    try:
+        got = tiny.generate([prompt], stop)[0].outputs[0]
+        crowd = token_ids(tiny.generate(REPETITIVE * 3, GREEDY))
+        stats = settled_stats(tiny)
+    finally:
+        tiny.shutdown()
+    assert got.text == want.text == full[:25] and got.finish_reason == want.finish_reason == "stop"
+    assert stats.num_preemptions > 0 and stats.num_blocks_in_use == 0
+    assert stats.spec.num_accepted_tokens > 0
+    base = token_ids(plain.generate(REPETITIVE, GREEDY))
+    for prompt in REPETITIVE:
+        assert crowd[prompt] == base[prompt], prompt
