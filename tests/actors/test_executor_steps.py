@@ -8,7 +8,7 @@ import threading
 from types import SimpleNamespace
 
 from actors.executor import ExecutorActor
-from actors.protocol import ExecutorReady, StepFailed, StepPlan, StepResult
+from actors.protocol import ExecutorReady, StepPlan, StepResult
 from actors.transport import InProcessTransport
 from model_runner.grammar_cache import GrammarCache
 from model_runner.runner import CollectFailed

@@ -144,3 +144,43 @@ def test_bad_tool_flags_exit_2_with_one_line(capsys, argv, message):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_speculative_config_flag(capsys):
+    cfg = engine_config(parse("--speculative-config",
+                              '{"method": "ngram", "num_speculative_tokens": 5}'))  # fmt: skip
+    assert cfg.speculative_config.num_speculative_tokens == 5
+    assert cfg.speculative_config.prompt_lookup_max == 4
+    assert engine_config(parse()).speculative_config is None
+    with pytest.raises(SystemExit):
+        engine_config(
+            parse("--speculative-config", '{"method": "ngram", "num_speculative_tokens": 12}')
+        )
+    assert "num_speculative_tokens must be an integer 1..8" in capsys.readouterr().err
+
+
+def test_spec_decode_metrics_are_exported():
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from actors.protocol import SchedulerStats, SpecDecodeStats
+    from api.metrics import EngineStatsCollector
+
+    stats = SchedulerStats(
+        num_running=0, num_waiting=0, kv_cache_usage=0.0, num_blocks_in_use=0,
+        prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0,
+        spec=SpecDecodeStats(num_drafts=3, num_draft_tokens=9, num_accepted_tokens=5,
+                             accepted_per_pos=[3, 2, 0]),
+    )  # fmt: skip
+    engine = SimpleNamespace(stats=stats, model_name="m", health=lambda: (True, ""),
+                             actor_states=lambda: {})  # fmt: skip
+    registry = CollectorRegistry()
+    registry.register(EngineStatsCollector(engine))
+    text = generate_latest(registry).decode()
+    assert 'tokenmill:spec_decode_num_draft_tokens_total{model_name="m"} 9.0' in text
+    assert 'tokenmill:spec_decode_num_accepted_tokens_total{model_name="m"} 5.0' in text
+    assert (
+        'tokenmill:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="1"} 2.0'
+        in text
+    )

@@ -46,6 +46,7 @@ class FakeRunner:
         self.next_token = next_token or (lambda seq_id, tokens: rng.randrange(1, 50))
         self.last_sampled: tuple[int, dict[str, int]] = (-1, {})  # (step id, seq id -> token)
         self.num_placeholders = 0  # placeholder rows computed
+        self.num_accepted = 0  # speculative tokens accepted
 
     def fail(self, step: StepInput) -> None:
         """A step that raised in the forward, after taking in the sequence changes."""
@@ -92,13 +93,17 @@ class FakeRunner:
             del seq.table[chunk.block_table_start :]
             seq.table.extend(chunk.block_ids)
             end = seq.num_computed + chunk.num_tokens
+            drafts = chunk.draft_token_ids
             assert 0 < chunk.num_tokens and end <= len(seq.token_ids)
-            assert len(seq.table) == -(-end // bs), "table does not cover the computed tokens"
-            for pos in range(seq.num_computed, end):
+            assert not drafts or (chunk.num_tokens == 1 and end == len(seq.token_ids))
+            width = -(-(end + len(drafts)) // bs)
+            assert len(seq.table) == width, "table does not cover the computed tokens"
+            inputs = seq.token_ids[seq.num_computed : end] + list(drafts)
+            for pos, token in enumerate(inputs, start=seq.num_computed):
                 slot = (seq.table[pos // bs], pos % bs)
                 assert slot not in written, f"{chunk.seq_id} and {written[slot]} write {slot}"
                 written[slot] = chunk.seq_id
-                self.kv[slot[0]][slot[1]] = seq.token_ids[pos]
+                self.kv[slot[0]][slot[1]] = token
         sampled = []
         for chunk in chunks:
             seq = self.seqs[chunk.seq_id]
@@ -108,10 +113,18 @@ class FakeRunner:
                 assert got == seq.token_ids[pos], f"{chunk.seq_id} reads {got} at {pos}"
             seq.num_computed = end
             if end == len(seq.token_ids):
-                token = self.next_token(chunk.seq_id, seq.token_ids)
-                seq.token_ids.append(token)
-                sampled.append(SampledToken(chunk.seq_id, token))
-        self.last_sampled = (step.step_id, {t.seq_id: t.token_id for t in sampled})
+                # NOTE: speculation: each position samples from the history with the
+                # proposals before it; the run stops at the first sample that differs
+                drafts = chunk.draft_token_ids
+                for j in range(len(drafts) + 1):
+                    token = self.next_token(chunk.seq_id, seq.token_ids)
+                    seq.token_ids.append(token)
+                    sampled.append(SampledToken(chunk.seq_id, token))
+                    if j == len(drafts) or token != drafts[j]:
+                        break
+                    seq.num_computed += 1
+                    self.num_accepted += 1
+        self.last_sampled = (step.step_id, {t.seq_id: t.token_id for t in sampled})  # the last
         device_seconds = self.seconds_per_token * sum(c.num_tokens for c in chunks)
         return StepOutput(step_id=step.step_id, sampled=sampled, device_seconds=device_seconds)
 
@@ -194,8 +207,9 @@ class Driver:
         for seq in self.sched.running:
             if not seq.on_runner:  # forked this step, sent with the next one
                 continue
-            mine = self.runner.seqs[seq.seq_id]
-            assert mine.table == bm.block_table(seq.seq_id)
+            mine, table = self.runner.seqs[seq.seq_id], bm.block_table(seq.seq_id)
+            # NOTE: blocks of rejected proposals leave the runner's table with its next chunk
+            assert mine.table[: len(table)] == table
             assert mine.num_computed == seq.num_computed
             assert mine.token_ids == seq.token_ids
 

@@ -181,3 +181,14 @@ def test_salts_separate_keys():
 def test_invalid_geometry():
     with pytest.raises(ValueError):
         BlockManager(0, 16)
+
+
+def test_truncate_returns_the_tail_blocks():
+    bm = BlockManager(8, 4)
+    bm.allocate("a", 0, 14)  # 4 blocks
+    table = bm.block_table("a")
+    bm.truncate("a", 9)  # 3 blocks hold 9 tokens
+    assert bm.block_table("a") == table[:3] and bm.num_used_blocks == 3
+    bm.truncate("a", 12)  # nothing beyond
+    assert bm.block_table("a") == table[:3]
+    bm.check_invariants()
