@@ -114,7 +114,8 @@ export class Dashboard {
   }
 
   async poll() {
-    if (this.inFlight) return; // NOTE: a slow answer never stacks polls up
+    // NOTE: a slow answer never stacks polls up; a hidden browser tab does not poll
+    if (this.inFlight || document.hidden) return;
     this.inFlight = true;
     try {
       this.show(await getJSON("/v1/stats"));
