@@ -112,3 +112,20 @@ def app_on_socket(app, config) -> Iterator[str]:
     finally:
         state["loop"].call_soon_threadsafe(state["stop"].set)
         thread.join(15)
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "the condition"):
+    """Poll `predicate` (Python reading the page) until it is truthy; its value.
+
+    NOTE: not `page.wait_for_function`, whose polling evaluates a string in the page: the
+    console's CSP (no 'unsafe-eval') refuses it, as it should.
+    """
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
+        time.sleep(0.05)
+    return value
+
+
+def models_loaded(page) -> None:
+    page.locator("#model option").first.wait_for(state="attached")

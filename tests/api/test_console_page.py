@@ -10,7 +10,7 @@ import re
 import pytest
 
 from api.server import ServerConfig, create_app
-from tests.browser import app_on_socket, free_port
+from tests.browser import app_on_socket, free_port, models_loaded
 
 HOSTILE_ANSWER = (
     'Look: <script>window.pwned = 1</script> <img src=x onerror="window.pwned = 2"> '
@@ -30,7 +30,7 @@ def served(engine):
 
 
 def send(page, text: str) -> None:
-    page.wait_for_function("document.querySelector('#model').options.length > 0")
+    models_loaded(page)
     page.fill("#prompt", text)
     page.click("#send")
 
@@ -74,7 +74,7 @@ def test_the_page_asks_for_the_key_and_keeps_it_in_the_session(served, engine, c
         assert page.locator("#model option").count() == 0
         page.fill("#key-input", "s3cret")
         page.click("#key-save")
-        page.wait_for_function("document.querySelector('#model').options.length > 0")
+        models_loaded(page)
         assert page.locator("#model").input_value() == "fake-model"
         assert page.evaluate("sessionStorage.getItem('tokenmill.apiKey')") == "s3cret"
         assert page.evaluate("localStorage.length") == 0
@@ -85,7 +85,7 @@ def test_the_page_asks_for_the_key_and_keeps_it_in_the_session(served, engine, c
         page.locator(".message.assistant[data-state=done]").wait_for()
         assert len(engine.calls) == 1
         page.reload()  # the same tab keeps the key: no dialog, models load at once
-        page.wait_for_function("document.querySelector('#model').options.length > 0")
+        models_loaded(page)
         assert not dialog.is_visible()
     assert console_page.errors == []
 
