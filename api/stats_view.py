@@ -20,7 +20,7 @@ from prometheus_client import Histogram
 from actors.protocol import SchedulerStats
 
 SAMPLE_INTERVAL_S = 1.0
-RATE_WINDOW_S = 10.0  # throughput and the prefix-cache hit rate
+RATE_WINDOW_S = 5.0  # throughput and the prefix-cache hit rate
 LATENCY_WINDOW_S = 60.0  # TTFT and ITL quantiles
 
 _NO_STATS = SchedulerStats(

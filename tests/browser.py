@@ -33,7 +33,9 @@ def chromium_executable() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+# NOTE: per module, not per session: while Playwright's sync API runs, its event loop is the
+# thread's running loop, and pytest-asyncio cannot run the async tests of other modules.
+@pytest.fixture(scope="module")
 def browser():
     path = chromium_executable()
     if path is None:

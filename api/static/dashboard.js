@@ -118,8 +118,11 @@ export class Dashboard {
     if (this.inFlight || document.hidden) return;
     this.inFlight = true;
     try {
-      this.show(await getJSON("/v1/stats"));
-      this.updated.textContent = `updated ${new Date().toLocaleTimeString()}`;
+      const stats = await getJSON("/v1/stats");
+      this.show(stats);
+      const { rates, latency } = stats.window_s;
+      this.updated.textContent = `updated ${new Date().toLocaleTimeString()} \u00b7 rates over ` +
+        `the last ${rates} s, latencies over the last ${latency} s`;
       this.updated.classList.remove("error");
     } catch (error) {
       this.updated.textContent = `not updated: ${error.message}`;

@@ -72,11 +72,11 @@ def test_rates_are_over_the_rate_window(engine, clock):
         prefix_cache_queries=70, prefix_cache_hits=30, num_running=2,
     )  # fmt: skip
     view = history.view()
-    # baseline: the sample RATE_WINDOW_S + 0.5 s ago (second 20: 60 tokens, 40 queries, 20 hits)
-    elapsed = RATE_WINDOW_S + 0.5
-    assert view["throughput"]["generation_tokens_per_s"] == pytest.approx((120 - 60) / elapsed)
-    assert view["throughput"]["prompt_tokens_per_s"] == pytest.approx((600 - 400) / elapsed)
-    assert view["prefix_cache"]["hit_rate"] == pytest.approx((30 - 20) / (70 - 40))
+    # baseline: the sample RATE_WINDOW_S + 0.5 s ago, of second b
+    b, elapsed = 30 - int(RATE_WINDOW_S), RATE_WINDOW_S + 0.5
+    assert view["throughput"]["generation_tokens_per_s"] == pytest.approx((120 - 3 * b) / elapsed)
+    assert view["throughput"]["prompt_tokens_per_s"] == pytest.approx((600 - 20 * b) / elapsed)
+    assert view["prefix_cache"]["hit_rate"] == pytest.approx((30 - b) / (70 - 2 * b))
     assert view["prefix_cache"]["hit_rate_total"] == pytest.approx(30 / 70)
     assert view["requests"] == {"running": 2, "waiting": 0}
     assert view["tokens"] == {"prompt": 600, "generation": 120}
