@@ -10,7 +10,7 @@ import re
 import pytest
 
 from api.server import ServerConfig, create_app
-from tests.browser import app_on_socket, free_port, models_loaded
+from tests.browser import app_on_socket, free_port, models_loaded, wait_until
 
 HOSTILE_ANSWER = (
     'Look: <script>window.pwned = 1</script> <img src=x onerror="window.pwned = 2"> '
@@ -101,3 +101,27 @@ def test_a_refused_key_is_asked_for_again(served, console_page):
         assert page.locator("#server-status").text_content() == "Invalid or missing API key."
     # NOTE: the refused /v1/models call is the one error the browser logs here
     assert [e for e in console_page.errors if "401" not in e] == []
+
+
+def test_regenerate_asks_again_and_copy_copies_the_raw_answer(served, engine, console_page):
+    engine.set_output("First **answer**")
+    page = console_page.page
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    with served() as url:
+        page.goto(url + "/")
+        send(page, "Hello")
+        page.locator(".message.assistant[data-state=done]").wait_for()
+        engine.set_output("Second answer")
+        page.click("#regenerate")
+        answer = page.locator(".message.assistant[data-state=done]")
+        wait_until(lambda: answer.get_attribute("data-raw") == "Second answer", what="new answer")
+        assert page.locator(".message.assistant").count() == 1
+        assert len(engine.calls) == 2 and engine.calls[0]["prompt"] == engine.calls[1]["prompt"]
+        engine.set_output("Third")
+        send(page, "Once more")  # the conversation so far goes with it
+        page.locator(".message.assistant[data-state=done] >> nth=1").wait_for()
+        assert "Second answer" in engine.calls[2]["prompt"]
+        assert "First" not in engine.calls[2]["prompt"]
+        page.locator(".message.assistant .copy").first.click()
+        assert page.evaluate("navigator.clipboard.readText()") == "Second answer"
+    assert console_page.errors == []
