@@ -112,7 +112,7 @@ def test_the_dashboard_plots_throughput_after_a_request(server, console_page):
     output = page.locator("[data-metric=output_tps]")
     wait_until(lambda: output.get_attribute("data-last") == "0", what="an idle throughput")
     model = httpx.get(server.base_url + "/v1/models").json()["data"][0]["id"]
-    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": True}
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 16, "ignore_eos": True}
     assert httpx.post(server.base_url + "/v1/completions", json=body, timeout=60).status_code == 200
     wait_until(lambda: float(output.get_attribute("data-last")) > 0, what="a throughput")
     ttft = page.locator("[data-metric=ttft]")
