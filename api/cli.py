@@ -47,6 +47,9 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
         help="require `Authorization: Bearer KEY` on /v1/* (env TOKENMILL_API_KEY)",
     )
     p.add_argument("--served-model-name", default=None)
+    p.add_argument(
+        "--disable-ui", action="store_true", help="no web console at / and /ui (the API only)"
+    )
     p.add_argument("--max-logprobs", type=int, default=20)
     p.add_argument(
         "--log-level", default="info", choices=("debug", "info", "warning", "error", "critical")
@@ -390,6 +393,7 @@ def server_config(args: argparse.Namespace):
         enable_log_requests=args.enable_log_requests,
         log_stats_interval=None if args.disable_log_stats else STATS_LOG_INTERVAL_S,
         shutdown_timeout=args.shutdown_timeout,
+        enable_ui=not args.disable_ui,
     )
 
 

@@ -153,6 +153,9 @@ class ServingMetrics:
 
     def __init__(self, engine) -> None:
         self.engine = engine
+        # NOTE: per served model (the base or a LoRA adapter), added as each request ends;
+        # the per-feature split is the scheduler's, per step (SchedulerStats)
+        self.gpu_seconds_by_model: dict[str, float] = {}
         self.registry = CollectorRegistry()
         self.registry.register(EngineStatsCollector(engine))
         model, feature = ["model_name"], ["model_name", "feature"]
@@ -199,6 +202,14 @@ class ServingMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def track(self, request_id: str, feature: str, n: int, log_line=None) -> RequestTracker:
-        """A tracker for one HTTP request; `log_line` takes its finished record (a dict)."""
-        return RequestTracker(self, str(self.engine.model_name), request_id, feature, n, log_line)
+    def track(
+        self, request_id: str, feature: str, n: int, log_line=None, served_model: str | None = None
+    ) -> RequestTracker:
+        """A tracker for one HTTP request; `log_line` takes its finished record (a dict);
+        `served_model` is the adapter it asked for (default: the base model)."""
+        name = str(self.engine.model_name)
+        return RequestTracker(self, name, request_id, feature, n, log_line, served_model)
+
+    def add_gpu_seconds(self, served_model: str, seconds: float) -> None:
+        by_model = self.gpu_seconds_by_model
+        by_model[served_model] = by_model.get(served_model, 0.0) + seconds

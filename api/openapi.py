@@ -85,6 +85,8 @@ ROUTES = (
           DetokenizeRequest),
     Route("get", "/health", "200 while the engine is healthy, else 503", None),
     Route("get", "/version", "The server's version", _json(_JSON_OBJECT)),
+    Route("get", "/v1/stats", "The engine's numbers for the console's dashboard (JSON)",
+          _json(_JSON_OBJECT)),
     Route("get", "/metrics", "Prometheus metrics", {"text/plain": {"schema": {"type": "string"}}}),
     Route("post", "/reset_prefix_cache", "Drop the prefix cache", _json(_JSON_OBJECT)),
     Route("get", "/openapi.json", "This document", _json(_JSON_OBJECT)),

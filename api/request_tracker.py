@@ -30,9 +30,11 @@ class RequestTracker:
         feature: str,
         n: int,
         log_line: Callable[[dict], None] | None = None,
+        served_model: str | None = None,
     ) -> None:
         self.metrics = metrics
         self.model_name = model_name
+        self.served_model = served_model or model_name  # a LoRA request: its adapter's name
         self.request_id = request_id
         self.feature = feature
         self.n = n
@@ -68,6 +70,7 @@ class RequestTracker:
         usage = acc.usage()
         m.prompt_tokens.labels(name, feature).inc(usage["prompt_tokens"])
         m.generation_tokens.labels(name, feature).inc(usage["completion_tokens"])
+        m.add_gpu_seconds(self.served_model, usage["gpu_seconds"])
         for choice in acc.choices:
             m.request_success.labels(name, choice.finish_reason or "abort").inc()
         for src in sorted(self.sources_seen):

@@ -17,11 +17,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
+from api.console import console_blueprint
 from api.errors import ApiError, error_body
 from api.metrics import ServingMetrics
 from api.openapi import openapi_document
 from api.serving import OpenAIServing, json_response
 from api.stats_log import STATS_LOG_INTERVAL_S, log_engine_stats
+from api.stats_view import StatsHistory
 from api.tools import ToolConfig
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class ServerConfig:
     enable_log_requests: bool = False  # one JSON line per finished request
     log_stats_interval: float | None = STATS_LOG_INTERVAL_S  # the stats log line; None: off
     shutdown_timeout: float = 30.0  # --shutdown-timeout: the drain's grace for running requests
+    enable_ui: bool = True  # the web console at / and /ui (--disable-ui: off)
 
 
 def tokenmill_version() -> str:
@@ -65,7 +68,7 @@ def needs_api_key(path: str) -> bool:
 def create_app(engine, config: ServerConfig | None = None) -> Quart:
     """The app serving `engine`; every app has its own metrics registry."""
     config = config or ServerConfig()
-    app = Quart("tokenmill")
+    app = Quart("tokenmill", static_folder=None)  # NOTE: the console serves its own files
     # NOTE: streamed responses last as long as generation does; no response timeout.
     app.config.update(
         RESPONSE_TIMEOUT=None, MAX_CONTENT_LENGTH=MAX_BODY_BYTES, BODY_TIMEOUT=BODY_TIMEOUT_S
@@ -83,6 +86,9 @@ def create_app(engine, config: ServerConfig | None = None) -> Quart:
     if config.log_stats_interval:
         _register_stats_log(app, engine, config.log_stats_interval)
     _register_routes(app, engine, serving, metrics)
+    _register_stats_view(app, StatsHistory(engine, metrics))
+    if config.enable_ui:
+        app.register_blueprint(console_blueprint())
     secured = needs_api_key if config.api_key else None
     _register_openapi(app, openapi_document(tokenmill_version(), secured))
     return app
@@ -150,6 +156,24 @@ def _register_stats_log(app: Quart, engine, interval: float) -> None:
     async def stop_stats_log():
         for task in tasks:
             task.cancel()
+
+
+def _register_stats_view(app: Quart, history: StatsHistory) -> None:
+    """`GET /v1/stats` (the console's dashboard), its samples taken once a second."""
+    tasks = []
+
+    @app.before_serving
+    async def start_sampling():
+        tasks.append(asyncio.create_task(history.sample_every_second()))
+
+    @app.after_serving
+    async def stop_sampling():
+        for task in tasks:
+            task.cancel()
+
+    @app.get("/v1/stats")
+    async def stats():
+        return json_response(history.view())
 
 
 def _register_errors(app: Quart) -> None:

@@ -202,8 +202,8 @@ class OpenAIServing:
             lora_name=lora,
         )
         acc = Accumulator(1, sampling.n)
-        tracker = self.metrics.track(request_id, feature, sampling.n, self.log_request)
         created, model = int(time.time()), lora or self.engine.model_name
+        tracker = self.metrics.track(request_id, feature, sampling.n, self.log_request, model)
         if req.stream:
             streamer = ChatStreamer(
                 request_id, created, model, acc, logprobs=req.logprobs, tool_plan=tool_plan,
@@ -238,7 +238,7 @@ class OpenAIServing:
             )
             for i, p in enumerate(prompts)
         ]
-        tracker = self.metrics.track(request_id, feature, sampling.n, self.log_request)
+        tracker = self.metrics.track(request_id, feature, sampling.n, self.log_request, lora)
         echo = None
         if req.echo:
             echo = [p if isinstance(p, str) else self.engine.tokenizer.decode(p) for p in prompts]

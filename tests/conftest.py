@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+pytest_plugins = ["tests.browser"]  # the web console's browser fixtures
+
 # NOTE: varied on purpose (chat, code, lists, numbers, non-English); greedy, 32 new tokens.
 GREEDY_PROMPTS = [
     "The capital of France is",

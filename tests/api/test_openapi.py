@@ -34,10 +34,11 @@ def _schema_of(doc: dict, ref: str) -> dict:
 
 
 def _quart_routes(app) -> set[tuple[str, str]]:
-    """(method, OpenAPI path) of every route the app serves (HEAD/OPTIONS are implicit)."""
+    """(method, OpenAPI path) of every API route the app serves (HEAD/OPTIONS are implicit;
+    the web console's page and files are not API)."""
     out = set()
     for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static":
+        if rule.endpoint == "static" or rule.endpoint.startswith("console."):
             continue
         path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
         out |= {(m.lower(), path) for m in rule.methods - {"HEAD", "OPTIONS"}}

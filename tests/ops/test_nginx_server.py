@@ -123,3 +123,18 @@ def test_burst_over_the_rate_limit_gets_json_429s(nginx_bin, tmp_path, server): 
     assert all(r.json()["data"] for r in ok)
     for resp in limited:
         assert_rate_limit_error(resp)
+
+
+def test_the_console_and_its_stats_pass_and_metrics_do_not(nginx_bin, tmp_path, server):  # noqa: F811
+    with nginx_running(nginx_bin, tmp_path, server.port) as url:
+        for path in ("/", "/ui", "/ui/console.js", "/ui/console.css"):
+            direct = httpx.get(server.base_url + path, timeout=10)
+            proxied = httpx.get(url + path, timeout=10)
+            assert proxied.status_code == 200, path
+            assert proxied.content == direct.content, path
+            assert proxied.headers["content-security-policy"].startswith("default-src 'self'")
+            assert proxied.headers["content-type"] == direct.headers["content-type"]
+        stats = httpx.get(url + "/v1/stats", timeout=10)
+        assert stats.status_code == 200 and stats.json()["object"] == "engine.stats"
+        assert httpx.get(url + "/metrics", timeout=10).status_code == 404
+        assert httpx.get(server.base_url + "/metrics", timeout=10).status_code == 200
