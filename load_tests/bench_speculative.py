@@ -105,8 +105,13 @@ def main() -> None:
         spec_tok = [x["spec"][key]["tok_s"] for x in rounds]
         itl = (statistics.median(x["plain"][key]["itl_p50"] for x in rounds),
                statistics.median(x["spec"][key]["itl_p50"] for x in rounds))  # fmt: skip
-        summary[key] = {"speedup": ratio, "acceptance": statistics.median(acc) if acc else None,
-                        "plain_tok_s": plain_tok, "spec_tok_s": spec_tok, "itl_p50_ms": itl}
+        summary[key] = {
+            "speedup": ratio,
+            "acceptance": statistics.median(acc) if acc else None,
+            "plain_tok_s": plain_tok,
+            "spec_tok_s": spec_tok,
+            "itl_p50_ms": itl,
+        }
         acc_text = f"{summary[key]['acceptance']:.0%}" if acc else "-"
         print(f"{key:<16} {', '.join(f'{v:.1f}' for v in plain_tok):>12} "
               f"{', '.join(f'{v:.1f}' for v in spec_tok):>12} {ratio:>8.2f}x {acc_text:>7} "
