@@ -185,7 +185,7 @@ class _FlatBatch:
         self.spec_groups.append(SpecGroup(first, seq, list(drafts)))
         for j in range(len(drafts) + 1):
             self.logits_indices.append(last - len(drafts) + j)
-            self.sample_seqs.append(DraftPosition(seq, j))
+            self.sample_seqs.append(DraftPosition(seq, drafts[:j]))
 
 
 def build_model_inputs(

@@ -25,20 +25,66 @@ if TYPE_CHECKING:
 
 
 class DraftPosition:
-    """Sequence `seq` as the sampler sees it at `offset` tokens past its last output."""
+    """Sequence `seq` as the sampler sees it after the proposals `before` (those of the
+    positions ahead of this one) were appended: seeds, min_tokens, penalties and the grammar
+    follow them, so each position samples as plain decoding would after those tokens."""
 
-    __slots__ = ("seq", "offset")
+    __slots__ = ("seq", "before")
 
-    def __init__(self, seq: SequenceState, offset: int) -> None:
+    def __init__(self, seq: SequenceState, before: list[int]) -> None:
         self.seq = seq
-        self.offset = offset
+        self.before = before
 
     def __getattr__(self, name: str):
         return getattr(self.seq, name)
 
     @property
+    def offset(self) -> int:
+        return len(self.before)
+
+    @property
     def num_output_tokens(self) -> int:
-        return self.seq.num_output_tokens + self.offset
+        return self.seq.num_output_tokens + len(self.before)
+
+    def penalty_state(self) -> tuple[frozenset[int], dict[int, int]]:
+        prompt, counts = self.seq.penalty_state()
+        if not self.before:
+            return prompt, counts
+        counts = dict(counts)
+        for token in self.before:
+            counts[token] = counts.get(token, 0) + 1
+        return prompt, counts
+
+    @property
+    def grammar(self) -> _GrammarAfter | None:
+        grammar = self.seq.grammar
+        if grammar is None or not self.before:
+            return grammar
+        return _GrammarAfter(grammar, self.before)
+
+
+class _GrammarAfter:
+    """A sequence's grammar as it stands after `tokens`: the matcher takes them, fills the
+    bitmask row, and rolls them back (xgrammar's rollback is unlimited)."""
+
+    __slots__ = ("grammar", "tokens")
+
+    def __init__(self, grammar, tokens: list[int]) -> None:
+        self.grammar = grammar
+        self.tokens = tokens
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        matcher, taken = self.grammar.matcher, 0
+        for token in self.tokens:
+            # NOTE: a refused proposal cannot be accepted (the mask before it excludes it):
+            # this row's token is discarded, whatever mask it gets
+            if matcher.is_terminated() or not matcher.accept_token(token):
+                break
+            taken += 1
+        if not matcher.is_terminated():
+            matcher.fill_next_token_bitmask(bitmask, row)
+        if taken:
+            matcher.rollback(taken)
 
 
 @dataclass(frozen=True, slots=True)

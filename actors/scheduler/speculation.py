@@ -5,8 +5,9 @@ A speculating decode row computes its last token plus K proposed ones in one ste
 runner samples all K + 1 positions and keeps the longest run of proposals its own samples
 confirm, plus its sample after that run (model_runner/speculative.py). Speculating rows
 step synchronously: their next proposal needs the tokens this one accepts.
-Rows that never speculate: a grammar (its bitmask follows each accepted token), penalties
-and an unmet min_tokens (both count the outputs before each position), pending forks.
+Every position samples as plain decoding would after the proposals before it: seeds,
+min_tokens, penalties and a grammar's bitmask follow them (model_runner/speculative.py).
+A leader with samples still to fork (n > 1) does not speculate until they have forked.
 """
 
 from __future__ import annotations
@@ -35,10 +36,7 @@ class Speculation:
     def eligible(self, seq: Sequence) -> bool:
         """Whether the sequence speculates when it next decodes (its sampling allows it,
         and it is not backed off)."""
-        p = seq.request.sampling
-        if p.grammar is not None or p.penalized or seq.forks:
-            return False
-        if seq.num_output_tokens < p.min_tokens:
+        if seq.forks:  # NOTE: a leader waiting to fork its samples steps one token at a time
             return False
         return self._paused_until.get(seq.seq_id, 0) <= self.step
 

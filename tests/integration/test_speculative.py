@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from api import LLM, SamplingParams
+from model_runner.sampling_params import GrammarSpec
 from tests.conftest import GREEDY_PROMPTS, settled_stats
 
 CODE = """def total(items):
@@ -123,6 +124,29 @@ def test_seeded_samples_are_the_ones_without_speculation(plain):
                 t for t, _, _ in lb.top
             ]
             assert la.logprob == pytest.approx(lb.logprob, abs=1e-4)
+
+
+def test_penalties_min_tokens_and_grammars_sample_as_without_speculation(plain):
+    """Each position's penalties, min_tokens mask and grammar bitmask follow the proposals
+    before it: greedy and seeded outputs are the plain ones."""
+    prompt = REPETITIVE[2]
+    cases = [
+        SamplingParams(temperature=0.0, max_tokens=24, frequency_penalty=0.3),
+        SamplingParams(temperature=0.0, max_tokens=24, repetition_penalty=1.1),
+        SamplingParams(temperature=0.0, max_tokens=24, min_tokens=24),
+        SamplingParams(temperature=0.8, seed=3, max_tokens=24, presence_penalty=0.2),
+        SamplingParams(temperature=0.0, max_tokens=30,
+                       grammar=GrammarSpec(kind="regex", spec=r"( (apple|banana|cherry|date),)+")),
+    ]  # fmt: skip
+    want = [o.outputs[0].token_ids for o in plain.generate([prompt] * len(cases), cases)]
+    llm = engine(speculative_config=ngram(4))
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate([prompt] * len(cases), cases)]
+        spec = settled_stats(llm).spec
+    finally:
+        llm.shutdown()
+    assert spec.num_accepted_tokens > 0
+    assert got == want
 
 
 def test_stop_strings_and_preemption_under_speculation(plain):

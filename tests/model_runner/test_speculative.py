@@ -23,9 +23,14 @@ def test_all_confirmed_keeps_the_bonus_token():
     assert accepted == [2] and spec.kept_rows(3, accepted) == [True, True, True]
 
 
-def test_a_draft_position_counts_its_offset_in_the_outputs():
+def test_a_draft_position_counts_the_proposals_before_it():
     class State:
-        seq_id, num_output_tokens, seed = "s", 4, 7
+        seq_id, num_output_tokens, seed, grammar = "s", 4, 7, None
 
-    row = DraftPosition(State(), 2)
-    assert (row.seq_id, row.num_output_tokens, row.seed) == ("s", 6, 7)
+        def penalty_state(self):
+            return frozenset({1}), {5: 1}
+
+    row = DraftPosition(State(), [5, 9])
+    assert (row.seq_id, row.num_output_tokens, row.seed, row.grammar) == ("s", 6, 7, None)
+    assert row.penalty_state() == (frozenset({1}), {5: 2, 9: 1})
+    assert DraftPosition(State(), []).penalty_state() == (frozenset({1}), {5: 1})
