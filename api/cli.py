@@ -10,6 +10,7 @@ import sys
 from api.lifecycle import run, serve
 from api.lora_flags import add_lora_args, parse_lora_modules, runtime_lora_updating
 from api.startup_checks import StartupError, check_serve_flags, reserve_port
+from api.tool_flags import add_tool_args
 
 log = logging.getLogger("tokenmill")
 
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=None, help="same as MODEL")
     _add_server_args(serve)
     _add_engine_args(serve)
-    _add_tool_args(serve)
+    add_tool_args(serve)
     add_lora_args(serve)
     return parser
 
@@ -197,50 +198,6 @@ def _add_step_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="CPU: a request's tokens do not depend on what else is batched with it (4-bit "
         "GEMMs at every row count, one attention call per sequence); slower",
-    )
-
-
-def _add_tool_args(p: argparse.ArgumentParser) -> None:
-    """Tool calling and structured output (vLLM's flag names)."""
-    p.add_argument(
-        "--enable-auto-tool-choice",
-        action="store_true",
-        help='let the model decide when to call tools (tool_choice "auto"); needs '
-        "--tool-call-parser",
-    )
-    p.add_argument(
-        "--tool-call-parser",
-        default=None,
-        metavar="NAME",
-        help="how tool calls are read from the output: hermes, llama3_json, or a plugin's",
-    )
-    p.add_argument(
-        "--tool-parser-plugin",
-        default=None,
-        metavar="FILE",
-        help="a Python file that registers more tool parsers (@register_tool_parser)",
-    )
-    p.add_argument(
-        "--chat-template",
-        default=None,
-        metavar="FILE",
-        help="a Jinja chat template that replaces the model's own",
-    )
-    p.add_argument(
-        "--trust-request-chat-template",
-        action="store_true",
-        help="accept a request's own chat_template (rendered sandboxed, 1 s and 4 MiB at most)",
-    )
-    p.add_argument(
-        "--exclude-tools-when-tool-choice-none",
-        action="store_true",
-        help='leave the tools out of the prompt when tool_choice is "none"',
-    )
-    p.add_argument(
-        "--structured-outputs-timeout",
-        type=float,
-        default=10.0,
-        help="seconds a grammar may take to compile before its request fails with a 400",
     )
 
 
