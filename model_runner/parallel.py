@@ -150,7 +150,7 @@ def check_tensor_parallel_shape(model_config, world_size: int) -> None:
         if remainder:
             raise EngineConfigError(
                 f"{flag} does not divide {what} ({mc.num_heads} heads, {kv} KV heads); "
-                "pick a size that divides the head counts, or 1"
+                "pick a --tensor-parallel-size that divides them, or 1"
             )
 
 
