@@ -174,11 +174,13 @@ def test_rank_death_fails_requests_and_health(tp2_server):
         killed = time.monotonic()
         events += [line for line in lines if line.startswith("data:")]
         ended = time.monotonic() - killed
-    assert httpx.get(srv.base_url + "/health", timeout=5).status_code == 503
+    health = httpx.get(srv.base_url + "/health", timeout=5)
+    assert health.status_code == 503 and "rank1" in health.text
     assert ended < 15, ended
     assert events[-1] == "data: [DONE]"
+    # NOTE: the error comes from rank 0's failed step or from the supervisor, which first
     errors = [json.loads(e[5:]) for e in events[:-1] if '"error"' in e]
-    assert errors and "rank1" in errors[0]["error"]["message"]
+    assert errors, events[-3:]
     assert srv.proc.wait(30) == 1
 
 

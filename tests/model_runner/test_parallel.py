@@ -160,3 +160,29 @@ def test_a_collective_times_out_instead_of_hanging(tmp_path):
     assert procs[0].returncode == 0, err
     assert "timed out after" in out, (out, err)
     assert float(out.split()[3]) < 10 and time.monotonic() - started < 60
+
+
+class _SumLater:
+    """A stand-in for two ranks in one process: the test adds the ranks' parts itself."""
+
+    @staticmethod
+    def all_reduce(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_sharded_refinement_adds_up_to_the_full_one():
+    from model_runner.llama import refine_top_logits, refine_top_logits_sharded
+
+    torch.manual_seed(0)
+    weight = torch.randn(64, 16)
+    hidden = torch.randn(3, 16)
+    logits = (hidden @ weight.t()).bfloat16().float()  # rounded, as bf16 logits are
+    full = refine_top_logits(logits.clone(), hidden, weight)
+    top = logits.topk(8, dim=-1).indices
+    parts = [
+        refine_top_logits_sharded(logits.clone(), hidden, weight[s : s + 32], s, _SumLater)
+        for s in (0, 32)
+    ]
+    summed = parts[0].gather(1, top) + parts[1].gather(1, top)
+    torch.testing.assert_close(summed, full.gather(1, top), rtol=0, atol=1e-5)
+    assert not torch.equal(full.gather(1, top), logits.gather(1, top))  # it did refine
