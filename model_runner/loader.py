@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from model_runner.gguf_loader import GGUFBlocks, iter_gguf_weights, open_gguf
-from model_runner.linear import WeightSource, as_float_tensor
+from model_runner.linear import Linear, WeightSource, as_float_tensor
 from model_runner.linear_plan import LinearPlan
 from model_runner.llama import LINEAR_SHARDS, LinearSlot, LlamaForCausalLM
 from model_runner.model_source import ModelConfig, ModelSource, ModelSourceError
@@ -198,17 +198,16 @@ def dummy_weights_by_name(
             tensor = torch.ones(param.shape, dtype=param.dtype, device=device)
         else:
             tensor = normal(param.shape, param.dtype)
-        if name.endswith("qkv_proj.bias"):
+        if name.endswith("qkv_proj.bias"):  # one tensor for the q, k and v biases
             layer = name.split(".")[1]
-            for module, part in zip(
-                ("q", "k", "v"), tensor.split(full.layers[0].qkv_proj.output_sizes), strict=True
-            ):  # noqa: E501
-                yield f"model.layers.{layer}.self_attn.{module}_proj.bias", part
+            biases = tensor.split(full.layers[0].qkv_proj.output_sizes)
+            for module, bias in zip(("q", "k", "v"), biases, strict=True):
+                yield f"model.layers.{layer}.self_attn.{module}_proj.bias", bias
         else:
             yield _hf_param_name(name), tensor
     tied = config.tie_word_embeddings
     for name, linear in full.named_modules():
-        if not hasattr(linear, "output_sizes"):
+        if not isinstance(linear, Linear):
             continue
         dtype = getattr(linear.method, "weight", torch.empty(0)).dtype
         for shard, rows in enumerate(linear.output_sizes):
