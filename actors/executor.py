@@ -129,6 +129,11 @@ class ExecutorActor(Actor):
         try:
             output = await loop.run_in_executor(self.worker, self.runner.execute, step)
         except Exception as e:
+            tp = getattr(self.runner, "tp", None)
+            if tp is not None and tp.enabled:  # NOTE: the ranks are out of lockstep
+                from actors.rank_executor import exit_lockstep_lost
+
+                exit_lockstep_lost(0, step.step_id)
             log.exception("step %d failed", step.step_id)
             self.scheduler.send(StepFailed(step_id=step.step_id, message=repr(e)))
             return

@@ -59,8 +59,13 @@ class RankExecutorActor(Actor):
         try:
             await loop.run_in_executor(self.worker, self.runner.execute, step)
         except Exception:
-            # NOTE: a rank whose step failed is out of lockstep with the others (a peer died,
-            # or a collective timed out): it exits, so the supervisor reports the engine
-            # dead (/health 503) instead of every later step waiting on it.
-            log.exception("rank %d: step %d failed; exiting", self.rank, step.step_id)
-            os._exit(LOCKSTEP_LOST_EXIT_CODE)
+            exit_lockstep_lost(self.rank, step.step_id)
+
+
+def exit_lockstep_lost(rank: int, step_id: int) -> None:
+    """End this process: a tensor-parallel rank whose step failed is out of lockstep with
+    the others (a peer died, or a collective timed out), so the supervisor must see the
+    engine dead (/health 503, open requests failed) instead of later steps hanging on it.
+    NOTE: called in an exception handler; os._exit skips gloo's teardown, which may abort."""
+    log.exception("tensor-parallel rank %d: step %d failed; exiting", rank, step_id)
+    os._exit(LOCKSTEP_LOST_EXIT_CODE)

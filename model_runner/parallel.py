@@ -58,10 +58,11 @@ class TensorSlice:
 class TensorParallel:
     """This rank's share of the model and its collectives; one rank means no collective."""
 
-    def __init__(self, placement: RankPlacement = RankPlacement(), store=None) -> None:
+    def __init__(self, placement: RankPlacement = RankPlacement(), store=None, group=None):
         self.rank = placement.rank
         self.world_size = placement.world_size
         self.store = store  # the rendezvous FileStore (None on one rank)
+        self.group = group  # the ranks' process group, with the collective timeout
 
     @property
     def enabled(self) -> bool:
@@ -88,7 +89,7 @@ class TensorParallel:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over ranks (in place); every rank gets the same bits."""
         if self.enabled:
-            dist.all_reduce(x)
+            dist.all_reduce(x, group=self.group)
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +97,7 @@ class TensorParallel:
         if not self.enabled:
             return x
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x.contiguous())
+        dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
     def broadcast_token_ids(self, token_ids: list[int] | None, count: int, device) -> list[int]:
@@ -107,7 +108,7 @@ class TensorParallel:
             ids = torch.tensor(token_ids, dtype=torch.long, device=device)
         else:
             ids = torch.empty(count, dtype=torch.long, device=device)
-        dist.broadcast(ids, src=0)
+        dist.broadcast(ids, src=0, group=self.group)
         return ids.tolist()
 
     def wait_for_all_ranks(self, stage: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
@@ -128,7 +129,7 @@ class TensorParallel:
         if not self.enabled:
             return value
         t = torch.tensor([value], dtype=torch.long, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return int(t.item())
 
 
@@ -203,7 +204,10 @@ def init_tensor_parallel(
     placement: RankPlacement, device: torch.device, timeout_s: float
 ) -> TensorParallel:
     """Join the process group of every rank (a FileStore rendezvous in the run directory;
-    gloo on loopback); collectives raise after `timeout_s` instead of hanging."""
+    gloo on loopback); collectives raise after `timeout_s` instead of hanging.
+
+    NOTE: the rendezvous waits up to STARTUP_TIMEOUT_S (a rank may start slowly on a busy
+    host); the steps' collectives run in a group of their own with `timeout_s`."""
     if placement.world_size == 1:
         return TensorParallel(placement)
     assert placement.run_dir is not None
@@ -219,7 +223,10 @@ def init_tensor_parallel(
         store=store,
         rank=placement.rank,
         world_size=placement.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S),
+    )
+    group = dist.new_group(
+        ranks=list(range(placement.world_size)), timeout=datetime.timedelta(seconds=timeout_s)
     )
     log.info("tensor-parallel rank %d of %d joined", placement.rank, placement.world_size)
-    return TensorParallel(placement, store)
+    return TensorParallel(placement, store, group)
