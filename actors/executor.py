@@ -153,6 +153,11 @@ class ExecutorActor(Actor):
             log.exception("step %d failed", e.step_id)
             failed = [(e.step_id, repr(e.__cause__)), (step.step_id, "the step before it failed")]
         except Exception as e:
+            tp = getattr(self.runner, "tp", None)
+            if tp is not None and tp.enabled:  # NOTE: the ranks are out of lockstep
+                from actors.rank_executor import exit_lockstep_lost
+
+                exit_lockstep_lost(0, step.step_id)
             log.exception("step %d failed", step.step_id)
             failed = [(step.step_id, repr(e))]
         return self._flush() + failed

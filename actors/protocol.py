@@ -349,3 +349,19 @@ INBOX_TYPES = {
     "detokenizer": DetokenizerInbox,
     "supervisor": SupervisorInbox,
 }
+
+
+# Tensor parallelism: the executor of rank r > 0 is actor `executor-rank{r}`, in a process
+# of its own; its inbox takes the executor's union (it acts on StepPlan only).
+RANK_EXECUTOR_PREFIX = "executor-rank"
+
+
+def rank_executor_name(rank: int) -> str:
+    return f"{RANK_EXECUTOR_PREFIX}{rank}"
+
+
+def inbox_type(name: str):
+    """The union that the inbox called `name` decodes."""
+    if name.startswith(RANK_EXECUTOR_PREFIX):
+        return ExecutorInbox
+    return INBOX_TYPES[name]

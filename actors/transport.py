@@ -17,7 +17,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from actors.protocol import INBOX_TYPES
+from actors.protocol import inbox_type
 
 log = logging.getLogger(__name__)
 _encoder = msgspec.msgpack.Encoder()
@@ -32,7 +32,7 @@ class Inbox(ABC):
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.decoder = msgspec.msgpack.Decoder(INBOX_TYPES[name])
+        self.decoder = msgspec.msgpack.Decoder(inbox_type(name))
         self.rejected = 0  # messages that failed strict decoding
 
     def decode(self, data: bytes) -> msgspec.Struct | None:

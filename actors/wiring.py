@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from actors.actor import Actor
+from actors.protocol import RANK_EXECUTOR_PREFIX, rank_executor_name
 from actors.transport import Transport
 
 # Production placement: the model step never shares a GIL with HTTP, tokenizing or
@@ -12,6 +13,29 @@ DEFAULT_PLACEMENT: dict[str, list[str]] = {
     "tokenizer": ["tokenizer"],
     "detokenizer": ["detokenizer"],
 }
+
+
+def placement_for(config) -> dict[str, list[str]]:
+    """DEFAULT_PLACEMENT, plus one process per extra tensor-parallel rank (`rank1`, ...):
+    rank 0's executor stays beside the scheduler. NOTE: a pipeline stage would add its
+    ranks here the same way."""
+    ranks = getattr(config, "tensor_parallel_size", 1)
+    extra = {f"rank{r}": [rank_executor_name(r)] for r in range(1, ranks)}
+    return {**DEFAULT_PLACEMENT, **extra}
+
+
+def runs_model(actor_names: list[str]) -> bool:
+    """The process holds an executor (of any rank)."""
+    return any(n == "executor" or n.startswith(RANK_EXECUTOR_PREFIX) for n in actor_names)
+
+
+def _rank_placement(config, rank: int, transport: Transport):
+    from model_runner.parallel import RankPlacement
+
+    run_dir = getattr(transport, "run_dir", None)
+    return RankPlacement(
+        rank, config.tensor_parallel_size, None if run_dir is None else str(run_dir)
+    )
 
 
 def tokenizer_loader(config):
@@ -54,13 +78,27 @@ def build_actor(name: str, transport: Transport, config) -> Actor:
         from actors.scheduler.actor import SchedulerActor
 
         return SchedulerActor(transport, config)
+    if name.startswith(RANK_EXECUTOR_PREFIX):
+        from actors.rank_executor import RankExecutorActor
+
+        rank = int(name.removeprefix(RANK_EXECUTOR_PREFIX))
+        placement = _rank_placement(config, rank, transport)
+
+        def make_rank_runner():
+            from model_runner.runner import ModelRunner
+
+            return ModelRunner(config, progress=False, placement=placement)
+
+        return RankExecutorActor(transport, rank, make_rank_runner)
     if name == "executor":
         from actors.executor import ExecutorActor
+
+        placement = _rank_placement(config, 0, transport)
 
         def make_runner():
             from model_runner.runner import ModelRunner
 
-            return ModelRunner(config)
+            return ModelRunner(config, placement=placement)
 
         return ExecutorActor(
             transport,

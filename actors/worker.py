@@ -14,7 +14,7 @@ import msgspec
 
 from actors.actor import send_heartbeats
 from actors.transport import ZmqTransport
-from actors.wiring import build_actor, prepare_engine_process
+from actors.wiring import build_actor, prepare_engine_process, runs_model
 
 
 async def run_actors(actor_names: list[str], run_dir: str, config) -> None:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format=log_format)
     config = msgspec.json.decode(args.config, type=EngineConfig)
     actor_names = args.actors.split(",")
-    if "executor" in actor_names:
+    if runs_model(actor_names):
         prepare_engine_process(config)  # NOTE: before ZeroMQ's threads take malloc arenas
     try:
         import uvloop

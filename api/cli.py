@@ -164,6 +164,20 @@ def _add_capacity_args(p: argparse.ArgumentParser) -> None:
 def _add_step_args(p: argparse.ArgumentParser) -> None:
     """How a model step runs: compiled or eager, CPU weight layouts, batch invariance."""
     p.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="split the model over this many ranks (GPUs, or processes on the CPU)",
+    )
+    p.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a tensor-parallel rank waits for the others in one step before the "
+        "engine is failed",
+    )
+    p.add_argument(
         "--enforce-eager",
         action="store_true",
         help="no compiled decode steps on the CPU (CUDA graphs are not built yet, so CUDA "
@@ -302,6 +316,8 @@ def engine_config(args: argparse.Namespace):
         max_cpu_loras=args.max_cpu_loras,
         allow_runtime_lora_updating=runtime_lora_updating(args.allow_runtime_lora_updating),
         speculative_config=speculative_config(args.speculative_config),
+        tensor_parallel_size=args.tensor_parallel_size,
+        collective_timeout=args.collective_timeout,
     )
 
 
@@ -311,6 +327,7 @@ def check_engine_config(cfg) -> None:
     checks all of it again, and what needs the model's metadata (context length, KV cache
     size) only it checks."""
     from model_runner.config import EngineConfigError, resolve_device
+    from model_runner.gguf_loader import model_config_from_gguf, open_gguf
     from model_runner.linear_plan import check_quantization
     from model_runner.lora import check_lora_config
     from model_runner.model_source import (
@@ -319,15 +336,22 @@ def check_engine_config(cfg) -> None:
         model_config_from_hf,
         resolve_model,
     )
+    from model_runner.parallel import check_tensor_parallel_config, check_tensor_parallel_shape
 
     try:
         source = resolve_model(cfg)
         check_quantization(cfg.quantization, resolve_device(cfg), source.format)
         check_lora_config(cfg)
+        check_tensor_parallel_config(cfg, resolve_device(cfg))
+        model_config = None
         if source.config_path.suffix == ".json":
-            model_config_from_hf(source.config_path)
+            model_config = model_config_from_hf(source.config_path)
         elif source.format == "gguf":
             check_gguf_architecture(source.path)
+            if cfg.tensor_parallel_size > 1:
+                model_config = model_config_from_gguf(open_gguf(source.path))
+        if model_config is not None:
+            check_tensor_parallel_shape(model_config, cfg.tensor_parallel_size)
         if not cfg.skip_tokenizer_init:
             check_tokenizer_files(source)
     except EngineConfigError as e:

@@ -30,6 +30,7 @@ from actors.transport import InProcessTransport, Transport, ZmqTransport, make_r
 from actors.wiring import (
     DEFAULT_PLACEMENT,
     build_actor,
+    placement_for,
     prepare_engine_process,
     tokenizer_loader,
 )
@@ -94,7 +95,7 @@ class EngineClient:
             self.local_actors = actors
         else:
             self.transport = ZmqTransport(make_run_dir())
-            self.supervisor = Supervisor(self.config, self.transport)
+            self.supervisor = Supervisor(self.config, self.transport, placement_for(self.config))
             self.supervisor.start()
             self.tasks.append(asyncio.create_task(self.supervisor.watch()))
         self.inbox = self.transport.inbox("api")

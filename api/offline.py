@@ -116,7 +116,9 @@ class LLM:
     def _make_engine(self):
         from api.engine_client import EngineClient
 
-        return EngineClient(self.config, in_process=True)
+        # NOTE: tensor-parallel ranks are processes: the engine's actors then run in worker
+        # processes too, as under `serve` (the in-process transport has no sockets for them).
+        return EngineClient(self.config, in_process=self.config.tensor_parallel_size == 1)
 
     async def _start_engine(self):
         engine = self._make_engine()

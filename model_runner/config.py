@@ -86,6 +86,9 @@ class EngineConfig:
     max_cpu_loras: int | None = None  # adapters kept in host memory (LRU); None: max_loras
     allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter, /v1/unload_...
     speculative_config: SpeculativeConfig | None = None  # None: no speculative decoding
+    # Tensor parallelism (model_runner.parallel): one model over this many ranks (processes)
+    tensor_parallel_size: int = 1
+    collective_timeout: float = 60.0  # seconds a collective may wait for a peer rank
 
 
 DEFAULT_CPU_KV_CACHE_GIB = 2.0

@@ -123,6 +123,37 @@ class DenseLinear(LinearMethod):
         return linear(x, self.weight, bias, self.packed)
 
 
+class RowParallelLinear(LinearMethod):
+    """Tensor parallel, row-parallel: this rank holds a slice of the input features and its
+    partial products are summed over ranks (o_proj, down_proj). A bias is added once, after.
+
+    NOTE: a column-parallel projection needs no method of its own: it is a plain method of
+    this rank's output rows (the loader hands it only those rows).
+    """
+
+    kind = "row-parallel"
+
+    def __init__(self, inner: LinearMethod, tp):
+        super().__init__(inner.out_features, inner.in_features)
+        self.inner = inner
+        self.tp = tp  # model_runner.parallel.TensorParallel
+        self.kind = f"row-parallel {inner.kind}"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.inner.weight
+
+    def _load(self, start: int, source: WeightSource) -> None:
+        self.inner.load(start, source)
+
+    def finalize(self) -> None:
+        self.inner.finalize()
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.tp.all_reduce(self.inner.apply(x))
+        return y if bias is None else y + bias
+
+
 class Linear(nn.Module):
     """A projection made of `output_sizes` shards stacked along the output rows."""
 

@@ -40,7 +40,13 @@ from dataclasses import dataclass
 import torch
 
 from model_runner.config import EngineConfigError, kernel_build_dir
-from model_runner.linear import DenseLinear, DenseOptions, Linear, LinearMethod
+from model_runner.linear import (
+    DenseLinear,
+    DenseOptions,
+    Linear,
+    LinearMethod,
+    RowParallelLinear,
+)
 from model_runner.quant.int4_weights import GGUF_INT4_TYPES
 
 log = logging.getLogger(__name__)
@@ -106,6 +112,7 @@ class LinearPlan:
     int4_max_rows: int | None = None
     kernel: str = "int4"  # the quantized methods' kernel: int8-dot | int4
     lm_head_max_rows: int = 0  # > 0: a quantized LM head for steps of up to this many rows
+    tp: object = None  # model_runner.parallel.TensorParallel under tensor parallelism
 
     def method(self, out_features: int, in_features: int) -> LinearMethod:
         if self.quantization == "none":
@@ -121,6 +128,14 @@ class LinearPlan:
     def linear(self, in_features: int, output_sizes: Sequence[int], bias: bool = False) -> Linear:
         method = self.method(sum(output_sizes), in_features)
         return Linear(in_features, output_sizes, method, bias, self.dtype, self.device)
+
+    def row_parallel_linear(self, in_features: int, output_sizes: Sequence[int]) -> Linear:
+        """A projection over this rank's slice of the inputs, summed over ranks (plain when
+        there is one rank)."""
+        if self.tp is None or not self.tp.enabled:
+            return self.linear(in_features, output_sizes)
+        method = RowParallelLinear(self.method(sum(output_sizes), in_features), self.tp)
+        return Linear(in_features, output_sizes, method, False, self.dtype, self.device)
 
     def lm_head(self, hidden_size: int, vocab_size: int) -> Linear:
         """Dense, or quantized with a dense copy (see the module)."""

@@ -20,6 +20,7 @@ from model_runner.attention import AttentionMetadata, paged_attention
 from model_runner.linear import Linear
 from model_runner.linear_plan import LinearPlan
 from model_runner.model_source import ModelConfig
+from model_runner.parallel import TensorParallel, TensorSlice, rank_model_config
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -64,21 +65,42 @@ def refine_top_logits(
     return logits.scatter_(1, top, exact)
 
 
+def refine_top_logits_sharded(
+    logits: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    vocab_start: int,
+    tp: TensorParallel,
+) -> torch.Tensor:
+    """refine_top_logits when each rank holds rows [vocab_start, + len(weight)) of the LM
+    head: a rank computes the top tokens it holds, zeros for the others; a sum joins them.
+    NOTE: `logits` are the same on every rank (all-gathered), so are the top tokens."""
+    top = logits.topk(REFINED_LOGITS, dim=-1).indices
+    local = top - vocab_start
+    held = (local >= 0) & (local < weight.shape[0])
+    rows = F.embedding(local.clamp(0, weight.shape[0] - 1), weight).float()
+    exact = torch.bmm(rows, hidden[:, :, None])[:, :, 0].masked_fill_(~held, 0.0)
+    return logits.scatter_(1, top, tp.all_reduce(exact))
+
+
 @dataclass(frozen=True)
 class ParamSlot:
-    """Rows [start, end) of a plain parameter (norms, the untied embedding, biases)."""
+    """Rows [start, end) of a plain parameter (norms, the untied embedding, biases);
+    `part`: the slice of the full weight this rank holds (tensor parallel)."""
 
     param: torch.Tensor
     start: int
     end: int
+    part: TensorSlice | None = None
 
 
 @dataclass(frozen=True)
 class LinearSlot:
-    """Shard `shard` of a projection."""
+    """Shard `shard` of a projection; `part`: this rank's slice of the full weight."""
 
     linear: Linear
     shard: int
+    part: TensorSlice | None = None
 
 
 WeightSlot = ParamSlot | LinearSlot
@@ -106,10 +128,10 @@ class LlamaDecoderLayer(nn.Module):
         self.qkv_proj = plan.linear(
             hidden, [self.q_size, self.kv_size, self.kv_size], bias=cfg.attention_bias
         )
-        self.o_proj = plan.linear(self.q_size, [hidden])
+        self.o_proj = plan.row_parallel_linear(self.q_size, [hidden])
         self.post_attention_layernorm = _param(hidden, **kw)
         self.gate_up_proj = plan.linear(hidden, [inter, inter])
-        self.down_proj = plan.linear(inter, [hidden])
+        self.down_proj = plan.row_parallel_linear(inter, [hidden])
 
     def forward(
         self,
@@ -154,13 +176,22 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         kw = {"dtype": plan.dtype, "device": plan.device}
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, plan, i) for i in range(cfg.num_layers))
+        # Tensor parallel: this rank's heads and MLP slice; a slice of the vocabulary.
+        self.tp = plan.tp if plan.tp is not None else TensorParallel()
+        layer_cfg = rank_model_config(cfg, self.tp)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(layer_cfg, plan, i) for i in range(cfg.num_layers)
+        )
+        self.weight_parts = layer_weight_parts(cfg, self.tp)
+        self.vocab_start, vocab_stop = self.tp.split(cfg.vocab_size)
+        vocab_rows = vocab_stop - self.vocab_start
+        self.vocab_part = TensorSlice(0, self.vocab_start, vocab_stop) if self.tp.enabled else None
         self.norm = _param(cfg.hidden_size, dtype=residual_dtype(plan), device=plan.device)
         self.refine_logits = self.norm.dtype != plan.dtype
         # NOTE: the LM head is always dense (LinearPlan.lm_head); a tied one is the table.
-        self.lm_head = plan.lm_head(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = plan.lm_head(cfg.hidden_size, vocab_rows)
         self.embed_tokens = (
-            None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, **kw)
+            None if cfg.tie_word_embeddings else _param(vocab_rows, cfg.hidden_size, **kw)
         )
         cos_sin = build_cos_sin_cache(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("cos_sin_cache", cos_sin.to(plan.device), persistent=False)
@@ -182,13 +213,23 @@ class LlamaForCausalLM(nn.Module):
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
         """input_ids/positions [T]; returns float32 logits [len(logits_indices), vocab]."""
-        hidden = F.embedding(input_ids, self.embedding)
+        hidden = self.embed(input_ids)
         residual = None
         cos_sin = self.cos_sin_cache
         tables = ops.rotary_tables(positions, cos_sin, hidden.dtype)  # NOTE: once per step
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta, cos_sin, tables)
         return self.logits(hidden, residual, logits_indices)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[T] -> [T, hidden]. Tensor parallel: each rank looks up the ids of its vocabulary
+        slice (zeros for the others) and a sum over ranks joins them."""
+        if not self.tp.enabled:
+            return F.embedding(input_ids, self.embedding)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.embedding.shape[0])
+        hidden = F.embedding(local.masked_fill(outside, 0), self.embedding)
+        return self.tp.all_reduce(hidden.masked_fill_(outside[:, None], 0.0))
 
     def logits(
         self, hidden: torch.Tensor, residual: torch.Tensor, logits_indices: torch.Tensor
@@ -198,30 +239,35 @@ class LlamaForCausalLM(nn.Module):
         hidden = hidden[logits_indices]
         residual = residual[logits_indices]
         eps = self.config.rms_norm_eps
+        gather = self.tp.all_gather_last_dim  # NOTE: the identity on one rank
         if not self.refine_logits:
             hidden, _ = ops.fused_add_rms_norm(hidden, residual, self.norm, eps)
-            return self.lm_head(hidden).float()
+            return gather(self.lm_head(hidden).float())
         normed = ops.rms_norm(residual + hidden, self.norm, eps)  # float32
-        logits = self.lm_head(normed.to(hidden.dtype)).float()
+        logits = gather(self.lm_head(normed.to(hidden.dtype)).float())
+        if self.tp.enabled:
+            weight = self.lm_head.method.weight
+            return refine_top_logits_sharded(logits, normed, weight, self.vocab_start, self.tp)
         return refine_top_logits(logits, normed, self.lm_head.method.weight)
 
     def weight_slot(self, hf_name: str) -> WeightSlot | None:
         """Where a Hugging Face weight goes, None if the model does not use it."""
         cfg = self.config
         parts = hf_name.split(".")
+        vocab = self.vocab_part
         if hf_name == "model.embed_tokens.weight":
             if cfg.tie_word_embeddings:
-                return LinearSlot(self.lm_head, 0)
-            return ParamSlot(self.embed_tokens, 0, cfg.vocab_size)
+                return LinearSlot(self.lm_head, 0, vocab)
+            return ParamSlot(self.embed_tokens, 0, self.embed_tokens.shape[0], vocab)
         if hf_name == "model.norm.weight":
             return ParamSlot(self.norm, 0, cfg.hidden_size)
         if hf_name == "lm_head.weight":
-            return None if cfg.tie_word_embeddings else LinearSlot(self.lm_head, 0)
+            return None if cfg.tie_word_embeddings else LinearSlot(self.lm_head, 0, vocab)
         if len(parts) < 5 or parts[:2] != ["model", "layers"]:
             return None
         layer = self.layers[int(parts[2])]
         module, kind = ".".join(parts[3:-1]), parts[-1]
-        return _layer_slot(layer, module, kind)
+        return _layer_slot(layer, module, kind, self.weight_parts.get(module))
 
 
 # Hugging Face module name -> (projection attribute, shard) of a decoder layer.
@@ -236,7 +282,30 @@ LINEAR_SHARDS = {
 }
 
 
-def _layer_slot(layer: LlamaDecoderLayer, module: str, kind: str) -> WeightSlot | None:
+def layer_weight_parts(cfg: ModelConfig, tp: TensorParallel) -> dict[str, TensorSlice]:
+    """Which slice of each decoder-layer weight this rank holds (empty on one rank): its
+    heads' rows of q/k/v and columns of o, its slice of gate/up rows and down columns."""
+    if not tp.enabled:
+        return {}
+    d = cfg.head_dim
+    h0, h1 = tp.split(cfg.num_heads)
+    kv0, kv1 = tp.kv_heads(cfg.num_kv_heads)
+    i0, i1 = tp.split(cfg.intermediate_size)
+    kv_rows = TensorSlice(0, kv0 * d, kv1 * d)
+    return {
+        "self_attn.q_proj": TensorSlice(0, h0 * d, h1 * d),
+        "self_attn.k_proj": kv_rows,
+        "self_attn.v_proj": kv_rows,
+        "self_attn.o_proj": TensorSlice(1, h0 * d, h1 * d),
+        "mlp.gate_proj": TensorSlice(0, i0, i1),
+        "mlp.up_proj": TensorSlice(0, i0, i1),
+        "mlp.down_proj": TensorSlice(1, i0, i1),
+    }
+
+
+def _layer_slot(
+    layer: LlamaDecoderLayer, module: str, kind: str, part: TensorSlice | None = None
+) -> WeightSlot | None:
     if module in ("input_layernorm", "post_attention_layernorm"):
         param = getattr(layer, module)
         return ParamSlot(param, 0, param.shape[0]) if kind == "weight" else None
@@ -245,8 +314,8 @@ def _layer_slot(layer: LlamaDecoderLayer, module: str, kind: str) -> WeightSlot 
     name, shard = LINEAR_SHARDS[module]
     linear: Linear = getattr(layer, name)
     if kind == "weight":
-        return LinearSlot(linear, shard)
+        return LinearSlot(linear, shard, part)
     if linear.bias is None:
         return None
     start = linear.offsets[shard]
-    return ParamSlot(linear.bias, start, start + linear.output_sizes[shard])
+    return ParamSlot(linear.bias, start, start + linear.output_sizes[shard], part)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from model_runner.gguf_loader import iter_gguf_weights, open_gguf
-from model_runner.linear import WeightSource, as_float_tensor
+from model_runner.gguf_loader import GGUFBlocks, iter_gguf_weights, open_gguf
+from model_runner.linear import Linear, WeightSource, as_float_tensor
 from model_runner.linear_plan import LinearPlan
-from model_runner.llama import LinearSlot, LlamaForCausalLM
+from model_runner.llama import LINEAR_SHARDS, LinearSlot, LlamaForCausalLM
 from model_runner.model_source import ModelConfig, ModelSource, ModelSourceError
+from model_runner.parallel import TensorSlice
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +32,19 @@ def load_model(
 ) -> LlamaForCausalLM:
     """Build the model as `plan` says and load (or, for dummy, draw) its weights."""
     model = LlamaForCausalLM(config, plan, max_position)
-    if source.format == "dummy":
+    sharded = model.tp.enabled
+    if source.format == "dummy" and sharded:
+        weights = dummy_weights_by_name(config, plan, max_position, seed)
+        load_weights(model, weights, len(model.state_dict()), progress)
+    elif source.format == "dummy":
         init_dummy_weights(model, seed, progress)
     elif source.format == "gguf":
         reader = gguf_reader if gguf_reader is not None else open_gguf(source.path)
         load_weights(model, iter_gguf_weights(reader, config), len(reader.tensors), progress)
     elif source.format == "safetensors":
         files = sorted(Path(source.path).glob("*.safetensors"))
-        load_weights(model, iter_safetensors(files), count_safetensors(files), progress)
+        weights = iter_safetensors(files, lazy=sharded)
+        load_weights(model, weights, count_safetensors(files), progress)
     else:
         raise ModelSourceError(f"unknown format {source.format!r}")
     finalize_linears(model)
@@ -72,14 +79,36 @@ def count_safetensors(files: list[Path]) -> int:
     return total
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) from every shard, one tensor at a time."""
+def iter_safetensors(files: list[Path], lazy: bool = False) -> Iterator[tuple[str, object]]:
+    """Yield (name, tensor) from every shard, one tensor at a time. `lazy`: a safetensors
+    slice instead, valid until the next item, from which `take_part` reads only a rank's
+    part (tensor parallel)."""
     from safetensors import safe_open
 
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name) if lazy else f.get_tensor(name)
+
+
+def take_part(source, part: TensorSlice | None) -> WeightSource:
+    """This rank's `part` of a full weight, reading no more of it than the format allows:
+    a safetensors slice or a memory-mapped array reads only the part; GGUF blocks run along
+    a row, so rows are sliced as stored and columns after dequantizing."""
+    if hasattr(source, "get_shape"):  # a lazy safetensors slice
+        if part is None:
+            return source[:]
+        return (
+            source[part.start : part.stop] if part.dim == 0 else source[:, part.start : part.stop]
+        )
+    if part is None:
+        return source
+    if isinstance(source, GGUFBlocks):
+        if part.dim == 0:
+            return GGUFBlocks(source.qtype, source.data[part.start : part.stop])
+        source = source.dequantize()
+    index = slice(part.start, part.stop)
+    return source[index] if part.dim == 0 else source[:, index]
 
 
 def load_weights(
@@ -99,6 +128,7 @@ def load_weights(
                 if name.endswith(".bias") and ".layers." in name:
                     raise ModelSourceError(f"the model has no place for the weight {name}")
                 continue
+            source = take_part(source, slot.part)
             if isinstance(slot, LinearSlot):
                 slot.linear.load(slot.shard, source)
                 continue
@@ -145,3 +175,57 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int, progress: bool = True
             dtype = weight.dtype if weight is not None else torch.float32
             for shard, rows in enumerate(linear.output_sizes):
                 linear.load(shard, normal(rows, linear.in_features, dtype))
+
+
+def dummy_weights_by_name(
+    config: ModelConfig, plan: LinearPlan, max_position: int, seed: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights `init_dummy_weights` draws for the whole (one-rank) model, in its order
+    and by Hugging Face name, so that a tensor-parallel rank loads its parts of the very
+    weights one rank would hold. NOTE: the order comes from the one-rank model built on
+    the meta device (no memory); each full tensor is drawn, handed out, and dropped."""
+    full = LlamaForCausalLM(config, replace(plan, device=torch.device("meta"), tp=None),
+                            max_position)  # fmt: skip
+    device = plan.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def normal(shape, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype, device=device)
+        return out.normal_(0.0, DUMMY_STD, generator=generator)
+
+    for name, param in full.named_parameters():
+        if param.dim() == 1 and "bias" not in name:
+            tensor = torch.ones(param.shape, dtype=param.dtype, device=device)
+        else:
+            tensor = normal(param.shape, param.dtype)
+        if name.endswith("qkv_proj.bias"):  # one tensor for the q, k and v biases
+            layer = name.split(".")[1]
+            biases = tensor.split(full.layers[0].qkv_proj.output_sizes)
+            for module, bias in zip(("q", "k", "v"), biases, strict=True):
+                yield f"model.layers.{layer}.self_attn.{module}_proj.bias", bias
+        else:
+            yield _hf_param_name(name), tensor
+    tied = config.tie_word_embeddings
+    for name, linear in full.named_modules():
+        if not isinstance(linear, Linear):
+            continue
+        dtype = getattr(linear.method, "weight", torch.empty(0)).dtype
+        for shard, rows in enumerate(linear.output_sizes):
+            weight = normal((rows, linear.in_features), dtype)
+            if name == "lm_head":
+                yield ("model.embed_tokens.weight" if tied else "lm_head.weight"), weight
+            else:
+                _, layer, attr = name.split(".")
+                yield f"model.layers.{layer}.{_HF_MODULES[(attr, shard)]}.weight", weight
+
+
+_HF_MODULES = {target: module for module, target in LINEAR_SHARDS.items()}
+
+
+def _hf_param_name(name: str) -> str:
+    """A one-rank model's plain parameter name -> its Hugging Face weight name."""
+    if name == "norm":
+        return "model.norm.weight"
+    if name == "embed_tokens":
+        return "model.embed_tokens.weight"
+    return f"model.{name}.weight"  # layers.N.input_layernorm, layers.N.post_attention_layernorm

@@ -52,6 +52,14 @@ from model_runner.model_source import (
     model_config_from_hf,
     resolve_model,
 )
+from model_runner.parallel import (
+    RankPlacement,
+    check_tensor_parallel_config,
+    check_tensor_parallel_shape,
+    init_tensor_parallel,
+    rank_device,
+    rank_model_config,
+)
 from model_runner.placeholders import LastSampled, fill_placeholders
 from model_runner.sampled_rows import SampledRows
 from model_runner.sampler import Sampler
@@ -74,11 +82,19 @@ class ModelRunner:
     """Loads the model (with a progress bar), allocates the KV cache, executes steps.
 
     NOT thread-safe: one `launch`, `flush` or `execute` at a time.
+
+    Tensor parallel (`placement.world_size` > 1): every rank runs every step, in the same
+    order, on its shard of the model and of the KV cache (the block table is the same for
+    all); rank 0 samples and the other ranks learn its tokens by a broadcast. Those steps
+    run eagerly (no fused or compiled CPU decode layers, no CUDA graphs).
     """
 
-    def __init__(self, config: EngineConfig, progress: bool = True):
+    def __init__(
+        self, config: EngineConfig, progress: bool = True, placement: RankPlacement | None = None
+    ):
         self.config = config
-        self.device = resolve_device(config)
+        self.placement = placement or RankPlacement(world_size=config.tensor_parallel_size)
+        self.device = rank_device(resolve_device(config), self.placement)
         self.step_timer = StepTimer(self.device)
         self.faults = ForwardFaults()
         # NOTE: every start-up check that needs no weights runs before they load (seconds to
@@ -92,7 +108,12 @@ class ModelRunner:
         )
         gguf_types = {t.tensor_type.name for t in reader.tensors} if reader is not None else set()
         check_gguf_tensor_types(gguf_types)
+        check_tensor_parallel_config(config, self.device)
+        check_tensor_parallel_shape(self.model_config, self.placement.world_size)
         self.dtype, auto_dtype_reason = resolve_dtype_with_reason(config, self.device)
+        self.tp = init_tensor_parallel(self.placement, self.device, config.collective_timeout)
+        # NOTE: this rank's heads: the KV cache and decode context hold only them.
+        self.rank_model_config = rank_model_config(self.model_config, self.tp)
         self.block_size = config.block_size
         self.vocab_size = self.model_config.vocab_size
         self.eos_token_ids = list(self.model_config.eos_token_ids)
@@ -101,7 +122,7 @@ class ModelRunner:
         if auto_dtype_reason is not None:
             log.info("%s", auto_dtype_reason)
         self.linear_plan = plan_linears(
-            config,
+            dataclasses.replace(config, quantization="none") if self.tp.enabled else config,
             self.device,
             self.dtype,
             self.source.format,
@@ -109,6 +130,8 @@ class ModelRunner:
             self.model_config,
             available_memory_bytes(),
         )
+        if self.tp.enabled:
+            self.linear_plan = dataclasses.replace(self.linear_plan, tp=self.tp)
         self._load_weights_and_cache(reader, progress)
         self.lora = make_lora_slots(config, self.model.layers, self.dtype, self.device)
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.seed)
@@ -121,13 +144,16 @@ class ModelRunner:
         self.decode_context = self._make_decode_context()
         has_context = self.decode_context is not None
         # CPU decode steps of a few rows: fused C++ layers, else compiled ones, else eager.
-        self.compiled = FusedDecode.create(
-            self.model, self.linear_plan, config, self.dtype, has_context
-        ) or CompiledDecode.create(self.model, self.linear_plan, config, has_context)
+        self.compiled = None
+        if not self.tp.enabled:
+            self.compiled = FusedDecode.create(
+                self.model, self.linear_plan, config, self.dtype, has_context
+            ) or CompiledDecode.create(self.model, self.linear_plan, config, has_context)
         if isinstance(self.compiled, CompiledDecode):
             self.compiled.warm_up()
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not (config.enforce_eager or config.batch_invariant):
+        eager = config.enforce_eager or config.batch_invariant or self.tp.enabled
+        if self.device.type == "cuda" and not eager:
             self.enable_decode_graphs(CudaGraphCapturer(self.device))
         source, vocab, eos = self.source, self.vocab_size, self.eos_token_ids
         self.grammars = GrammarCache(
@@ -147,17 +173,18 @@ class ModelRunner:
                 progress=progress,
                 gguf_reader=reader,
             )
+            self.tp.wait_for_all_ranks("loaded")
             if self._kv_cache_needs_profile():
                 self._profile_run()
                 self.num_blocks = self._kv_blocks_from_budget()
             self.kv_cache = KVCache(
-                self.model_config, self.num_blocks, self.block_size, self.dtype, self.device
+                self.rank_model_config, self.num_blocks, self.block_size, self.dtype, self.device
             )
             log.info(
                 "%s",
                 kv_cache_summary(
                     self.num_blocks,
-                    self.model_config,
+                    self.rank_model_config,
                     self.block_size,
                     self.dtype,
                     self.max_model_len,
@@ -170,10 +197,12 @@ class ModelRunner:
                 "model or --quantization, lower --max-num-batched-tokens, or free the GPU"
             ) from e
 
-    def _make_grammar(self, new: NewSequence) -> SequenceGrammar:
+    def _make_grammar(self, new: NewSequence) -> SequenceGrammar | None:
         """A new sequence's matcher; it replays the outputs of a sequence re-sent after
         preemption. NOTE: the executor compiled (and pinned) the grammar before the request
-        was scheduled, so this is a cache hit."""
+        was scheduled, so this is a cache hit. Only rank 0 samples, so only it has one."""
+        if not self.placement.is_driver:
+            return None
         compiled = self.grammars.get(new.sampling.grammar)
         return SequenceGrammar(compiled, new.token_ids[new.num_prompt_tokens :])
 
@@ -185,7 +214,7 @@ class ModelRunner:
         """
         if ops.use_triton(torch.empty(0, device=self.device)) or self.config.batch_invariant:
             return None
-        mc = self.model_config
+        mc = self.rank_model_config
         cache_bytes = self.num_blocks * bytes_per_block(mc, self.block_size, self.dtype)
         return DecodeContext(
             mc.num_layers,
@@ -201,19 +230,23 @@ class ModelRunner:
         return self.device.type == "cuda" and self.config.kv_cache_memory is None
 
     def _kv_blocks_from_budget(self) -> int:
-        cfg, mc = self.config, self.model_config
+        """NOTE: per rank (each holds its KV heads' share); the same on every rank."""
+        cfg, mc = self.config, self.rank_model_config
         if self.device.type != "cuda":
             blocks = num_blocks_for_cpu(cfg, mc, self.dtype, self.max_model_len)
             check_fits_in_memory(blocks, mc, self.block_size, self.dtype, available_memory_bytes())
-            return blocks
-        return num_blocks_for_cuda(cfg, mc, self.dtype, self.max_model_len, self.device)
+        else:
+            blocks = num_blocks_for_cuda(cfg, mc, self.dtype, self.max_model_len, self.device)
+        return self.tp.min_over_ranks(blocks, self.device)
 
     @torch.inference_mode()
     def _profile_run(self) -> None:
         """One forward at the largest batch, so that the peak activation memory is known."""
         num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
         num_blocks = math.ceil(num_tokens / self.block_size)
-        cache = KVCache(self.model_config, num_blocks, self.block_size, self.dtype, self.device)
+        cache = KVCache(
+            self.rank_model_config, num_blocks, self.block_size, self.dtype, self.device
+        )
 
         def ints(values, dtype=torch.int32):
             return torch.tensor(values, dtype=dtype, device=self.device)
@@ -373,7 +406,7 @@ class ModelRunner:
             self._collect_in_flight(clock)
             spec = accepted = None
             if step.chunks:
-                sampled = self.sampler.sample(logits, inputs.sample_seqs)
+                sampled = self._sample(logits, inputs.sample_seqs)
                 spec = inputs.spec
                 if spec is not None:
                     accepted = host_copy(spec.verify(sampled.tokens))
@@ -390,6 +423,17 @@ class ModelRunner:
         clock.end()
         host_seconds = time.perf_counter() - start - clock.excluded_seconds
         self._in_flight = _InFlight(step.step_id, rows, seqs, clock, host_seconds, spec, accepted)
+
+    def _sample(self, logits: torch.Tensor, rows: list) -> SampledRows:
+        """The rows' tokens on the device. Tensor parallel: rank 0 samples, the others get its
+        tokens by a broadcast (no logprobs there: only rank 0 answers)."""
+        sampled = self.sampler.sample(logits, rows) if self.placement.is_driver else None
+        if not self.tp.enabled:
+            return sampled
+        tokens = self.tp.broadcast_tokens(
+            sampled.tokens if sampled is not None else None, len(rows), self.device
+        )
+        return sampled if sampled is not None else SampledRows([r.seq_id for r in rows], tokens)
 
     def flush(self) -> None:
         """Collect the step in flight, if any (raises CollectFailed if that fails)."""

@@ -40,12 +40,15 @@ from actors.protocol import (
     StepTokens,
     TokenizedRequest,
     UnloadLoraAdapter,
+    rank_executor_name,
 )
 from actors.scheduler.errors import AdmissionError
 from actors.scheduler.overlap import MAX_STEPS_IN_FLIGHT
 from actors.scheduler.scheduler import Scheduler
 from actors.transport import Transport
 from model_runner.grammar_cache import GrammarCacheStats
+
+_plan_encoder = msgspec.msgpack.Encoder()
 
 SHUTTING_DOWN = AdmissionError(
     503, "The server is shutting down.", code="shutting_down", retry_after=1.0
@@ -70,6 +73,9 @@ class SchedulerActor(Actor):
         self.lora_loads: dict[str, tuple[str, str, str]] = {}  # request id -> name, key, path
         self.loading_loras: dict[str, str] = {}  # adapter name -> its load's request id
         self.executor = transport.outbox("executor")
+        # Tensor parallel: every rank gets every StepPlan, in the same order.
+        ranks = getattr(config, "tensor_parallel_size", 1)
+        self.rank_executors = [transport.outbox(rank_executor_name(r)) for r in range(1, ranks)]
         self.detokenizer = transport.outbox("detokenizer")
         self.api = transport.outbox("api")
 
@@ -254,9 +260,18 @@ class SchedulerActor(Actor):
             planned = True
             if step is None:
                 break
-            self.executor.send(StepPlan(step=step))
+            self.send_plan(StepPlan(step=step))
         if planned or self.grammar_stats_changed:  # NOTE: compile counters need not wait
             self.send_stats()
+
+    def send_plan(self, plan: StepPlan) -> None:
+        """To rank 0's executor and, encoded once, to every other rank's."""
+        if not self.rank_executors:
+            self.executor.send(plan)
+            return
+        data = _plan_encoder.encode(plan)
+        for outbox in (self.executor, *self.rank_executors):
+            outbox.send_bytes(data)
 
     def send_stats(self) -> None:
         stats = self.policy.stats()
