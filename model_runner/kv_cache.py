@@ -8,6 +8,7 @@ import torch
 
 from model_runner.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig, EngineConfigError
 from model_runner.model_source import ModelConfig
+from model_runner.step_upload import to_device
 
 GIB = 1 << 30
 
@@ -142,6 +143,6 @@ class KVCache:
         if not copies:
             return
         device = self.storage.device
-        src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=device)
-        dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=device)
+        src = to_device([s for s, _ in copies], torch.long, device)
+        dst = to_device([d for _, d in copies], torch.long, device)
         self.storage[:, :, dst] = self.storage[:, :, src]

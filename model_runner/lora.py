@@ -24,6 +24,7 @@ from kernels import ops
 from kernels.lora import lora_add_dense, lora_slot_weights
 from model_runner.linear import Linear
 from model_runner.lora_adapter import TARGETS, BaseShapes, LoraAdapter, read_adapter
+from model_runner.step_upload import to_device
 
 # Fused projection -> its peft module names, in shard order
 _SHARDS: dict[str, list[str]] = {}
@@ -141,7 +142,7 @@ class LoraSlots:
         if all(slot < 0 for slot, _ in per_chunk):
             return None
         flat = [slot for slot, n in per_chunk for _ in range(n)]
-        return torch.tensor(flat, dtype=torch.long, device=self.device)
+        return to_device(flat, torch.long, self.device)
 
 
 def check_lora_config(config) -> None:

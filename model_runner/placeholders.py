@@ -13,6 +13,7 @@ import msgspec
 import torch
 
 from model_runner.step_input import StepInput
+from model_runner.step_upload import to_device
 
 
 class LastSampled:
@@ -56,5 +57,5 @@ def fill_placeholders(
     if not dst:
         return
     device = input_ids.device
-    index = torch.tensor(src, dtype=torch.long, device=device)
-    input_ids[torch.tensor(dst, dtype=torch.long, device=device)] = tokens[index]
+    index = to_device(src, torch.long, device)
+    input_ids[to_device(dst, torch.long, device)] = tokens[index]

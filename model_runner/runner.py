@@ -460,6 +460,8 @@ class ModelRunner:
                 for group, n in zip(flight.spec.groups, accepted, strict=True):
                     group.seq.num_computed += n  # NOTE: the accepted proposals' K/V hold
             for seq, token in zip(seqs, sampled, strict=True):
+                if seq.grammar is not None and seq.grammar.is_terminated:
+                    continue  # NOTE: a kept token after an accepted end; the scheduler stops
                 seq.append(token.token_id)
             device_seconds = flight.clock.seconds()
         except Exception as e:

@@ -35,6 +35,7 @@ from model_runner.sampling_ops import (
     sample_top_k_top_p,
 )
 from model_runner.step_input import SampledToken
+from model_runner.step_upload import to_device
 
 __all__ = ["Sampler", "token_seed"]
 
@@ -75,7 +76,9 @@ class Sampler:
         rows, tokens, values = meta.logit_bias
         if rows:
             index = (_longs(rows, logits.device), _longs(tokens, logits.device))
-            logits.index_put_(index, torch.tensor(values, device=logits.device), accumulate=True)
+            logits.index_put_(
+                index, to_device(values, torch.float32, logits.device), accumulate=True
+            )
         if meta.penalized:
             apply_penalties(logits, meta.penalized)
         sampled = pick_tokens(logits, meta)
@@ -106,7 +109,7 @@ class Sampler:
 
 
 def _longs(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=device)
+    return to_device(values, torch.long, device)
 
 
 def pick_tokens(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from model_runner.counter_rng import signed_seed, token_keys
 from model_runner.input_batch import SequenceState
 from model_runner.sampling_params import SamplingParams
+from model_runner.step_upload import to_device
 
 # Unseeded rows of step s draw from keys (engine seed, s * _ROW_SPAN + row).
 _ROW_SPAN = 1 << 20
@@ -90,13 +91,13 @@ def build_sampling_metadata(
                     bias_values.append(float(value))
         if has_penalties(p):
             penalized.append((row, s))
-    greedy_t = torch.tensor(greedy, dtype=torch.bool, device=device)
+    greedy_t = to_device(greedy, torch.bool, device)
     any_random = not all(greedy)
 
     def floats(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=device)
+        return to_device(values, torch.float32, device)
 
-    longs = torch.tensor([top_k, seeds, indices], dtype=torch.long, device=device)
+    longs = to_device([top_k, seeds, indices], torch.long, device)
     return SamplingMetadata(
         greedy=greedy_t,
         temperature=floats(temp),

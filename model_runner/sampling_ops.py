@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from model_runner.input_batch import SequenceState
+from model_runner.step_upload import to_device
 
 SMALL_TOP_K = 256
 MAX_REJECTION_TRIES = 16
@@ -70,12 +71,12 @@ def apply_penalties(logits: torch.Tensor, seqs: list[tuple[int, SequenceState]])
                 sub_values.append(p.frequency_penalty * count + p.presence_penalty)
     device = logits.device
     if rep_rows:
-        index = (torch.tensor(rep_rows, device=device), torch.tensor(rep_tokens, device=device))
-        values, rep = logits[index], torch.tensor(rep_values, device=device)
+        index = (to_device(rep_rows, torch.long, device), to_device(rep_tokens, torch.long, device))
+        values, rep = logits[index], to_device(rep_values, torch.float32, device)
         logits[index] = torch.where(values > 0, values / rep, values * rep)
     if sub_rows:
-        index = (torch.tensor(sub_rows, device=device), torch.tensor(sub_tokens, device=device))
-        logits.index_put_(index, -torch.tensor(sub_values, device=device), accumulate=True)
+        index = (to_device(sub_rows, torch.long, device), to_device(sub_tokens, torch.long, device))
+        logits.index_put_(index, -to_device(sub_values, torch.float32, device), accumulate=True)
 
 
 def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> None:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from model_runner.step_upload import to_device
+
 if TYPE_CHECKING:
     from model_runner.input_batch import SequenceState
 
@@ -110,8 +112,8 @@ class SpecBatch:
             index.append([g.first_row + min(j, d) for j in range(k)])
             drafts.append(g.drafts + [-1] * (k - d))  # NOTE: -1 never matches a token
         device = tokens.device
-        candidates = tokens[torch.tensor(index, dtype=torch.long, device=device)]
-        confirmed = candidates == torch.tensor(drafts, dtype=torch.long, device=device)
+        candidates = tokens[to_device(index, torch.long, device)]
+        confirmed = candidates == to_device(drafts, torch.long, device)
         return confirmed.to(torch.int32).cumprod(dim=1).sum(dim=1)
 
     def kept_rows(self, num_rows: int, accepted: list[int]) -> list[bool]:

@@ -26,3 +26,12 @@ def upload_ints(parts: Sequence[Sequence[int]], device: torch.device) -> list[to
     elif host.device != device:
         host = host.to(device)
     return list(host.split([len(p) for p in parts]))
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`values` as a tensor on `device` without making the host wait: on CUDA through pinned
+    memory and a non-blocking copy (an unpinned one waits for the stream to drain, which
+    would undo the launch/collect overlap); elsewhere a plain tensor."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)

@@ -20,11 +20,9 @@ class CostLedger:
         self.generation_tokens = 0
         self._iteration_tokens: list[int] = []
 
-    def charge(
-        self, scheduled: list[tuple[Sequence, int]], device_seconds: float, num_sampled: int
-    ) -> None:
-        """One finished step: `scheduled` is (sequence, tokens computed) for each sequence."""
-        self.generation_tokens += num_sampled
+    def charge(self, scheduled: list[tuple[Sequence, int]], device_seconds: float) -> None:
+        """One finished step: `scheduled` is (sequence, tokens computed) for each sequence,
+        speculative proposals included."""
         total = sum(num_tokens for _, num_tokens in scheduled)
         if total == 0:
             return
@@ -40,6 +38,10 @@ class CostLedger:
             # computes one sampled token's K/V; the rest of the chunk is prompt.
             prompt_part = max(0, min(num_tokens, seq.prompt_len - seq.num_computed))
             self.prompt_tokens_computed += prompt_part
+
+    def count_generated(self, num_tokens: int) -> None:
+        """Tokens a step added to outputs (not those discarded after a stop)."""
+        self.generation_tokens += num_tokens
 
     def take_iteration_tokens(self) -> list[int]:
         """Tokens of each step charged since the last call."""

@@ -44,7 +44,7 @@ def plans_ahead(seq: Sequence, max_model_len: int, spec: Speculation | None = No
         return True
     if seq.request.sampling.grammar is not None or seq.forks or seq.num_drafts:
         return False
-    if spec is not None and spec.eligible(seq):
+    if spec is not None and spec.steps_synchronously(seq):
         return False
     if seq.num_output_tokens + seq.num_pending >= seq.request.max_tokens:
         return False

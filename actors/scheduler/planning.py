@@ -62,8 +62,13 @@ def propose(sched: Scheduler, seq: Sequence, budget: int) -> tuple[list[int], Al
     if spec is None or not spec.eligible(seq):
         return [], None
     drafts = spec.propose(seq, budget)
+    if drafts is None:
+        return [], None
     if not drafts:
         spec.record_empty(seq)
+        return [], None
+    # NOTE: proposals take blocks only while a block is left for every running sequence
+    if sched.blocks.num_free_blocks < len(sched.running) + -(-len(drafts) // sched.block_size):
         return [], None
     alloc = sched.blocks.allocate(seq.seq_id, seq.num_scheduled, 1 + len(drafts))
     return (drafts, alloc) if alloc is not None else ([], None)

@@ -163,8 +163,6 @@ class Scheduler:
         if ahead and self.sync_next:
             return None
         self.sync_next = False
-        if self.spec is not None:
-            self.spec.step += 1
         plan = Plan(self.max_num_batched_tokens)
         preempted = schedule_running(self, plan, ahead)
         if not preempted or not plan.chunks:
@@ -175,6 +173,8 @@ class Scheduler:
             return None
         step_id = self._next_step_id
         self._next_step_id += 1
+        if self.spec is not None:
+            self.spec.step += 1  # NOTE: the back-off's clock counts steps planned
         for seq, num_tokens in plan.scheduled:
             seq.in_flight += 1
             seq.num_scheduled += num_tokens
@@ -208,8 +208,10 @@ class Scheduler:
             (seq, tokens) for seq_id, tokens in by_seq.items()
             if (seq := samplers.get(seq_id)) is not None and seq.status is RUNNING
         ]  # fmt: skip
-        # NOTE: a discarded token (its sequence finished the step before) is not counted.
-        self.costs.charge(step.scheduled, output.device_seconds, sum(len(t) for _, t in kept))
+        # NOTE: proposals are computed tokens too; a discarded token (its sequence finished
+        # the step before, or a stop came earlier in its run) is not counted as generated.
+        computed = [(seq, n + seq.num_drafts) for seq, n in step.scheduled]
+        self.costs.charge(computed, output.device_seconds)
         for seq, num_tokens in step.scheduled:
             if seq.status is FINISHED:  # aborted, or ended by the step before
                 if not seq.in_flight:
@@ -224,7 +226,9 @@ class Scheduler:
         for seq, tokens in kept:
             drafts, seq.num_drafts = seq.num_drafts, 0
             assert len(tokens) <= drafts + 1, "more tokens than a speculating row can return"
+            before = seq.num_tokens
             finished = self._append_tokens(seq, tokens)
+            self.costs.count_generated(seq.num_tokens - before)
             any_finished |= finished
             if drafts:
                 self._accept_drafts(seq, drafts, len(tokens) - 1, finished)

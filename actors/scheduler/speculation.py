@@ -19,6 +19,8 @@ from actors.scheduler.ngram import propose_ngram
 from actors.scheduler.sequence import Sequence
 from model_runner.config import SpeculativeConfig
 
+RETRY_AFTER_MISS = 4  # overlapped plain steps after a miss, before the next lookup
+
 
 class Speculation:
     def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
@@ -32,6 +34,7 @@ class Speculation:
         self.accepted_per_pos = [0] * self.k  # proposals whose i-th token was accepted
         self._history: dict[str, deque[tuple[int, int]]] = {}  # (proposed, accepted)
         self._paused_until: dict[str, int] = {}
+        self._plain_until: dict[str, int] = {}  # after a miss: overlapped plain steps first
 
     def eligible(self, seq: Sequence) -> bool:
         """Whether the sequence speculates when it next decodes (its sampling allows it,
@@ -40,14 +43,24 @@ class Speculation:
             return False
         return self._paused_until.get(seq.seq_id, 0) <= self.step
 
-    def propose(self, seq: Sequence, budget: int) -> list[int]:
-        """Up to K tokens to verify after `seq`'s last token (which it computes now)."""
+    def steps_synchronously(self, seq: Sequence) -> bool:
+        """Whether `seq` should wait for its token in flight rather than be planned ahead, to
+        propose with it. NOTE: speculating rows skip the steps planned ahead; after a lookup
+        that found nothing or a proposal with nothing accepted, a sequence runs
+        RETRY_AFTER_MISS steps overlapped (plain) before it tries again."""
+        return self.eligible(seq) and self._plain_until.get(seq.seq_id, 0) <= self.step
+
+    def propose(self, seq: Sequence, budget: int) -> list[int] | None:
+        """Up to K tokens to verify after `seq`'s last token (which it computes now); None
+        when there is no room for one (budget, max_tokens, max_model_len)."""
         room = min(
             self.k,
             budget - 1,
             seq.request.max_tokens - seq.num_output_tokens - 1,  # the step samples one more
             self.max_model_len - seq.num_tokens - 1,
         )
+        if room <= 0:
+            return None
         c = self.config
         return propose_ngram(seq.token_ids, room, c.prompt_lookup_min, c.prompt_lookup_max)
 
@@ -61,6 +74,8 @@ class Speculation:
         c = self.config
         history = self._history.setdefault(seq.seq_id, deque(maxlen=c.backoff_window))
         history.append((proposed, accepted))
+        if accepted == 0:
+            self._plain_until[seq.seq_id] = self.step + RETRY_AFTER_MISS
         self._check_backoff(seq.seq_id, history)
 
     def _check_backoff(self, seq_id: str, history: deque[tuple[int, int]]) -> None:
@@ -77,6 +92,7 @@ class Speculation:
         c = self.config
         history = self._history.setdefault(seq.seq_id, deque(maxlen=c.backoff_window))
         history.append((1, 0))
+        self._plain_until[seq.seq_id] = self.step + RETRY_AFTER_MISS
         self._check_backoff(seq.seq_id, history)
 
     def stats(self) -> SpecDecodeStats:
@@ -90,3 +106,4 @@ class Speculation:
     def forget(self, seq_id: str) -> None:
         self._history.pop(seq_id, None)
         self._paused_until.pop(seq_id, None)
+        self._plain_until.pop(seq_id, None)
