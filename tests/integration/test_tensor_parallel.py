@@ -21,7 +21,7 @@ import pytest
 
 from api import LLM
 from model_runner.config import EngineConfigError
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, settled_stats
 from tests.integration.tensor_parallel_cases import (
     GQA_ONE_KV_HEAD,
     MAX_TOKENS,
@@ -74,6 +74,20 @@ def test_tiny_tp2_matches_tp1_under_batching_preemption_and_prefix_caching(tiny_
     stats = tiny_tp2.stats()
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
     assert assert_matches(tiny_tp1, batched) >= 0.9 * len(tiny_tp1) * MAX_TOKENS
+
+
+def test_tp2_with_ngram_speculation_matches_tp1(tiny_tp1):
+    """Rank 0 samples every position of a speculating row and broadcasts the tokens; each
+    rank verifies the proposals itself, so the ranks stay in step."""
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+    kwargs = engine_kwargs(hf_config_path="tiny-llama", tensor_parallel_size=2,
+                           speculative_config=spec)  # fmt: skip
+    with LLM(**kwargs, use_tqdm=False) as llm:
+        got = offline_generations(llm)
+        stats = settled_stats(llm)
+    assert stats.spec.num_drafts > 0 and stats.spec.num_accepted_tokens > 0
+    assert stats.num_blocks_in_use == 0
+    assert assert_matches(tiny_tp1, got) >= 0.9 * len(tiny_tp1) * MAX_TOKENS
 
 
 def test_tp2_alone_equals_tp2_batched(tiny_tp2):
