@@ -8,8 +8,8 @@ import os
 import sys
 
 from api.lifecycle import run, serve
-from api.responses_store import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES
 from api.lora_flags import add_lora_args, parse_lora_modules, runtime_lora_updating
+from api.responses_store import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES
 from api.startup_checks import StartupError, check_serve_flags, reserve_port
 
 log = logging.getLogger("tokenmill")

@@ -19,7 +19,6 @@ from api.responses_protocol import ResponsesRequest
 
 MESSAGE_ROLES = frozenset({"user", "system", "developer", "assistant"})
 TEXT_PARTS = frozenset({"input_text", "output_text"})
-TOOL_CHOICE_STRINGS = frozenset({"none", "auto", "required"})
 
 
 def input_items(req: ResponsesRequest) -> list[dict[str, Any]]:
@@ -138,7 +137,7 @@ def _chat_tool(tool: Any, i: int) -> dict[str, Any]:
 
 
 def _chat_tool_choice(choice: Any) -> str | dict[str, Any] | None:
-    if choice is None or choice in TOOL_CHOICE_STRINGS:
+    if choice is None or isinstance(choice, str):  # NOTE: the chat path checks the string
         return choice
     if isinstance(choice, dict) and choice.get("type") == "function":
         return {"type": "function", "function": {"name": choice.get("name")}}
