@@ -80,7 +80,7 @@ def chat_messages(items: list[dict[str, Any]], first_new: int = 0) -> list[ChatM
 
 def _message(item: dict[str, Any], param: str) -> ChatMessage:
     role = item.get("role")
-    if role not in MESSAGE_ROLES:
+    if not isinstance(role, str) or role not in MESSAGE_ROLES:
         raise bad_request(
             f"A message's role is one of {', '.join(sorted(MESSAGE_ROLES))}.", f"{param}.role"
         )

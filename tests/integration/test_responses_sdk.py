@@ -46,7 +46,9 @@ def test_text_streamed_and_not_equal_each_other_and_chat(client, model_id):
     )
     assert resp.object == "response" and resp.id.startswith("resp_")
     assert resp.output_text == expected and "Paris" in expected
-    assert resp.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+    assert resp.status == (
+        "incomplete" if chat.choices[0].finish_reason == "length" else "completed"
+    )
     assert [item.type for item in resp.output] == ["message"]
     usage = resp.usage
     assert usage.input_tokens == chat.usage.prompt_tokens
@@ -158,8 +160,14 @@ def test_unsupported_fields_are_400_through_the_sdk(client, model_id):
 
 
 def test_an_agent_calls_its_tool_and_finishes(tool_server, model_id):
-    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool
-    from agents import set_tracing_disabled
+    from agents import (
+        Agent,
+        ModelSettings,
+        OpenAIResponsesModel,
+        Runner,
+        function_tool,
+        set_tracing_disabled,
+    )
 
     set_tracing_disabled(True)
     calls = []
