@@ -129,9 +129,11 @@ def output_text(items: list[dict[str, Any]]) -> str:
 def usage(acc: Accumulator) -> dict[str, Any]:
     """The Responses usage object (with tokenmill's `gpu_seconds`) of the chat usage."""
     chat = acc.usage()
+    cached = chat["prompt_tokens_details"]["cached_tokens"]
     return {
         "input_tokens": chat["prompt_tokens"],
-        "input_tokens_details": {"cached_tokens": chat["prompt_tokens_details"]["cached_tokens"]},
+        # NOTE: cache_write_tokens (the newer SDKs require it) is OpenAI's paid cache; 0 here
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
         "output_tokens": chat["completion_tokens"],
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": chat["total_tokens"],

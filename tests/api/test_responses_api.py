@@ -9,6 +9,8 @@ import pytest
 
 from api.responses_store import ResponseStore, owner_of
 from api.server import ServerConfig, create_app
+from api.tools import ToolConfig
+from tests.api.fake_engine import FakeEngine
 from tests.api.test_disconnect import wait_for
 
 FN = {"type": "function", "name": "get_weather",
@@ -149,3 +151,47 @@ async def test_streamed_disconnect_aborts(app, engine):
     await asyncio.sleep(0.05)
     rid = requests[0]
     assert (await app.test_client().get(f"/v1/responses/{rid}")).status_code == 404
+
+
+def _named_events(raw: bytes) -> list[dict]:
+    events = []
+    for block in raw.decode().split("\n\n"):
+        if block.strip():
+            name, data = block.split("\n")
+            event = json.loads(data.removeprefix("data: "))
+            assert name == f"event: {event['type']}"
+            events.append(event)
+    return events
+
+
+async def test_bodies_and_events_validate_strictly_as_the_sdks_types(tokenizer):
+    """pydantic validation (not the SDK's lenient construct) of every body and event."""
+    from openai.types.responses import Response as SdkResponse
+    from openai.types.responses import ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    engine = FakeEngine(tokenizer)
+    engine.set_output('Sure.<tool_call>\n{"name": "get_weather", "arguments": '
+                      '{"city": "Paris"}}\n</tool_call>')  # fmt: skip
+    app = create_app(engine, ServerConfig(tool_config=ToolConfig(True, "hermes")))
+    client = app.test_client()
+    body = {"input": "Weather?", "tools": [FN]}
+    full = await (await client.post("/v1/responses", json=body)).get_json()
+    parsed = SdkResponse.model_validate(full)
+    assert [i.type for i in parsed.output] == ["message", "function_call"]
+    assert parsed.output_text == "Sure." and parsed.output[1].arguments == '{"city": "Paris"}'
+    raw = await (await client.post("/v1/responses", json={**body, "stream": True})).get_data()
+    events = [TypeAdapter(ResponseStreamEvent).validate_python(e) for e in _named_events(raw)]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [e.type for e in events if "delta" not in e.type] == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.content_part.added",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.function_call_arguments.done",
+        "response.output_item.done", "response.completed",
+    ]  # fmt: skip
+    final = events[-1].response
+    assert [i.model_dump(exclude={"id", "call_id"}) for i in final.output] == [
+        i.model_dump(exclude={"id", "call_id"}) for i in parsed.output
+    ]
+    assert final.output[1].call_id.startswith("call_")
