@@ -76,44 +76,55 @@ def test_text_streamed_and_not_equal_each_other_and_chat(client, model_id):
 
 def test_stream_helper_accumulates_the_same_response(client, model_id):
     """The SDK's own stream accumulator checks every event against the state it builds."""
-    kwargs = dict(model=model_id, input="Name three colors.", max_output_tokens=32, temperature=0)
+    kwargs = dict(model=model_id, input="Name three colors.", max_output_tokens=16, temperature=0)
     with client.responses.stream(**kwargs) as stream:
         text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
         final = stream.get_final_response()
     assert final.output_text == text == client.responses.create(**kwargs).output_text
 
 
-@pytest.mark.parametrize("choice", ["required", {"type": "function", "name": "get_weather"}],
-                         ids=["required", "named"])  # fmt: skip
-def test_forced_function_call_and_its_round_trip(client, model_id, choice):
-    question = "What is the weather in Paris?"
-    kwargs = dict(model=model_id, input=question, tools=[WEATHER], tool_choice=choice,
-                  parallel_tool_calls=False, temperature=0, max_output_tokens=64)  # fmt: skip
-    resp = client.responses.create(**kwargs)
-    calls = [item for item in resp.output if item.type == "function_call"]
-    assert len(calls) >= 1 and resp.status == "completed"
-    call = calls[0]
-    assert call.name == "get_weather" and call.call_id
-    jsonschema.validate(json.loads(call.arguments), CITY)
+def _forced_call(client, model_id, **kwargs):
+    return client.responses.create(
+        model=model_id, input="What is the weather in Paris?", tools=[WEATHER],
+        parallel_tool_calls=False, temperature=0, max_output_tokens=64, **kwargs,
+    )  # fmt: skip
 
-    events = list(client.responses.create(stream=True, **kwargs))
+
+def _checked_call(resp):
+    assert resp.status == "completed"
+    [call] = [item for item in resp.output if item.type == "function_call"]
+    assert call.name == "get_weather" and call.call_id.startswith("call_")
+    jsonschema.validate(json.loads(call.arguments), CITY)
+    return call
+
+
+def test_named_function_call(client, model_id):
+    _checked_call(_forced_call(client, model_id, tool_choice={"type": "function",
+                                                              "name": "get_weather"}))  # fmt: skip
+
+
+def test_required_function_call_streamed_and_its_round_trip(client, model_id):
+    resp = _forced_call(client, model_id, tool_choice="required")
+    call = _checked_call(resp)
+    events = list(_forced_call(client, model_id, tool_choice="required", stream=True))
     deltas = [e.delta for e in events if isinstance(e, ResponseFunctionCallArgumentsDeltaEvent)]
-    done = [e for e in events if e.type == "response.function_call_arguments.done"]
-    assert "".join(deltas) == "".join(d.arguments for d in done)
-    assert done[0].arguments == call.arguments
+    [done] = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert "".join(deltas) == done.arguments == call.arguments
     assert isinstance(events[-1], ResponseCompletedEvent)
+    assert events[-1].response.output[-1].arguments == call.arguments
 
     result = {"type": "function_call_output", "call_id": call.call_id, "output": "22 C, sunny"}
+    rest = dict(tools=[WEATHER], tool_choice="none", temperature=0, max_output_tokens=8)
     follow = client.responses.create(
-        model=model_id, previous_response_id=resp.id, input=[result], tools=[WEATHER],
-        tool_choice="none", temperature=0, max_output_tokens=32,
-    )  # fmt: skip
+        model=model_id, previous_response_id=resp.id, input=[result], **rest
+    )
+    question = {"role": "user", "content": "What is the weather in Paris?"}
     explicit = client.responses.create(
-        model=model_id, input=[{"role": "user", "content": question}, call.model_dump(), result],
-        tools=[WEATHER], tool_choice="none", temperature=0, max_output_tokens=32, store=False,
-    )  # fmt: skip
+        model=model_id, input=[question, call.model_dump(), result], store=False, **rest
+    )
     assert follow.output_text and follow.output_text == explicit.output_text
     assert [i.type for i in follow.output] == ["message"]
+    assert follow.usage.input_tokens == explicit.usage.input_tokens
 
 
 def test_json_schema_output_validates(client, model_id):
@@ -132,16 +143,16 @@ def test_json_schema_output_validates(client, model_id):
 
 def test_previous_response_id_continues_like_the_whole_chat(client, model_id):
     first = client.responses.create(
-        model=model_id, input="My name is Ada. Say hello.", temperature=0, max_output_tokens=16
+        model=model_id, input="My name is Ada. Say hello.", temperature=0, max_output_tokens=8
     )
     second = client.responses.create(
         model=model_id, input="What is my name?", previous_response_id=first.id, temperature=0,
-        max_output_tokens=16,
+        max_output_tokens=12,
     )  # fmt: skip
     messages = [{"role": "user", "content": "My name is Ada. Say hello."},
                 {"role": "assistant", "content": first.output_text},
                 {"role": "user", "content": "What is my name?"}]  # fmt: skip
-    expected, _ = _chat_text(client, model_id, messages, 16)
+    expected, _ = _chat_text(client, model_id, messages, 12)
     assert second.output_text == expected
     assert second.previous_response_id == first.id
     assert second.usage.input_tokens_details.cached_tokens > 0
