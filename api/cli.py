@@ -9,6 +9,7 @@ import sys
 
 from api.lifecycle import run, serve
 from api.lora_flags import add_lora_args, parse_lora_modules, runtime_lora_updating
+from api.responses_store import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES
 from api.startup_checks import StartupError, check_serve_flags, reserve_port
 from api.tool_flags import add_tool_args
 
@@ -52,6 +53,18 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
         "--disable-ui", action="store_true", help="no web console at / and /ui (the API only)"
     )
     p.add_argument("--max-logprobs", type=int, default=20)
+    p.add_argument(
+        "--responses-store-max-entries",
+        type=int,
+        default=DEFAULT_MAX_ENTRIES,
+        help="responses kept for previous_response_id and GET /v1/responses/{id} (LRU; 0: none)",
+    )
+    p.add_argument(
+        "--responses-store-max-bytes",
+        type=int,
+        default=DEFAULT_MAX_BYTES,
+        help="bytes of JSON the responses store holds at most (LRU)",
+    )
     p.add_argument(
         "--log-level", default="info", choices=("debug", "info", "warning", "error", "critical")
     )
@@ -375,6 +388,8 @@ def server_config(args: argparse.Namespace):
         log_stats_interval=None if args.disable_log_stats else STATS_LOG_INTERVAL_S,
         shutdown_timeout=args.shutdown_timeout,
         enable_ui=not args.disable_ui,
+        responses_store_max_entries=args.responses_store_max_entries,
+        responses_store_max_bytes=args.responses_store_max_bytes,
     )
 
 

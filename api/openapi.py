@@ -20,6 +20,7 @@ from api.openai_protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from api.responses_protocol import ResponsesRequest
 
 REF_TEMPLATE = "#/components/schemas/{name}"
 BEARER_SCHEME = "bearerAuth"
@@ -51,6 +52,16 @@ _TEXT_COMPLETION = {
 }
 # NOTE: before OpenAPI 3.2 (`itemSchema`) an event stream's `schema` describes one event;
 # the data is a JSON chunk or the final `[DONE]`.
+_RESPONSE = {
+    "type": "object",
+    "required": ["id", "object", "status", "output", "usage"],
+    "properties": {"object": {"const": "response"}, "output": {"type": "array"}},
+}
+_RESPONSE_DELETED = {
+    "type": "object",
+    "required": ["id", "object", "deleted"],
+    "properties": {"deleted": {"const": True}},
+}
 _SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
 _SSE = {"text/event-stream": {"schema": _SSE_EVENT}}
 
@@ -76,6 +87,12 @@ ROUTES = (
           {**_json(_CHAT_COMPLETION), **_SSE}, ChatCompletionRequest),
     Route("post", "/v1/completions", "Create a text completion (SSE when `stream`)",
           {**_json(_TEXT_COMPLETION), **_SSE}, CompletionRequest),
+    Route("post", "/v1/responses", "Create a response (Responses API; semantic SSE events "
+          "when `stream`)", {**_json(_RESPONSE), **_SSE}, ResponsesRequest),
+    Route("get", "/v1/responses/{response_id}", "Retrieve a stored response",
+          _json(_RESPONSE), path_params=("response_id",)),
+    Route("delete", "/v1/responses/{response_id}", "Delete a stored response",
+          _json(_RESPONSE_DELETED), path_params=("response_id",)),
     Route("get", "/v1/models", "List the served models", _json(_JSON_OBJECT)),
     Route("get", "/v1/models/{model}", "Describe one model", _json(_JSON_OBJECT),
           path_params=("model",)),

@@ -180,6 +180,10 @@ class _Streamer:
         """The final usage chunk (`choices: []`) when stream_options.include_usage."""
         return [self.chunk([], self.acc.usage())] if self.include_usage else []
 
+    def failed(self, error: dict) -> list[dict]:
+        """A stream cut short by an error ends with the error body as its last chunk."""
+        return [error]
+
 
 class ChatStreamer(_Streamer):
     """Chat chunks; with a tool parser, `delta.tool_calls` as each call completes."""

@@ -21,6 +21,8 @@ from api.console import console_blueprint
 from api.errors import ApiError, error_body
 from api.metrics import ServingMetrics
 from api.openapi import openapi_document
+from api.responses_api import ResponsesServing, register_responses_routes
+from api.responses_store import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, ResponseStore
 from api.serving import OpenAIServing, json_response
 from api.stats_log import STATS_LOG_INTERVAL_S, log_engine_stats
 from api.stats_view import StatsHistory
@@ -50,6 +52,8 @@ class ServerConfig:
     log_stats_interval: float | None = STATS_LOG_INTERVAL_S  # the stats log line; None: off
     shutdown_timeout: float = 30.0  # --shutdown-timeout: the drain's grace for running requests
     enable_ui: bool = True  # the web console at / and /ui (--disable-ui: off)
+    responses_store_max_entries: int = DEFAULT_MAX_ENTRIES  # --responses-store-max-entries
+    responses_store_max_bytes: int = DEFAULT_MAX_BYTES  # --responses-store-max-bytes
 
 
 def tokenmill_version() -> str:
@@ -86,6 +90,8 @@ def create_app(engine, config: ServerConfig | None = None) -> Quart:
     if config.log_stats_interval:
         _register_stats_log(app, engine, config.log_stats_interval)
     _register_routes(app, engine, serving, metrics)
+    store = ResponseStore(config.responses_store_max_entries, config.responses_store_max_bytes)
+    register_responses_routes(app, ResponsesServing(serving, store))
     _register_stats_view(app, StatsHistory(engine, metrics))
     if config.enable_ui:
         app.register_blueprint(console_blueprint())

@@ -37,7 +37,7 @@ from api.responses import ChatStreamer, CompletionStreamer, chat_response, compl
 from api.streaming import Accumulator, DeltaStream
 from api.structured_outputs import checked_constraint, off_the_loop
 from api.token_only import check_token_only_completion, needs_tokenizer
-from api.tools import chat_constraints
+from api.tools import ToolPlan, chat_constraints
 from api.validation import (
     Limits,
     chat_sampling_params,
@@ -47,6 +47,7 @@ from api.validation import (
     completion_sampling_params,
     decode_body,
 )
+from model_runner.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 _request_log = logging.getLogger("tokenmill.requests")
@@ -89,27 +90,34 @@ class SSEBody(ResponseBody):
         return self.events
 
 
+DONE = b"data: [DONE]\n\n"
+
+
 async def sse_events(
-    stream: DeltaStream, streamer, tracker: RequestTracker
+    stream: DeltaStream, streamer, tracker: RequestTracker, frame=sse, sentinel: bytes = DONE
 ) -> AsyncIterator[bytes]:
-    """Chunks, then the usage chunk if asked, then `data: [DONE]`; errors become an event."""
+    """Chunks, then the usage chunk if asked, then `sentinel`; an error becomes the events of
+    `streamer.failed(body)` (an error chunk on the chat path). `frame` writes one SSE event."""
     try:
         for chunk in streamer.start():
-            yield sse(chunk)
+            yield frame(chunk)
         async for src, delta in stream.events():
             for chunk in streamer.on_delta(src, delta):
-                yield sse(chunk)
+                yield frame(chunk)
         for chunk in streamer.finish():
-            yield sse(chunk)
+            yield frame(chunk)
     except ApiError as e:
-        yield sse(e.body())
+        for chunk in streamer.failed(e.body()):
+            yield frame(chunk)
     except Exception:
         log.exception("streamed request failed")
-        yield sse(error_body("Internal error while streaming.", 500))
+        for chunk in streamer.failed(error_body("Internal error while streaming.", 500)):
+            yield frame(chunk)
     finally:
         await stream.aclose()
         tracker.finish(streamer.acc)
-    yield b"data: [DONE]\n\n"
+    if sentinel:
+        yield sentinel
 
 
 def _usage_options(req) -> dict:
@@ -170,6 +178,27 @@ class OpenAIServing:
         if self.token_only:
             raise needs_tokenizer("A chat request", "messages")
         feature = self.features.label(feature_header, req.metadata)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        it, sampling, tool_plan = await self.start_chat(req, request_id, feature, lora)
+        acc = Accumulator(1, sampling.n)
+        created, model = int(time.time()), lora or self.engine.model_name
+        tracker = self.metrics.track(request_id, feature, sampling.n, self.log_request, model)
+        if req.stream:
+            streamer = ChatStreamer(
+                request_id, created, model, acc, logprobs=req.logprobs, tool_plan=tool_plan,
+                **_usage_options(req),
+            )  # fmt: skip
+            return await self.stream([it], streamer, tracker)
+        await self.collect([it], acc, tracker)
+        return json_response(
+            chat_response(request_id, created, model, acc, req.logprobs, tool_plan)
+        )
+
+    async def start_chat(
+        self, req: ChatCompletionRequest, request_id: str, feature: str, lora: str | None
+    ) -> tuple[AsyncIterator, SamplingParams, ToolPlan]:
+        """Checks, grammar, template, then the engine request of a chat (also the Responses
+        API's way in: `api.responses_api` turns its requests into chat requests)."""
         tool_plan, constraint = await off_the_loop(chat_constraints, req, self.config.tool_config)
         sampling = chat_sampling_params(
             req, self.limits, constraint and constraint.grammar,
@@ -190,7 +219,6 @@ class OpenAIServing:
         )
         # NOTE: a request's template renders in a thread; its own deadline ends the render
         rendered = await asyncio.to_thread(render) if req.chat_template is not None else render()
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
         it = self.engine.generate(
             request_id,
             prompt=rendered.text,
@@ -201,19 +229,7 @@ class OpenAIServing:
             feature=feature,
             lora_name=lora,
         )
-        acc = Accumulator(1, sampling.n)
-        created, model = int(time.time()), lora or self.engine.model_name
-        tracker = self.metrics.track(request_id, feature, sampling.n, self.log_request, model)
-        if req.stream:
-            streamer = ChatStreamer(
-                request_id, created, model, acc, logprobs=req.logprobs, tool_plan=tool_plan,
-                **_usage_options(req),
-            )  # fmt: skip
-            return await self._stream([it], streamer, tracker)
-        await self._collect([it], acc, tracker)
-        return json_response(
-            chat_response(request_id, created, model, acc, req.logprobs, tool_plan)
-        )
+        return it, sampling, tool_plan
 
     async def completions(self, body: bytes, feature_header: str | None = None) -> Response:
         req = decode_body(body, CompletionRequest)
@@ -250,14 +266,14 @@ class OpenAIServing:
                 request_id, created, model, acc, logprobs=logprobs, echo=echo,
                 token_ids=self.token_only, **_usage_options(req),
             )  # fmt: skip
-            return await self._stream(iterators, streamer, tracker)
-        await self._collect(iterators, acc, tracker)
+            return await self.stream(iterators, streamer, tracker)
+        await self.collect(iterators, acc, tracker)
         body = completion_response(
             request_id, created, model, acc, logprobs, echo, token_ids=self.token_only
         )
         return json_response(body)
 
-    async def _collect(self, iterators: list, acc: Accumulator, tracker: RequestTracker) -> None:
+    async def collect(self, iterators: list, acc: Accumulator, tracker: RequestTracker) -> None:
         """Run the engine requests to the end; a disconnect cancels this and aborts them.
         Cut short by a shutdown, the request is a 503 (streams end "abort" instead)."""
         stream = DeltaStream(iterators, tracker.on_delta)
@@ -272,11 +288,15 @@ class OpenAIServing:
             raise ApiError(503, "The server shut down before the request finished.",
                            code="shutting_down", retry_after=1.0)  # fmt: skip
 
-    async def _stream(self, iterators: list, streamer, tracker: RequestTracker) -> Response:
+    async def stream(
+        self, iterators: list, streamer, tracker: RequestTracker, frame=sse, sentinel=DONE
+    ) -> Response:
         stream = DeltaStream(iterators, tracker.on_delta)
         await stream.open()  # NOTE: before the headers, so a refusal keeps its status
-        body = SSEBody(sse_events(stream, streamer, tracker), stream)
-        response = Response(body, 200, SSE_HEADERS, content_type="text/event-stream")
+        events = sse_events(stream, streamer, tracker, frame, sentinel)
+        response = Response(
+            SSEBody(events, stream), 200, SSE_HEADERS, content_type="text/event-stream"
+        )
         response.timeout = None
         return response
 

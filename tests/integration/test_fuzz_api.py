@@ -36,16 +36,17 @@ EXAMPLES = {
     "/tokenize": 60,
     "/detokenize": 40,
     "/v1/models/{model}": 15,
+    "/v1/responses": 40,
 }
 EXAMPLES_WITHOUT_INPUT = 3  # GET /health and the like: nothing to vary
-GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 # Range-checked fields dropped from the "deep" cases.
 SAMPLING_FIELDS = frozenset(
     "model n best_of temperature top_p top_k min_p presence_penalty frequency_penalty "
     "repetition_penalty length_penalty seed min_tokens priority prompt_logprobs "
     "truncate_prompt_tokens use_beam_search logprobs top_logprobs max_tokens "
     "max_completion_tokens metadata logit_bias cache_salt suffix echo chat_template "
-    "stream_options".split()
+    "stream_options max_output_tokens".split()
 )
 CHECKS = [
     not_a_server_error,
@@ -67,12 +68,17 @@ def bounded(case):
     body = case.body
     if case.path not in GENERATION_PATHS or not isinstance(body, dict):
         return case
-    for key in ("max_tokens", "max_completion_tokens"):
+    keys = (
+        ("max_output_tokens",)
+        if case.path == "/v1/responses"
+        else ("max_tokens", "max_completion_tokens")
+    )
+    for key in keys:
         value = body.get(key)
         if type(value) is int and MAX_NEW_TOKENS < value < MAX_MODEL_LEN:
             body[key] = value % MAX_NEW_TOKENS + 1
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-        body["max_tokens"] = MAX_NEW_TOKENS  # NOTE: else the rest of the context is generated
+    if all(body.get(key) is None for key in keys):
+        body[keys[0]] = MAX_NEW_TOKENS  # NOTE: else the rest of the context is generated
     if type(n := body.get("n")) is int and MAX_N < n <= 128:
         body["n"] = n % MAX_N + 1
     prompt = body.get("prompt")
@@ -91,6 +97,8 @@ def deep(case):
         body["messages"] = [{"role": "user", "content": "Hi"}]
     if case.path == "/v1/completions" and not body.get("prompt"):
         body["prompt"] = "Hi"
+    if case.path == "/v1/responses" and not body.get("input"):
+        body["input"] = "Hi"
     if case.path == "/tokenize" and body.get("messages"):
         body.pop("prompt", None)  # exactly one of the two
     return case
