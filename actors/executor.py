@@ -32,8 +32,8 @@ from actors.transport import Transport
 from model_runner.config import EngineConfigError
 from model_runner.grammar_cache import GrammarError
 from model_runner.lora_adapter import LoraAdapterError
-from model_runner.runner import CollectFailed
 from model_runner.sampling_params import GrammarSpec
+from model_runner.step_flight import CollectFailed
 from model_runner.step_input import StepOutput
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ def _config_path(name: str, folder: Path) -> str:
 
 def _time_collectives(tp, totals: dict[str, float]) -> None:
     """Wrap the rank's collectives so that their wall time adds up in `totals`."""
-    for name in ("all_reduce", "all_gather_last_dim", "broadcast_token_ids"):
+    for name in ("all_reduce", "all_gather_last_dim", "broadcast_tokens"):
         method = getattr(tp, name)
 
         def timed(*args, _method=method, **kwargs):

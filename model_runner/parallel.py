@@ -109,17 +109,6 @@ class TensorParallel:
             dist.broadcast(tokens, src=0, group=self.group)
         return tokens
 
-    def broadcast_token_ids(self, token_ids: list[int] | None, count: int, device) -> list[int]:
-        """Rank 0's sampled `token_ids` on every rank (`count` of them; others pass None)."""
-        if not self.enabled or count == 0:
-            return token_ids or []
-        if self.rank == 0:
-            ids = torch.tensor(token_ids, dtype=torch.long, device=device)
-        else:
-            ids = torch.empty(count, dtype=torch.long, device=device)
-        dist.broadcast(ids, src=0, group=self.group)
-        return ids.tolist()
-
     def wait_for_all_ranks(self, stage: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
         """Until every rank reached `stage` (loading the weights may take minutes: a count
         in the store, not a collective, whose timeout is for a step)."""

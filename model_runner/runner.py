@@ -63,9 +63,10 @@ from model_runner.parallel import (
 from model_runner.placeholders import LastSampled, fill_placeholders
 from model_runner.sampled_rows import SampledRows
 from model_runner.sampler import Sampler
-from model_runner.speculative import SpecBatch
+from model_runner.step_flight import LaunchedStep, collect, distinct_states
 from model_runner.step_input import NewSequence, StepInput, StepOutput
 from model_runner.step_timer import StepClock, StepTimer
+from model_runner.step_upload import to_host
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +138,20 @@ class ModelRunner:
         self.sampler = Sampler(self.vocab_size, self.eos_token_ids, config.seed)
         self._seqs: dict[str, SequenceState] = {}
         self.last_sampled = LastSampled()  # overlap: the previous step's tokens, on the device
-        self._in_flight: _InFlight | None = None  # the step launched last, until collected
+        self._in_flight: LaunchedStep | None = None  # the step launched last, until collected
         self._done: list[StepOutput] = []
         self.on_output: Callable[[StepOutput], None] = self._done.append
         self.collect_after_forward = self.device.type == "cuda"
+        self._set_up_decode_paths()
+        source, vocab, eos = self.source, self.vocab_size, self.eos_token_ids
+        self.grammars = GrammarCache(
+            lambda: hf_tokenizer_info(load_tokenizer(source), vocab, eos),
+            max_bytes=config.grammar_cache_mib * 1024 * 1024,
+        )
+
+    def _set_up_decode_paths(self) -> None:
+        """The decode context, the CPU's fused or compiled decode layers, CUDA graphs."""
+        config = self.config
         self.decode_context = self._make_decode_context()
         has_context = self.decode_context is not None
         # CPU decode steps of a few rows: fused C++ layers, else compiled ones, else eager.
@@ -155,11 +166,6 @@ class ModelRunner:
         eager = config.enforce_eager or config.batch_invariant or self.tp.enabled
         if self.device.type == "cuda" and not eager:
             self.enable_decode_graphs(CudaGraphCapturer(self.device))
-        source, vocab, eos = self.source, self.vocab_size, self.eos_token_ids
-        self.grammars = GrammarCache(
-            lambda: hf_tokenizer_info(load_tokenizer(source), vocab, eos),
-            max_bytes=config.grammar_cache_mib * 1024 * 1024,
-        )
 
     def _load_weights_and_cache(self, reader, progress: bool) -> None:
         """The weights, then (CUDA: after a profiling forward) the KV cache tensors."""
@@ -409,7 +415,7 @@ class ModelRunner:
                 sampled = self._sample(logits, inputs.sample_seqs)
                 spec = inputs.spec
                 if spec is not None:
-                    accepted = host_copy(spec.verify(sampled.tokens))
+                    accepted = to_host(spec.verify(sampled.tokens))
                 seqs = [getattr(row, "seq", row) for row in inputs.sample_seqs]  # the states
                 self.last_sampled.record(
                     step.step_id,
@@ -418,11 +424,13 @@ class ModelRunner:
                     sampled.tokens,
                 )  # fmt: skip
                 rows = sampled.start_copy()
-                for seq in _distinct(seqs):
+                for seq in distinct_states(seqs):
                     seq.num_pending += 1
         clock.end()
         host_seconds = time.perf_counter() - start - clock.excluded_seconds
-        self._in_flight = _InFlight(step.step_id, rows, seqs, clock, host_seconds, spec, accepted)
+        self._in_flight = LaunchedStep(
+            step.step_id, rows, seqs, clock, host_seconds, spec, accepted
+        )
 
     def _sample(self, logits: torch.Tensor, rows: list) -> SampledRows:
         """The rows' tokens on the device. Tensor parallel: rank 0 samples, the others get its
@@ -440,71 +448,13 @@ class ModelRunner:
         self._collect_in_flight()
 
     def _collect_in_flight(self, inside: StepClock | None = None) -> None:
-        """Wait for the step in flight and hand its output to `on_output`; `inside`: the
-        clock of the step being launched, whose time leaves this out."""
+        """Hand the step in flight's output to `on_output`; `inside`: the clock of the step
+        being launched, whose time leaves this wait out."""
         flight, self._in_flight = self._in_flight, None
         if flight is None:
             return
         start = time.perf_counter()
-        try:
-            flight.clock.wait()
-            sampled = flight.rows.to_host() if flight.rows is not None else []
-            seqs = flight.seqs
-            for seq in _distinct(seqs):
-                seq.num_pending -= 1
-            if flight.spec is not None:
-                accepted = flight.accepted.tolist()
-                keep = flight.spec.kept_rows(len(sampled), accepted)
-                sampled = [t for t, k in zip(sampled, keep, strict=True) if k]
-                seqs = [s for s, k in zip(seqs, keep, strict=True) if k]
-                for group, n in zip(flight.spec.groups, accepted, strict=True):
-                    group.seq.num_computed += n  # NOTE: the accepted proposals' K/V hold
-            for seq, token in zip(seqs, sampled, strict=True):
-                if seq.grammar is not None and seq.grammar.is_terminated:
-                    continue  # NOTE: a kept token after an accepted end; the scheduler stops
-                seq.append(token.token_id)
-            device_seconds = flight.clock.seconds()
-        except Exception as e:
-            raise CollectFailed(flight.step_id) from e
-        seconds = time.perf_counter() - start
+        output = collect(flight)
         if inside is not None:
-            inside.exclude(seconds)
-        self.on_output(
-            StepOutput(
-                step_id=flight.step_id,
-                sampled=sampled,
-                execute_seconds=flight.host_seconds + seconds,
-                device_seconds=device_seconds,
-            )
-        )
-
-
-class CollectFailed(RuntimeError):
-    """A launched step failed while its output was being collected."""
-
-    def __init__(self, step_id: int) -> None:
-        super().__init__(f"step {step_id} failed in its collect")
-        self.step_id = step_id
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _InFlight:
-    """A launched step whose sampled rows are not yet read on the host."""
-
-    step_id: int
-    rows: SampledRows | None  # None: nothing sampled
-    seqs: list[SequenceState]  # one per sampling row; NOTE: a finished one may be gone from _seqs
-    clock: StepClock
-    host_seconds: float  # the launch's host time, less the previous step's collect in it
-    spec: SpecBatch | None = None  # its speculating sequences
-    accepted: torch.Tensor | None = None  # [G] their accepted proposals (host copy queued)
-
-
-def _distinct(seqs: list[SequenceState]) -> list[SequenceState]:
-    """Each state once (a speculating sequence has a sampling row per position)."""
-    return list({id(s): s for s in seqs}.values())
-
-
-def host_copy(t: torch.Tensor) -> torch.Tensor:
-    """`t` in host memory; from CUDA queued without blocking (pinned), read after a wait."""
-    return t if t.device.type == "cpu" else t.to("cpu", non_blocking=True)
+            inside.exclude(time.perf_counter() - start)
+        self.on_output(output)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from model_runner.step_input import SampledToken
+from model_runner.step_upload import to_host
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,8 +32,7 @@ class SampledRows:
             return self
 
         def host(t: torch.Tensor | None) -> torch.Tensor | None:
-            # NOTE: a CUDA tensor copied to the CPU with non_blocking lands in pinned memory
-            return None if t is None else t.to("cpu", non_blocking=True)
+            return None if t is None else to_host(t)
 
         return replace(
             self,

@@ -35,3 +35,9 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """`t` in host memory: from CUDA a queued copy into pinned memory (non_blocking), to be
+    read only after the device has passed it; a CPU tensor as it is."""
+    return t if t.device.type == "cpu" else t.to("cpu", non_blocking=True)

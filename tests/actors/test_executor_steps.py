@@ -11,7 +11,7 @@ from actors.executor import ExecutorActor
 from actors.protocol import ExecutorReady, StepPlan, StepResult
 from actors.transport import InProcessTransport
 from model_runner.grammar_cache import GrammarCache
-from model_runner.runner import CollectFailed
+from model_runner.step_flight import CollectFailed
 from model_runner.step_input import StepInput, StepOutput
 
 
