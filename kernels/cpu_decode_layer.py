@@ -1,7 +1,7 @@
 """One decoder layer of a CPU decode step in one call (`kernels/csrc/decode_layer.cpp`),
 beside its torch reference.
 
-For S sequences of one new token each, with the float32 residual stream r [S, H]:
+For S new tokens (rows), with the float32 residual stream r [S, H]:
 
     r += o_proj(attention(rope(qkv_proj(rms_norm(r, norm1)) + bias)))
     r += down_proj(silu(gate) * up),  [gate | up] = gate_up_proj(rms_norm(r, norm2))
@@ -9,9 +9,12 @@ For S sequences of one new token each, with the float32 residual stream r [S, H]
 The projections are int8-dot weights (`kernels.int8_dot_linear`, layout q4 or q8 each);
 everything between them stays float32. The new token's K and V, rounded to bf16, are
 written into the paged cache at `slots` (negative: none) and into the decode-context
-buffers [rows, capacity, kv_heads, dim] at position `seq_lens - 1` of their row; the
-attention reads each row's context from its buffer: positions [lo, seq_len) with
-lo = seq_len - window under a sliding window, else 0. `r`, the buffers and the caches are
+buffers [buffer rows, capacity, kv_heads, dim] at position `seq_lens - 1` of their
+buffer row `buffer_rows`; the attention reads each row's context from its buffer row:
+positions [lo, seq_len) with lo = seq_len - window under a sliding window, else 0. A
+sequence of one token has a buffer row of its own; one verifying speculative tokens has a
+row per token, sharing its buffer row at consecutive lengths (every row's K/V is written
+before any row attends: causal within the sequence). `r`, the buffers and the caches are
 updated in place.
 """
 
@@ -47,8 +50,9 @@ class StepTensors:
 
     cos: torch.Tensor  # [S, D] float32 (cos | cos)
     sin: torch.Tensor  # [S, D] float32 (-sin | sin)
-    seq_lens: torch.Tensor  # [S] int64, this step's token included
+    seq_lens: torch.Tensor  # [S] int64, the row's token included
     slots: torch.Tensor  # [S] int64 paged-cache slots
+    buffer_rows: torch.Tensor  # [S] int64 the decode-context row each row reads and writes
 
 
 @dataclass(frozen=True)
@@ -67,8 +71,8 @@ def decode_layer(residual, weights: LayerWeights, step: StepTensors, k_buf, v_bu
     torch.ops.tokenmill_int8_dot.decode_layer(
         residual, weights.norm1, weights.norm2, *qkv, weights.qkv_bias, *o, *gu, *down,
         list(weights.layouts), step.cos, step.sin, k_buf, v_buf, k_cache, v_cache,
-        step.seq_lens, step.slots, shape.heads, shape.kv_heads, shape.eps, shape.scale,
-        shape.window,
+        step.seq_lens, step.slots, step.buffer_rows, shape.heads, shape.kv_heads, shape.eps,
+        shape.scale, shape.window,
     )  # fmt: skip
 
 
@@ -90,9 +94,9 @@ def decode_layer_ref(residual, weights: LayerWeights, step: StepTensors, k_buf, 
     qk = rotate_with_tables(qk, step.cos[:, None], step.sin[:, None])
     q, k_new = qk[:, :h], qk[:, h:].to(k_buf.dtype)
     v_new = qkv[:, (h + kvh) * d :].view(rows, kvh, d).to(v_buf.dtype)
-    pos = step.seq_lens - 1
-    k_buf[torch.arange(rows), pos] = k_new
-    v_buf[torch.arange(rows), pos] = v_new
+    pos, buf = step.seq_lens - 1, step.buffer_rows
+    k_buf[buf, pos] = k_new
+    v_buf[buf, pos] = v_new
     valid = step.slots >= 0
     for cache, new in ((k_cache, k_new), (v_cache, v_new)):
         cache.view(-1, kvh, d)[step.slots[valid]] = new[valid]
@@ -100,7 +104,8 @@ def decode_layer_ref(residual, weights: LayerWeights, step: StepTensors, k_buf, 
     for m in range(rows):
         n = int(step.seq_lens[m])
         lo = max(0, n - shape.window) if shape.window else 0
-        keys, values = (buf[m : m + 1, lo:n].float() for buf in (k_buf, v_buf))
+        b = int(buf[m])
+        keys, values = (t[b : b + 1, lo:n].float() for t in (k_buf, v_buf))
         out[m] = decode_attention(q[m : m + 1], keys, values, None, shape.scale)[0]
     residual += _project(out.reshape(rows, h * d), lay[1], *o_w)
     gate_up = _project(rms_norm_ref(residual, weights.norm2, shape.eps), lay[2], *gu_w)

@@ -7,10 +7,17 @@ token, so `DecodeContext` keeps per layer K and V of shape [rows, capacity, kv_h
 row i holding the context of the step's i-th sequence:
 
 - a decode step that continues the last committed step (the same rows in the same order,
-  each exactly one token longer) appends its new token per row: the *append* mode;
+  each starting its new tokens at or before the length the buffers hold) appends its new
+  tokens per row: the *append* mode;
 - any other decode step gathers every row once from the paged cache: the *gather* mode;
 - prefill or mixed steps, steps with block copies, and batches over the memory budget
   skip it (and the next decode step gathers).
+
+A row usually gets one new token. A sequence verifying K speculative tokens gets K + 1, at
+consecutive positions (the fused C++ layer only: `multi_token` steps); once the step is
+collected, only its accepted prefix is the sequence's, and the next step starts right after
+it, at or before the held length: positions before its start hold the accepted tokens' K/V,
+positions from it on are overwritten.
 
 A row is a key the caller picks for what the row holds: the runner passes its sequence
 state objects, so a sequence re-sent after preemption, or a new one that took a finished
@@ -39,8 +46,8 @@ class DecodeContextStep:
     """One decode step's use of the context: its mode and per-step index tensors."""
 
     __slots__ = (
-        "_mask", "append", "buffers", "ctx_len", "gather_index", "held", "max_len", "new_slots",
-        "seq_lens", "sliding_window",
+        "_mask", "append", "buffers", "ctx_len", "gather_index", "held", "max_len", "multi_token",
+        "new_slots", "num_rows", "seq_lens", "sliding_window", "token_lens", "token_rows",
     )  # fmt: skip
 
     def __init__(
@@ -54,6 +61,8 @@ class DecodeContextStep:
         gather_index: torch.Tensor | None,
         sliding_window: int | None = None,
         held: tuple[tuple, list[int]] | None = None,
+        token_rows: torch.Tensor | None = None,
+        token_lens: torch.Tensor | None = None,
     ):
         self.buffers = buffers
         self.append = append
@@ -62,9 +71,14 @@ class DecodeContextStep:
         self.ctx_len = ctx_len
         self.sliding_window = sliding_window
         self._mask: torch.Tensor | None = None  # built by the first `attend`, shared by layers
-        self.new_slots = new_slots  # [seqs] row * capacity + position of the new token
+        self.new_slots = new_slots  # [tokens] row * capacity + position of each new token
         self.gather_index = gather_index  # [seqs * blocks] block ids, gather mode only
         self.held = held  # (rows, lengths) the buffers hold once this step has run
+        self.num_rows = seq_lens.shape[0]
+        # Per new token: its buffer row and its row's length up to and including it.
+        self.token_rows = torch.arange(self.num_rows) if token_rows is None else token_rows
+        self.token_lens = seq_lens.long() if token_lens is None else token_lens
+        self.multi_token = self.token_rows.shape[0] > self.num_rows
 
     def mask_before_new(self, length: int) -> torch.Tensor:
         """[S, 1, 1, length + 1] bool: the first `length` context columns, then the new token.
@@ -103,6 +117,8 @@ class DecodeContextStep:
         scale: float,
     ) -> torch.Tensor:
         """Bring one layer's context `buffers` up to date (append or gather), then attend."""
+        if self.multi_token:
+            raise ValueError("a multi-token decode context step runs in the fused layer only")
         k_buf, v_buf = buffers
         num_seqs = query.shape[0]
         if self.append:
@@ -148,12 +164,13 @@ class DecodeContext:
         seq_lens_t: torch.Tensor,
         block_tables: torch.Tensor,
         block_size: int,
+        new_tokens: Sequence[int] | None = None,
     ) -> DecodeContextStep | None:
         """The step's use of the context for a decode-only batch, or None to gather as usual.
 
-        `rows`: one key per row of the step that executes, in its order, one new token each
-        (see the module). Call `commit` with the returned step once its forward has
-        succeeded; until then nothing is held.
+        `rows`: one key per row of the step that executes, in its order; `new_tokens`: how
+        many new tokens each has (default one; see the module). Call `commit` with the
+        returned step once its forward has succeeded; until then nothing is held.
         """
         held, self._held, self._planned = self._held, None, None
         if not len(rows) == seq_lens_t.shape[0] == block_tables.shape[0]:
@@ -162,6 +179,7 @@ class DecodeContext:
                 "block tables: a decode context step has one of each per row"
             )
         seq_lens = seq_lens_t.tolist()
+        new_tokens = [1] * len(seq_lens) if new_tokens is None else list(new_tokens)
         max_len = max(seq_lens)
         fits, kept = self._ensure_capacity(len(rows), max_len, block_size)
         if not fits:
@@ -171,10 +189,21 @@ class DecodeContext:
             kept
             and held is not None
             and held[0] == keys  # NOTE: keys without __eq__ (sequence states) by identity
-            and all(n == h + 1 for n, h in zip(seq_lens, held[1], strict=True))
+            and all(0 <= n - q <= h for n, q, h in zip(seq_lens, new_tokens, held[1], strict=True))
         )
-        index = torch.arange(len(keys), dtype=torch.long)
-        new_slots = index * self.capacity + (seq_lens_t.long() - 1)
+        token_rows = token_lens = None
+        if any(q != 1 for q in new_tokens):
+            token_rows = torch.tensor(
+                [i for i, q in enumerate(new_tokens) for _ in range(q)], dtype=torch.long
+            )
+            token_lens = torch.tensor(
+                [n - q + j + 1 for n, q in zip(seq_lens, new_tokens, strict=True)
+                 for j in range(q)], dtype=torch.long,
+            )  # fmt: skip
+            new_slots = token_rows * self.capacity + (token_lens - 1)
+        else:
+            index = torch.arange(len(keys), dtype=torch.long)
+            new_slots = index * self.capacity + (seq_lens_t.long() - 1)
         num_blocks = -(-max_len // block_size)
         gather_index = None
         if not append:
@@ -185,7 +214,8 @@ class DecodeContext:
         ctx_len = num_blocks * block_size
         step = DecodeContextStep(
             self.buffers, append, seq_lens_t, max_len, ctx_len, new_slots, gather_index,
-            self.sliding_window, held=(keys, seq_lens),
+            self.sliding_window, held=(keys, seq_lens), token_rows=token_rows,
+            token_lens=token_lens,
         )  # fmt: skip
         self._planned = step
         return step

@@ -6,10 +6,11 @@ compiled graph and every custom GEMM inside it still costs ~10-15 us, against ~2
 the GEMM itself. With the int8-dot kernels the whole layer runs in C++ instead: one call
 per layer, no graph, no guards, float32 between the GEMMs.
 
-It applies to decode-only steps of at most `max_rows` rows that use the decode context
-(append or gather mode), on CPUs where the int8-dot kernels run and every projection of
-the model has an int8-dot layout (q4 or q8), with bf16 K/V, full NeoX rotary, no o_proj
-bias and a float32 residual stream; anything else takes `CompiledDecode` or the eager
+It applies to decode-only steps of at most `max_rows` token rows that use the decode
+context (append or gather mode; a sequence verifying speculative tokens takes a row per
+token: `DecodeContext` multi-token steps), on CPUs where the int8-dot kernels run and every
+projection of the model has an int8-dot layout (q4 or q8), with bf16 K/V, full NeoX rotary,
+no o_proj bias and a float32 residual stream; anything else takes `CompiledDecode` or the eager
 forward. `--enforce-eager` turns it off too.
 """
 
@@ -88,11 +89,11 @@ class FusedDecode:
         model, ctx = self.model, meta.decode_context
         residual = F.embedding(input_ids, model.embedding).float()
         cos, sin = ops.rotary_tables(positions, model.cos_sin_cache, torch.float32)
-        step = StepTensors(cos[:, 0].contiguous(), sin[:, 0].contiguous(),
-                           ctx.seq_lens.long(), meta.slot_mapping.long())  # fmt: skip
+        step = StepTensors(cos[:, 0].contiguous(), sin[:, 0].contiguous(), ctx.token_lens,
+                           meta.slot_mapping.long(), ctx.token_rows)  # fmt: skip
         for weights, buffers, paged in zip(self.layers, ctx.buffers, kv_caches, strict=True):
             if not ctx.append:
-                ctx.gather(buffers, paged, input_ids.shape[0])
+                ctx.gather(buffers, paged, ctx.num_rows)
             decode_layer(residual, weights, step, *buffers, *paged, self.shape)
         zeros = torch.zeros_like(residual, dtype=model.embedding.dtype)
         return model.logits(zeros, residual, logits_indices)

@@ -300,22 +300,32 @@ class ModelRunner:
         self.graphs = graphs
         return graphs
 
-    def _with_decode_context(self, step: StepInput, inputs: ModelInputs) -> AttentionMetadata:
+    def _with_decode_context(
+        self, step: StepInput, inputs: ModelInputs, may_fuse: bool
+    ) -> AttentionMetadata:
         """Decode-only steps without block copies attend over the DecodeContext (CPU).
 
         NOTE: `step` is the step that executes (placeholder rows already dropped): every
-        chunk must be one row of one new token. Its rows are the runner's sequence states,
+        chunk must be one new token, or (`may_fuse`, the fused C++ layer) one plus its
+        speculative tokens. Its rows are the runner's sequence states,
         so a sequence re-sent (preemption) or a new one under a finished one's id gathers.
         """
         meta, ctx = inputs.meta, self.decode_context
         if ctx is None:
             return meta
-        one_token_rows = len(step.chunks) == inputs.input_ids.shape[0]
-        if meta.max_query_len != 1 or not one_token_rows or step.block_copies:
+        new_tokens = [1 + len(c.draft_token_ids) if c.num_tokens == 1 else 0 for c in step.chunks]
+        decode_only = 0 not in new_tokens and sum(new_tokens) == inputs.input_ids.shape[0]
+        # NOTE: verifying rows (several tokens) attend in the fused C++ layer only.
+        fused = (
+            may_fuse
+            and isinstance(self.compiled, FusedDecode)
+            and self.compiled.max_rows >= sum(new_tokens)
+        )
+        if not decode_only or step.block_copies or (max(new_tokens) > 1 and not fused):
             ctx.reset()
             return meta
         rows = [self._seqs[chunk.seq_id] for chunk in step.chunks]
-        plan = ctx.plan(rows, meta.seq_lens, meta.block_tables, self.block_size)
+        plan = ctx.plan(rows, meta.seq_lens, meta.block_tables, self.block_size, new_tokens)
         if plan is None:
             return meta
         return dataclasses.replace(meta, decode_context=plan)
@@ -345,7 +355,7 @@ class ModelRunner:
         if graphs is not None and (lora_slots is not None or not graphs.applies(inputs)):
             graphs = None
         if graphs is None:
-            meta = self._with_decode_context(step, inputs)
+            meta = self._with_decode_context(step, inputs, may_fuse=lora_slots is None)
         else:
             meta = inputs.meta
             if self.decode_context is not None:

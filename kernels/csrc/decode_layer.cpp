@@ -1,5 +1,4 @@
-// One decoder layer of a CPU decode step (one new token per sequence) in one call, on the
-// int8-dot GEMMs: kernels/cpu_decode_layer.py (which holds its torch reference).
+// One decoder layer of a CPU decode step in one call, on the int8-dot GEMMs: kernels/cpu_decode_layer.py (which holds its torch reference).
 //
 // A decode step of a few sequences is mostly overhead when every norm, rotation, softmax and
 // projection is its own torch op (or inductor graph node: a custom op costs ~10 us there).
@@ -9,6 +8,9 @@
 // everything in float32 between the GEMMs (whose inputs are quantized to int8 per block of
 // 32), and writes the new token's K/V (rounded to bf16) into the paged cache at its slot and
 // into the decode-context buffers at its position, where the attention then reads it.
+// Rows are tokens: several rows may share a buffer row (a sequence verifying speculative
+// tokens, at consecutive positions); every row's K/V is written before any row attends, so
+// each sees the rows before it in its own sequence.
 
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -151,8 +153,8 @@ void decode_layer(at::Tensor residual, const at::Tensor& norm1, const at::Tensor
                   const at::Tensor& down_w, const at::Tensor& down_s, at::IntArrayRef layouts,
                   const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_buf, at::Tensor v_buf,
                   at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& seq_lens,
-                  const at::Tensor& slots, int64_t heads, int64_t kv_heads, double eps,
-                  double scale, int64_t window) {
+                  const at::Tensor& slots, const at::Tensor& buffer_rows, int64_t heads,
+                  int64_t kv_heads, double eps, double scale, int64_t window) {
   const int64_t rows = residual.size(0), h = residual.size(1), d = k_buf.size(3);
   const int64_t q_size = heads * d, kv_size = kv_heads * d, qkv_n = q_size + 2 * kv_size;
   const int64_t inter = down_w.size(1) * kBlock, capacity = k_buf.size(1);
@@ -161,19 +163,24 @@ void decode_layer(at::Tensor residual, const at::Tensor& norm1, const at::Tensor
               "bf16 K/V");
   TORCH_CHECK(h % 16 == 0 && d % 16 == 0 && d <= 512 && inter % 16 == 0, "layer shape");
   TORCH_CHECK(qkv_w.size(0) * kTile == qkv_n && layouts.size() == 4, "qkv shape");
-  TORCH_CHECK(seq_lens.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "int64");
-  TORCH_CHECK(rows <= k_buf.size(0) && rows <= seq_lens.size(0) && rows <= slots.size(0),
-              "more rows than the decode context holds");
+  TORCH_CHECK(seq_lens.scalar_type() == at::kLong && slots.scalar_type() == at::kLong &&
+                  buffer_rows.scalar_type() == at::kLong,
+              "int64");
+  TORCH_CHECK(rows <= seq_lens.size(0) && rows <= slots.size(0) && rows <= buffer_rows.size(0),
+              "fewer lengths, slots or buffer rows than rows");
   const int64_t cache_slots = k_cache.numel() / kv_size;
   for (int64_t m = 0; m < rows; ++m) {
     const int64_t n = seq_lens.data_ptr<int64_t>()[m], s = slots.data_ptr<int64_t>()[m];
-    TORCH_CHECK(n >= 1 && n <= capacity && s < cache_slots, "a row outside its buffers");
+    const int64_t b = buffer_rows.data_ptr<int64_t>()[m];
+    TORCH_CHECK(n >= 1 && n <= capacity && s < cache_slots && b >= 0 && b < k_buf.size(0),
+                "a row outside its buffers");
   }
   float* r = residual.data_ptr<float>();
   const float* cs = cos.data_ptr<float>();
   const float* sn = sin.data_ptr<float>();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* buf_row = buffer_rows.data_ptr<int64_t>();
   auto* kb = k_buf.data_ptr<c10::BFloat16>();
   auto* vb = v_buf.data_ptr<c10::BFloat16>();
   auto* kc = k_cache.data_ptr<c10::BFloat16>();
@@ -192,8 +199,8 @@ void decode_layer(at::Tensor residual, const at::Tensor& norm1, const at::Tensor
     float* row = qkv.data() + m * qkv_n;
     rotate(row, heads + kv_heads, d, cs + m * d, sn + m * d);  // q and k heads are adjacent
     const int64_t pos = lens[m] - 1;
-    c10::BFloat16* kdst = kb + (m * capacity + pos) * kv_size;
-    c10::BFloat16* vdst = vb + (m * capacity + pos) * kv_size;
+    c10::BFloat16* kdst = kb + (buf_row[m] * capacity + pos) * kv_size;
+    c10::BFloat16* vdst = vb + (buf_row[m] * capacity + pos) * kv_size;
     store_bf16(row + q_size, kdst, kv_size);
     store_bf16(row + q_size + kv_size, vdst, kv_size);
     if (slot[m] >= 0) {
@@ -210,7 +217,7 @@ void decode_layer(at::Tensor residual, const at::Tensor& norm1, const at::Tensor
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t m = i / kv_heads, g = i % kv_heads, n = lens[m];
       const int64_t lo = window > 0 ? std::max<int64_t>(0, n - window) : 0;
-      const int64_t base = m * capacity * kv_size + g * d;
+      const int64_t base = buf_row[m] * capacity * kv_size + g * d;
       attend(qkv.data() + m * qkv_n + g * group * d, group, d, kb + base, vb + base, kv_size,
              lo, n, static_cast<float>(scale), attn.data() + m * q_size + g * group * d, scores);
     }
@@ -232,6 +239,7 @@ TORCH_LIBRARY_FRAGMENT(tokenmill_int8_dot, m) {
       "Tensor qkv_s, Tensor? qkv_bias, Tensor o_w, Tensor o_s, Tensor gu_w, Tensor gu_s, "
       "Tensor down_w, Tensor down_s, int[] layouts, Tensor cos, Tensor sin, Tensor(b!) k_buf, "
       "Tensor(c!) v_buf, Tensor(d!) k_cache, Tensor(e!) v_cache, Tensor seq_lens, "
-      "Tensor slots, int heads, int kv_heads, float eps, float scale, int window) -> ()");
+      "Tensor slots, Tensor buffer_rows, int heads, int kv_heads, float eps, float scale, "
+      "int window) -> ()");
   m.impl("decode_layer", c10::DispatchKey::CPU, &decode_layer);
 }

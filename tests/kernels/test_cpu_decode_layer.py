@@ -39,11 +39,12 @@ def _layer(layouts: tuple[str, ...], bias: bool, gen: torch.Generator) -> LayerW
     )
 
 
-def _step(lens: list[int], slots: list[int], gen: torch.Generator) -> StepTensors:
+def _step(lens: list[int], slots: list[int], gen: torch.Generator, buffer_rows=None):
     angles = torch.rand(len(lens), D // 2, generator=gen) * 6
     cos, sin = angles.cos(), angles.sin()
+    rows = torch.arange(len(lens)) if buffer_rows is None else torch.tensor(buffer_rows)
     return StepTensors(torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1),
-                       torch.tensor(lens), torch.tensor(slots))  # fmt: skip
+                       torch.tensor(lens), torch.tensor(slots), rows)  # fmt: skip
 
 
 @pytest.mark.parametrize("layouts", [("q4",) * 4, ("q8", "q4", "q8", "q8")])
@@ -85,3 +86,46 @@ def test_long_contexts_split_over_threads_agree():
     decode_layer_ref(ref, weights, step, k_buf.clone(), v_buf.clone(), cache, cache.clone(),
                      shape)  # fmt: skip
     assert (ours - ref).norm() < 1e-3 * (ref - residual).norm()
+
+
+def _rows(step: StepTensors, rows: slice) -> StepTensors:
+    return StepTensors(*(t[rows] for t in (step.cos, step.sin, step.seq_lens, step.slots,
+                                           step.buffer_rows)))  # fmt: skip
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_tokens_sharing_a_buffer_row_equal_decoding_them_one_by_one(window):
+    """Speculative verification: a sequence's 3 tokens at consecutive lengths of one buffer
+    row, beside a one-token sequence, give what 3 decode steps of one token each give."""
+    gen = torch.Generator().manual_seed(2)
+    weights = _layer(("q8", "q4", "q8", "q8"), True, gen)
+    step = _step([6, 7, 8, 20], [5, 6, 7, 12], gen, buffer_rows=[1, 1, 1, 0])
+    shape = Shape(HEADS, KV_HEADS, 1e-5, D**-0.5, window)
+    residual = torch.randn(4, H, generator=gen)
+    k_buf, v_buf = (torch.randn(2, 32, KV_HEADS, D, generator=gen).bfloat16() for _ in "kv")
+    caches = [torch.zeros(4, 4, KV_HEADS, D, dtype=torch.bfloat16) for _ in "kv"]
+    together = [t.clone() for t in (residual, k_buf, v_buf, *caches)]
+    decode_layer(together[0], weights, step, *together[1:], shape)
+    ref = [t.clone() for t in (residual, k_buf, v_buf, *caches)]
+    decode_layer_ref(ref[0], weights, step, *ref[1:], shape)
+    one_by_one = [t.clone() for t in (residual, k_buf, v_buf, *caches)]
+    for m in range(4):
+        part = one_by_one[0][m : m + 1]  # NOTE: a view: the kernel updates it in place
+        decode_layer(part, weights, _rows(step, slice(m, m + 1)), *one_by_one[1:], shape)
+    update = (ref[0] - residual).norm()
+    # NOTE: exactly: every row is quantized, multiplied and attended on its own.
+    assert torch.equal(together[0], one_by_one[0])
+    assert (together[0] - ref[0]).norm() < 1e-3 * update
+    for got, expected in zip(together[1:], one_by_one[1:], strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_a_buffer_row_outside_the_buffers_is_refused():
+    gen = torch.Generator().manual_seed(3)
+    weights = _layer(("q4",) * 4, False, gen)
+    step = _step([3], [-1], gen, buffer_rows=[2])
+    k_buf, v_buf = (torch.zeros(2, 8, KV_HEADS, D, dtype=torch.bfloat16) for _ in "kv")
+    cache = torch.zeros(1, 4, KV_HEADS, D, dtype=torch.bfloat16)
+    shape = Shape(HEADS, KV_HEADS, 1e-5, D**-0.5, 0)
+    with pytest.raises(RuntimeError, match="outside its buffers"):
+        decode_layer(torch.randn(1, H), weights, step, k_buf, v_buf, cache, cache.clone(), shape)

@@ -23,15 +23,15 @@ def _context(max_bytes: int = 1 << 30, sliding_window: int | None = None) -> Dec
     )
 
 
-def _plan(ctx: DecodeContext, ids: list[str], lens: list[int], tables: list[list[int]]):
+def _plan(ctx: DecodeContext, ids, lens: list[int], tables: list[list[int]], new_tokens=None):
     width = max(len(t) for t in tables)
     table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-    return ctx.plan(ids, torch.tensor(lens, dtype=torch.int32), table_t, BLOCK)
+    return ctx.plan(ids, torch.tensor(lens, dtype=torch.int32), table_t, BLOCK, new_tokens)
 
 
-def _run(ctx: DecodeContext, ids, lens: list[int], tables: list[list[int]]):
+def _run(ctx: DecodeContext, ids, lens: list[int], tables: list[list[int]], new_tokens=None):
     """Plan a step and commit it (its forward ran)."""
-    step = _plan(ctx, ids, lens, tables)
+    step = _plan(ctx, ids, lens, tables, new_tokens)
     ctx.commit(step)
     return step
 
@@ -48,6 +48,25 @@ def test_a_continuing_batch_appends_anything_else_gathers():
     assert not _run(ctx, ["b"], [7], [[2, 3]]).append  # a row dropped
     assert not _run(ctx, ["b", "a"], [8, 9], [[2, 3], [0, 1]]).append  # a row back
     assert not _run(ctx, ["b", "a"], [10, 10], [[2, 3, 4], [0, 1, 4]]).append  # two tokens
+
+
+def test_verifying_rows_append_and_the_next_step_starts_after_the_accepted_prefix():
+    """Speculation: a row takes K + 1 tokens; once some were rejected, the next step starts
+    before the held length and still appends (the accepted positions stay valid)."""
+    ctx = _context()
+    _run(ctx, ["a", "b"], [6, 4], [[0, 1], [2]])
+    verify = _run(ctx, ["a", "b"], [9, 5], [[0, 1, 3], [2, 4]], new_tokens=[3, 1])
+    assert verify.append and verify.multi_token
+    assert verify.token_rows.tolist() == [0, 0, 0, 1]
+    assert verify.token_lens.tolist() == [7, 8, 9, 5]
+    assert verify.new_slots.tolist() == [6, 7, 8, ctx.capacity + 4]
+    query = torch.zeros(2, HEADS, DIM)
+    with pytest.raises(ValueError, match="fused layer only"):
+        verify.attend(ctx.buffers[0], query, query, query, ctx.buffers[0], 1.0)
+    # "a" kept one of its two proposals (its next token at position 7); "b" had none.
+    after = _run(ctx, ["a", "b"], [8, 6], [[0, 1], [2, 4]])
+    assert after.append and not after.multi_token
+    assert not _run(ctx, ["a", "b"], [10, 7], [[0, 1, 3], [2, 4]]).append  # past the held 8
 
 
 def test_rows_are_keys_compared_by_identity_when_they_have_no_equality():
