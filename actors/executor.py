@@ -99,6 +99,7 @@ class ExecutorActor(Actor):
                 max_model_len=r.max_model_len,
                 vocab_size=r.vocab_size,
                 eos_token_ids=list(r.eos_token_ids),
+                max_verify_tokens=r.max_verify_tokens,
             )
         )
         warm_up = loop.run_in_executor(self.compile_pool, lambda: r.grammars.compiler)

@@ -98,6 +98,9 @@ class ExecutorReady(_Message, kw_only=True):
     max_model_len: int
     vocab_size: int
     eos_token_ids: list[int]
+    # The most token rows a step with speculative tokens takes on the runner's fast path
+    # (the CPU's fused decode layer); the scheduler proposes within it. 0: no limit.
+    max_verify_tokens: int = 0
 
 
 class ExecutorFailed(_Message, kw_only=True):

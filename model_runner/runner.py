@@ -381,6 +381,14 @@ class ModelRunner:
         return logits
 
     @property
+    def max_verify_tokens(self) -> int:
+        """The most token rows a step with speculative tokens verifies in the fused decode
+        layer (above, it runs eagerly: slower than not speculating); 0: no such limit."""
+        if isinstance(self.compiled, FusedDecode):
+            return self.compiled.max_rows
+        return 0
+
+    @property
     def num_active_sequences(self) -> int:
         return len(self._seqs)
 

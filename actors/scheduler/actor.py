@@ -164,6 +164,7 @@ class SchedulerActor(Actor):
             block_size=ready.block_size,
             max_model_len=ready.max_model_len,
             eos_token_ids=ready.eos_token_ids,
+            max_verify_tokens=ready.max_verify_tokens,
         )
         pending, self.pending = self.pending, []
         self.api.send(

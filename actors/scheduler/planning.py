@@ -71,7 +71,10 @@ def propose(sched: Scheduler, seq: Sequence, budget: int) -> tuple[list[int], Al
     if sched.blocks.num_free_blocks < len(sched.running) + -(-len(drafts) // sched.block_size):
         return [], None
     alloc = sched.blocks.allocate(seq.seq_id, seq.num_scheduled, 1 + len(drafts))
-    return (drafts, alloc) if alloc is not None else ([], None)
+    if alloc is None:
+        return [], None
+    spec.took(len(drafts))
+    return drafts, alloc
 
 
 def schedule_waiting(sched: Scheduler, plan: Plan, ahead: bool) -> None:

@@ -52,6 +52,7 @@ class Scheduler:
         block_size: int,
         max_model_len: int,
         eos_token_ids: list[int],
+        max_verify_tokens: int = 0,
     ) -> None:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
@@ -77,7 +78,9 @@ class Scheduler:
         self._grammar_done: list[str] = []  # finished requests whose grammar can be unpinned
         self.costs = CostLedger()
         spec = getattr(config, "speculative_config", None)
-        self.spec = Speculation(spec, max_model_len) if spec is not None else None
+        self.spec = (
+            Speculation(spec, max_model_len, max_verify_tokens) if spec is not None else None
+        )
         self.loras = LoraRegistry(
             getattr(config, "max_loras", 1) if getattr(config, "enable_lora", False) else 0,
             getattr(config, "lora_modules", ()),
@@ -164,6 +167,8 @@ class Scheduler:
             return None
         self.sync_next = False
         plan = Plan(self.max_num_batched_tokens)
+        if self.spec is not None:
+            self.spec.begin_step(len(self.running))
         preempted = schedule_running(self, plan, ahead)
         if not preempted or not plan.chunks:
             schedule_waiting(self, plan, ahead)

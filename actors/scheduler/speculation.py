@@ -8,6 +8,9 @@ step synchronously: their next proposal needs the tokens this one accepts.
 Every position samples as plain decoding would after the proposals before it: seeds,
 min_tokens, penalties and a grammar's bitmask follow them (model_runner/speculative.py).
 A leader with samples still to fork (n > 1) does not speculate until they have forked.
+Where the runner verifies fast only up to a number of token rows (the CPU's fused decode
+layer: `max_verify_tokens`), a step's proposals stay within what its decode rows leave of it:
+a wider step would run the slow general path for every row.
 """
 
 from __future__ import annotations
@@ -23,10 +26,14 @@ RETRY_AFTER_MISS = 4  # overlapped plain steps after a miss, before the next loo
 
 
 class Speculation:
-    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+    def __init__(
+        self, config: SpeculativeConfig, max_model_len: int, max_verify_tokens: int = 0
+    ) -> None:
         self.config = config
         self.k = config.num_speculative_tokens
         self.max_model_len = max_model_len
+        self.max_verify_tokens = max_verify_tokens  # 0: no limit
+        self.room = self.k  # proposal tokens the step being planned may still take
         self.step = 0  # steps planned, the back-off's clock
         self.num_drafts = 0  # proposals made (one per speculating row and step)
         self.num_draft_tokens = 0
@@ -35,6 +42,18 @@ class Speculation:
         self._history: dict[str, deque[tuple[int, int]]] = {}  # (proposed, accepted)
         self._paused_until: dict[str, int] = {}
         self._plain_until: dict[str, int] = {}  # after a miss: overlapped plain steps first
+
+    def begin_step(self, num_running: int) -> None:
+        """A step is planned for `num_running` decode rows at most: the room its proposals
+        have (see the module)."""
+        if self.max_verify_tokens:
+            self.room = max(0, self.max_verify_tokens - num_running)
+        else:
+            self.room = self.k * max(1, num_running)
+
+    def took(self, num_tokens: int) -> None:
+        """The step being planned verifies these proposal tokens."""
+        self.room -= num_tokens
 
     def eligible(self, seq: Sequence) -> bool:
         """Whether the sequence speculates when it next decodes (its sampling allows it,
@@ -55,6 +74,7 @@ class Speculation:
         when there is no room for one (budget, max_tokens, max_model_len)."""
         room = min(
             self.k,
+            self.room,
             budget - 1,
             seq.request.max_tokens - seq.num_output_tokens - 1,  # the step samples one more
             self.max_model_len - seq.num_tokens - 1,
