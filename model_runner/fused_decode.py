@@ -60,6 +60,7 @@ class FusedDecode:
         self.model = model
         self.layers = layers
         self.max_rows = max_rows
+        self.verify_steps = 0  # steps run with speculative tokens (several rows a sequence)
         window = cfg.sliding_window or 0
         self.shape = Shape(cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps,
                            cfg.head_dim**-0.5, window)  # fmt: skip
@@ -87,6 +88,7 @@ class FusedDecode:
     def run(self, input_ids, positions, kv_caches, meta, logits_indices) -> torch.Tensor:
         """The model's forward for an applicable decode step: float32 logits."""
         model, ctx = self.model, meta.decode_context
+        self.verify_steps += ctx.multi_token
         residual = F.embedding(input_ids, model.embedding).float()
         cos, sin = ops.rotary_tables(positions, model.cos_sin_cache, torch.float32)
         step = StepTensors(cos[:, 0].contiguous(), sin[:, 0].contiguous(), ctx.token_lens,

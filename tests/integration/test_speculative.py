@@ -8,8 +8,9 @@ from collections import Counter
 import pytest
 
 from api import LLM, SamplingParams
+from model_runner.fused_decode import FusedDecode
 from model_runner.sampling_params import GrammarSpec
-from tests.conftest import GREEDY_PROMPTS, settled_stats
+from tests.conftest import GREEDY_PROMPTS, needs_int8_dot, settled_stats
 
 CODE = """def total(items):
     result = 0
@@ -79,18 +80,31 @@ def token_ids(outputs) -> dict[str, list[int]]:
     return {o.prompt: o.outputs[0].token_ids for o in outputs}
 
 
+@pytest.fixture(scope="module")
+def spec2():
+    llm = engine(speculative_config=ngram(2))
+    yield llm
+    llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def spec4():
+    llm = engine(speculative_config=ngram(4))
+    yield llm
+    llm.shutdown()
+
+
 @pytest.mark.parametrize("k", [2, 4])
-def test_greedy_output_is_unchanged_and_proposals_are_accepted(reference, k):
-    llm = engine(speculative_config=ngram(k))
-    try:
-        together = token_ids(llm.generate(PROMPTS, GREEDY))
-        alone = token_ids(llm.generate(REPETITIVE[:1], GREEDY))
-        spec = settled_stats(llm).spec
-        assert settled_stats(llm).num_blocks_in_use == 0
-        (scheduler,) = [a for a in llm.engine.local_actors if a.name == "scheduler"]
-        scheduler.policy.blocks.check_invariants()  # consistent after rejected proposals
-    finally:
-        llm.shutdown()
+def test_greedy_output_is_unchanged_and_proposals_are_accepted(reference, k, request):
+    llm = request.getfixturevalue(f"spec{k}")
+    before = settled_stats(llm).spec
+    together = token_ids(llm.generate(PROMPTS, GREEDY))
+    alone = token_ids(llm.generate(REPETITIVE[:1], GREEDY))
+    stats = settled_stats(llm)
+    assert stats.num_blocks_in_use == 0
+    (scheduler,) = [a for a in llm.engine.local_actors if a.name == "scheduler"]
+    scheduler.policy.blocks.check_invariants()  # consistent after rejected proposals
+    spec = spec_since(before, stats.spec)
     assert_same_greedy(reference, together)
     assert_same_greedy({p: reference[p] for p in REPETITIVE[:1]}, alone)
     assert spec.num_drafts > 0 and spec.num_draft_tokens >= spec.num_accepted_tokens > 0
@@ -99,21 +113,29 @@ def test_greedy_output_is_unchanged_and_proposals_are_accepted(reference, k):
     assert spec.num_accepted_tokens / spec.num_draft_tokens > 0.3
 
 
-def test_seeded_samples_are_the_ones_without_speculation(plain):
+def spec_since(before, after):
+    """The counters of what ran between two settled stats."""
+    return type(after)(
+        num_drafts=after.num_drafts - before.num_drafts,
+        num_draft_tokens=after.num_draft_tokens - before.num_draft_tokens,
+        num_accepted_tokens=after.num_accepted_tokens - before.num_accepted_tokens,
+        accepted_per_pos=[a - b for a, b in zip(after.accepted_per_pos, before.accepted_per_pos,
+                                                strict=True)],
+    )  # fmt: skip
+
+
+def test_seeded_samples_are_the_ones_without_speculation(plain, spec2):
     """A seeded row draws each position with its output index's key, so speculation cannot
     change its tokens; over many seeds the joint law of the first 3 tokens is the same."""
     prompt = REPETITIVE[2]
     params = [SamplingParams(temperature=0.7, top_p=0.9, seed=s, max_tokens=6, logprobs=1)
               for s in range(48)]  # fmt: skip
     without = [o.outputs[0] for o in plain.generate([prompt] * 48, params)]
-    llm = engine(speculative_config=ngram(3))
-    try:
-        with_spec = [o.outputs[0] for o in llm.generate([prompt] * 48, params)]
-        spec = settled_stats(llm).spec
-        assert settled_stats(llm).num_blocks_in_use == 0
-    finally:
-        llm.shutdown()
-    assert spec.num_accepted_tokens > 0
+    before = settled_stats(spec2).spec
+    with_spec = [o.outputs[0] for o in spec2.generate([prompt] * 48, params)]
+    stats = settled_stats(spec2)
+    assert stats.num_blocks_in_use == 0
+    assert spec_since(before, stats.spec).num_accepted_tokens > 0
     first3 = [Counter(tuple(c.token_ids[:3]) for c in run) for run in (without, with_spec)]
     tv = 0.5 * sum(abs(first3[0][k] - first3[1][k]) for k in first3[0] | first3[1]) / 48
     assert tv <= 0.05
@@ -126,7 +148,7 @@ def test_seeded_samples_are_the_ones_without_speculation(plain):
             assert la.logprob == pytest.approx(lb.logprob, abs=1e-4)
 
 
-def test_penalties_min_tokens_and_grammars_sample_as_without_speculation(plain):
+def test_penalties_min_tokens_and_grammars_sample_as_without_speculation(plain, spec4):
     """Each position's penalties, min_tokens mask and grammar bitmask follow the proposals
     before it: greedy and seeded outputs are the plain ones."""
     prompt = REPETITIVE[2]
@@ -139,13 +161,9 @@ def test_penalties_min_tokens_and_grammars_sample_as_without_speculation(plain):
                        grammar=GrammarSpec(kind="regex", spec=r"( (apple|banana|cherry|date),)+")),
     ]  # fmt: skip
     want = [o.outputs[0].token_ids for o in plain.generate([prompt] * len(cases), cases)]
-    llm = engine(speculative_config=ngram(4))
-    try:
-        got = [o.outputs[0].token_ids for o in llm.generate([prompt] * len(cases), cases)]
-        spec = settled_stats(llm).spec
-    finally:
-        llm.shutdown()
-    assert spec.num_accepted_tokens > 0
+    before = settled_stats(spec4).spec
+    got = [o.outputs[0].token_ids for o in spec4.generate([prompt] * len(cases), cases)]
+    assert spec_since(before, settled_stats(spec4).spec).num_accepted_tokens > 0
     assert got == want
 
 
@@ -171,3 +189,27 @@ def test_stop_strings_and_preemption_under_speculation(plain):
     base = token_ids(plain.generate(REPETITIVE, GREEDY))
     for prompt in REPETITIVE:
         assert crowd[prompt] == base[prompt], prompt
+
+
+@needs_int8_dot
+def test_the_fused_cpu_layer_verifies_with_plain_decodings_tokens():
+    """The default CPU mode (bf16, int8-dot weights): speculating rows verify in the fused
+    C++ layer, a row per token (every row computed on its own: the same logits as one-token
+    decoding), alone and batched within the layer's rows."""
+    prompts = REPETITIVE + GREEDY_PROMPTS[:2]
+    want = {}
+    for name, kw in (("plain", {}), ("spec", {"speculative_config": ngram(4)})):
+        llm = LLM(kv_cache_memory=0.25, max_model_len=1024, use_tqdm=False, **kw)
+        try:
+            alone = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts]
+            batched = list(token_ids(llm.generate(prompts, GREEDY)).values())
+            (executor,) = [a for a in llm.engine.local_actors if a.name == "executor"]
+            fused = executor.runner.compiled
+            stats = settled_stats(llm)
+        finally:
+            llm.shutdown()
+        assert isinstance(fused, FusedDecode)
+        want[name] = (alone, batched)
+    assert fused.verify_steps > 0 and stats.spec.num_accepted_tokens > 0
+    assert stats.num_blocks_in_use == 0
+    assert want["spec"] == want["plain"]
