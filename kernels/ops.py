@@ -19,6 +19,7 @@ from kernels.lora import lora_expand_ref, lora_shrink_ref
 from kernels.paged_attention import paged_attention_ref
 from kernels.rotary import rotary_embedding_ref
 from kernels.rotary import rotary_tables as rotary_tables_ref
+from kernels.w4a16 import w4a16_linear_ref
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -153,3 +154,19 @@ def lora_expand(
     else:
         impl = lora_expand_ref
     impl(y, h, lora_b, token_slots, scales)
+
+
+def w4a16_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bits: int = 4,
+) -> torch.Tensor:
+    """Weight-only 4/8-bit GEMM; see `kernels.w4a16.w4a16_linear_ref`."""
+    if use_triton(x):
+        from kernels.w4a16_triton import w4a16_linear_triton as impl
+    else:
+        impl = w4a16_linear_ref
+    return impl(x, qweight, scales, zeros, group_size, bits)
