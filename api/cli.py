@@ -219,10 +219,13 @@ def check_engine_config(cfg) -> None:
         resolve_model,
     )
     from model_runner.parallel import check_tensor_parallel_config, check_tensor_parallel_shape
+    from model_runner.quant.checkpoint_quant import read_checkpoint_quant
 
     try:
         source = resolve_model(cfg)
-        check_quantization(cfg.quantization, resolve_device(cfg), source.format)
+        check_quantization(cfg.quantization, resolve_device(cfg), source.format,
+                           read_checkpoint_quant(source.config_path),
+                           cfg.tensor_parallel_size)  # fmt: skip
         check_lora_config(cfg)
         check_tensor_parallel_config(cfg, resolve_device(cfg))
         model_config = None

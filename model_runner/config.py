@@ -48,7 +48,8 @@ class EngineConfig:
     model: str | None = None  # None: the embedded SmolLM2 GGUF; else a .gguf file or an HF folder
     load_format: str = "auto"  # auto | gguf | safetensors | dummy
     dtype: str = "auto"  # auto (CPU: model_runner.cpu_profile; CUDA: bfloat16) | float32 | ...
-    quantization: str = "auto"  # auto | gguf | int8 | int4 | none (model_runner.linear_plan)
+    # auto | gguf | int8 | int4 | none | awq | gptq | fp8 (model_runner.linear_plan)
+    quantization: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     block_size: int = 16
     max_model_len: int | None = None  # None: min(model's max positions, 8192)

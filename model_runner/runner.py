@@ -41,7 +41,7 @@ from model_runner.kv_cache import (
     num_blocks_for_cpu,
     num_blocks_for_cuda,
 )
-from model_runner.linear_plan import plan_linears
+from model_runner.linear_plan import check_quantization, plan_linears
 from model_runner.loader import available_memory_bytes, load_model
 from model_runner.lora import make_lora_slots
 from model_runner.lora_adapter import LoraAdapterError
@@ -61,6 +61,7 @@ from model_runner.parallel import (
     rank_model_config,
 )
 from model_runner.placeholders import LastSampled, fill_placeholders
+from model_runner.quant.checkpoint_quant import read_checkpoint_quant
 from model_runner.sampled_rows import SampledRows
 from model_runner.sampler import Sampler
 from model_runner.step_flight import LaunchedStep, collect, distinct_states
@@ -110,6 +111,9 @@ class ModelRunner:
         gguf_types = {t.tensor_type.name for t in reader.tensors} if reader is not None else set()
         check_gguf_tensor_types(gguf_types)
         check_tensor_parallel_config(config, self.device)
+        checkpoint = read_checkpoint_quant(self.source.config_path)
+        check_quantization(config.quantization, self.device, self.source.format, checkpoint,
+                           config.tensor_parallel_size)  # fmt: skip
         check_tensor_parallel_shape(self.model_config, self.placement.world_size)
         self.dtype, auto_dtype_reason = resolve_dtype_with_reason(config, self.device)
         self.tp = init_tensor_parallel(self.placement, self.device, config.collective_timeout)
@@ -130,6 +134,7 @@ class ModelRunner:
             gguf_types,
             self.model_config,
             available_memory_bytes(),
+            checkpoint,
         )
         if self.tp.enabled:
             self.linear_plan = dataclasses.replace(self.linear_plan, tp=self.tp)
