@@ -18,7 +18,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import activation_triton, kv_cache_triton, layernorm_triton, lora_triton, rotary_triton
+from kernels import (
+    activation_triton,
+    kv_cache_triton,
+    layernorm_triton,
+    lora_triton,
+    rotary_triton,
+    w4a16_triton,
+)
 from kernels import paged_attention_triton as pa
 
 H100 = GPUTarget("cuda", 90, 32)
@@ -132,8 +139,22 @@ def _lora_variants():
         yield f"lora_expand_r{rank}", lora_triton._lora_expand_kernel, ptrs, ints, expand, w4
 
 
+def _w4a16_variants():
+    """The launcher's decode (16-row) and prefill tiles, 4-bit, bf16 activations with fp16
+    scales (AWQ/GPTQ store fp16), at the Llama-3-8B K = 4096, group 128."""
+    ptrs = {"x_ptr": "*bf16", "qw_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16",
+            "out_ptr": "*bf16"}  # fmt: skip
+    ints = {"M": 7, "group_size": 128}
+    for name, rows in (("w4a16_decode_bf16", 1), ("w4a16_prefill_bf16", 512)):
+        cfg = w4a16_triton.tile_config(rows)
+        launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
+        consts = cfg | dict(BITS=4, DOT_PRECISION="tf32", UPCAST=False)
+        yield name, w4a16_triton._w4a16_kernel, ptrs, ints, consts, launch
+
+
 def main() -> None:
-    variants = [*_attention_variants(), *_elementwise_variants(), *_lora_variants()]
+    variants = [*_attention_variants(), *_elementwise_variants(), *_lora_variants(),
+                *_w4a16_variants()]  # fmt: skip
     for name, fn, ptrs, ints, consts, launch in variants:
         kernel = compile_variant(fn, ptrs, ints, consts, **launch)
         ttgir = kernel.asm["ttgir"]
