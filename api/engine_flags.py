@@ -62,6 +62,13 @@ def _add_capacity_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="KV-cache size in GiB on the CPU (default 2)",
     )
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=("auto", "fp8", "fp8_e4m3"),
+        help="auto: the activation dtype; fp8 (fp8_e4m3): float8_e4m3fn K/V with per-layer "
+        "scales (the checkpoint's k_scale/v_scale, else 1.0), half the bytes of bf16",
+    )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enable-prefix-caching", default=True, action=argparse.BooleanOptionalAction)
     p.add_argument(

@@ -56,6 +56,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     kv_cache_memory: float | None = None  # GiB on CPU (default 2 GiB there)
+    # auto (the activation dtype) | fp8 | fp8_e4m3 (model_runner.kv_cache)
+    kv_cache_dtype: str = "auto"
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     seed: int = 0

@@ -40,7 +40,7 @@ def compile_variant(fn, pointers: dict, ints: dict, constexprs: dict, num_warps,
         elif name in pointers:
             sig[name] = pointers[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("s_mul", "cap_mul", "eps", "scale"):
+        elif name in ("s_mul", "cap_mul", "eps", "scale", "k_mul", "v_mul"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -85,6 +85,11 @@ def _attention_variants():
         launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
         consts = meta | cfg | extra | dict(BLOCK_Q=cfg["BLOCK_M"] // 4, NUM_SPLITS=splits)
         yield name, pa._paged_attention_kernel, ptrs, ints, consts, launch
+    fp8_cache = ptrs | {"k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"}
+    cfg = pa._tile_config(False, 4, pa.torch.bfloat16)
+    launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
+    consts = meta | cfg | dict(BLOCK_Q=cfg["BLOCK_M"] // 4, NUM_SPLITS=1)
+    yield "attention_decode_fp8kv", pa._paged_attention_kernel, fp8_cache, ints, consts, launch
     fp32 = {k: v.replace("bf16", "fp32") for k, v in ptrs.items()}
     cfg = pa._tile_config(True, 4, pa.torch.float32)
     launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
@@ -109,7 +114,9 @@ def _elementwise_variants():
     w4 = dict(num_warps=4, num_stages=1)
     yield "silu_and_mul", activation_triton._silu_and_mul_kernel, bf16, {}, dict(BLOCK=1024), w4
     kv = dict(NUM_KV_HEADS=8, HEAD_DIM=128, HEADS_PAD=8, DIM_PAD=128, BLOCK_SIZE=16)
-    yield "write_kv", kv_cache_triton._write_kv_kernel, bf16, {}, kv, w4
+    yield "write_kv", kv_cache_triton._write_kv_kernel, bf16, {}, kv | dict(CACHE_FP8=False), w4
+    fp8 = bf16 | {"key_cache_ptr": "*fp8e4nv", "value_cache_ptr": "*fp8e4nv"}
+    yield "write_kv_fp8", kv_cache_triton._write_kv_kernel, fp8, {}, kv | dict(CACHE_FP8=True), w4
     for fused in (False, True):
         consts = dict(BLOCK=4096, FUSED_ADD=fused)
         yield (

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from model_runner.config import EngineConfig
@@ -184,3 +185,44 @@ def test_fp8_static_scales_must_be_there(tmp_path):
     _edit(tmp_path, broken, tensors=lambda s: s.pop(f"{Q_PROJ}.input_scale"))
     with pytest.raises(ModelSourceError, match=f"{Q_PROJ}: missing input_scale"):
         runner_for(broken)
+
+
+# --- the FP8 KV cache -------------------------------------------------------------------
+
+
+def _round_through_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return ((x.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale).to(
+        x.dtype
+    )
+
+
+def test_fp8_kv_cache_with_checkpoint_scales(tmp_path, monkeypatch):
+    """--kv-cache-dtype fp8 reads the checkpoint's per-layer k_scale/v_scale and gives the
+    tokens of a float cache whose K/V are rounded through FP8 by the same scales (its twin,
+    run here with the rounding patched into the cache write); block copies move the bits."""
+    from kernels import ops
+
+    tiny_llama().save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["model.layers.1.self_attn.k_scale"] = torch.tensor(0.5)
+    state["model.layers.1.self_attn.v_scale"] = torch.tensor(0.25)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    runner = runner_for(tmp_path, kv_cache_dtype="fp8")
+    assert runner.kv_cache.storage.dtype == torch.float8_e4m3fn
+    assert runner.decode_context is None
+    assert runner.model.layers[1].kv_scales == (0.5, 0.25)
+    assert runner.model.layers[0].kv_scales == (1.0, 1.0)
+    ours = generate(runner, PROMPTS, GREEDY)
+    twin = runner_for(tmp_path)
+    twin.decode_context = None  # NOTE: it would attend over the unrounded new K/V
+    write_kv = ops.write_kv
+
+    def rounded_write(key, value, kc, vc, slots, all_valid=False, k_scale=1.0, v_scale=1.0):
+        write_kv(_round_through_fp8(key, k_scale), _round_through_fp8(value, v_scale), kc, vc,
+                 slots, all_valid)  # fmt: skip
+
+    monkeypatch.setattr(ops, "write_kv", rounded_write)
+    assert generate(twin, PROMPTS, GREEDY) == ours
+    runner.kv_cache.copy_blocks([(0, 1)])
+    storage = runner.kv_cache.storage.view(torch.uint8)
+    assert torch.equal(storage[:, :, 1], storage[:, :, 0])
