@@ -47,7 +47,7 @@ def fp8_linear(
     if input_scale is not None and x_scale.shape != (x.shape[0], 1):
         x_scale = x_scale.expand(x.shape[0], 1).contiguous()
     return torch._scaled_mm(
-        xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.float().view(1, -1),
+        xq.contiguous(), weight.t(), scale_a=x_scale, scale_b=weight_scale.float().view(1, -1),
         out_dtype=x.dtype,
     )  # fmt: skip
 

@@ -20,6 +20,7 @@ from model_runner.quant.fp8_weights import Fp8Tensor
 from model_runner.quant.staged_linear import StagedLinear
 
 SCALED_MM_MULTIPLE = 16  # torch._scaled_mm needs K and N multiples of 16
+# NOTE: its row-wise scales (per token times per channel) need a bfloat16 output on CUDA.
 
 
 class Fp8Linear(StagedLinear):
@@ -33,16 +34,20 @@ class Fp8Linear(StagedLinear):
         super().__init__(out_features, in_features, dtype, device, dense_options,
                          quantize_floats)  # fmt: skip
         self.fp8_weight = self.weight_scale = self.input_scale = None
-        self.scaled_mm = device.type == "cuda" and not (
-            out_features % SCALED_MM_MULTIPLE or in_features % SCALED_MM_MULTIPLE
+        self.scaled_mm = (
+            device.type == "cuda"
+            and dtype == torch.bfloat16
+            and not (out_features % SCALED_MM_MULTIPLE or in_features % SCALED_MM_MULTIPLE)
         )
 
     @property
     def kind(self) -> str:
         if self.dense is not None:
             return "dense (not quantized in the checkpoint)"
+        if not self.scaled_mm:
+            return "fp8 (dequantized weights)"
         acts = "static" if self.input_scale is not None else "per-token"
-        return f"fp8 ({'scaled_mm' if self.scaled_mm else 'dequantized'}, {acts} activations)"
+        return f"fp8 (scaled_mm, {acts} activations)"
 
     def _quantize_float(self, weight) -> Fp8Tensor:
         w, scale = fp8_quantize_rows(as_float_tensor(weight).float())

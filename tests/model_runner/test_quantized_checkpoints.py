@@ -37,7 +37,7 @@ FORMATS = {
     "gptq-act-order": ("gptq", dict(bits=4, group=32, act_order=True), "act-order"),
     "gptq-8bit-g64": ("gptq", dict(bits=8, group=64, act_order=False), "gptq 8-bit g64"),
     "fp8-tensor": ("fp8", dict(per_channel=False, static=False), "fp8"),
-    "fp8-channel-static": ("fp8", dict(per_channel=True, static=True), "static"),
+    "fp8-channel-static": ("fp8", dict(per_channel=True, static=True), "fp8"),
 }
 
 
@@ -63,7 +63,10 @@ def test_greedy_matches_hf_on_the_dequantized_weights(case, tmp_path):
     write_quantized(hf_model, tmp_path, fmt, **kw)
     runner = runner_for(tmp_path)
     assert runner.linear_plan.quantization == fmt
+    method = runner.model.layers[0].qkv_proj.method
     assert kind in repr(runner.model.layers[0].qkv_proj)
+    if kw.get("static"):  # fused q/k/v: the largest of their static input scales
+        assert float(method.input_scale) == pytest.approx(0.05)
     assert assert_greedy_matches(runner, hf_model) >= len(PROMPTS) * NEW_TOKENS // 2
 
 
