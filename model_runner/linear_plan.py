@@ -108,9 +108,9 @@ def _check_checkpoint_format(requested, device, source_format, checkpoint) -> No
             )
     elif checkpoint is None and requested in ("awq", "gptq") and source_format != "dummy":
         raise QuantizationError(
-            f"--quantization {requested} needs a {requested.upper()} checkpoint (config.json "
-            f"with quantization_config.quant_method {requested!r}); a float checkpoint can be "
-            "served with --quantization fp8"
+            f"--quantization {requested} needs a checkpoint quantized with "
+            f"{requested.upper()} (config.json with quantization_config.quant_method "
+            f"{requested!r}); a float checkpoint can be served with --quantization fp8"
         )
     effective = checkpoint.method if checkpoint is not None and requested == "auto" else requested
     if effective in CPU_ONLY and device.type != "cpu":
