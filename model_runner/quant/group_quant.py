@@ -109,7 +109,7 @@ def quantize_rtn(weight: torch.Tensor, bits: int = 4, group_size: int = 128) -> 
     """Round-to-nearest asymmetric quantization of a float [N, K] weight (fp16 scales): how
     `--quantization awq|gptq` fills dummy weights (the AWQ-shaped benchmark)."""
     n, k = weight.shape
-    group = k if group_size == -1 else min(group_size, k)
+    group = k if group_size == -1 or k % group_size else group_size
     w = weight.float().t().reshape(k // group, group, n)
     lo, hi = w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)
     top = (1 << bits) - 1

@@ -67,7 +67,7 @@ def pack_columns(values: torch.Tensor, bits: int, order=None) -> torch.Tensor:
     order = order or list(range(per))
     words = torch.zeros(values.shape[0], values.shape[1] // per, dtype=torch.int64)
     for i, col in enumerate(order):
-        words |= values[:, col::per].long() << (bits * i)
+        words |= (values[:, col::per].long() & (2**bits - 1)) << (bits * i)
     return to_int32(words)
 
 
@@ -76,7 +76,7 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     per = 32 // bits
     words = torch.zeros(values.shape[0] // per, values.shape[1], dtype=torch.int64)
     for i in range(per):
-        words |= values[i::per].long() << (bits * i)
+        words |= (values[i::per].long() & (2**bits - 1)) << (bits * i)
     return to_int32(words)
 
 
@@ -124,6 +124,8 @@ def gptq_tensors(weight: torch.Tensor, bits: int, group: int, act_order: bool, s
     if act_order:  # a shuffled feature order, as GPTQ's desc_act stores it
         g_idx = g_idx[torch.randperm(k, generator=torch.Generator().manual_seed(seed))]
     q, scales, zeros = rtn(weight, bits, group, g_idx)
+    # NOTE: v1 stores zero - 1; a zero of 0 wraps to 2^bits - 1 and reads back as 2^bits,
+    # as AutoGPTQ and vLLM read it.
     return {"qweight": pack_rows(q.t(), bits), "qzeros": pack_columns(zeros - 1, bits),
             "scales": scales, "g_idx": g_idx.to(torch.int32)}  # fmt: skip
 
