@@ -147,15 +147,16 @@ def _lora_variants():
 
 
 def _w4a16_variants():
-    """The launcher's decode (16-row) and prefill tiles, 4-bit, bf16 activations with fp16
-    scales (AWQ/GPTQ store fp16), at the Llama-3-8B K = 4096, group 128."""
+    """The launcher's decode (16-row) and prefill tiles, 4-bit (and GPTQ 8-bit decode), bf16
+    activations with fp16 scales (AWQ/GPTQ store fp16), Llama-3-8B's K = 4096, group 128."""
     ptrs = {"x_ptr": "*bf16", "qw_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16",
             "out_ptr": "*bf16"}  # fmt: skip
     ints = {"M": 7, "group_size": 128}
-    for name, rows in (("w4a16_decode_bf16", 1), ("w4a16_prefill_bf16", 512)):
+    for name, rows, bits in (("w4a16_decode_bf16", 1, 4), ("w4a16_prefill_bf16", 512, 4),
+                             ("w8a16_decode_bf16", 1, 8)):  # fmt: skip
         cfg = w4a16_triton.tile_config(rows)
         launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
-        consts = cfg | dict(BITS=4, DOT_PRECISION="tf32", UPCAST=False)
+        consts = cfg | dict(BITS=bits, DOT_PRECISION="tf32", UPCAST=False)
         yield name, w4a16_triton._w4a16_kernel, ptrs, ints, consts, launch
 
 
