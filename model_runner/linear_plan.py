@@ -31,6 +31,9 @@ Checkpoint formats (`model_runner.quant.checkpoint_quant`): a config.json with a
 name, on the CPU and CUDA; `none`, `int4` and `int8` dequantize it first. `fp8` of a float
 checkpoint quantizes it at load (per-channel weight scales); `awq` / `gptq` without such a
 checkpoint only fill `--load-format dummy` weights (round-to-nearest, AWQ-shaped).
+On the CPU with bfloat16 activations and the int8-dot kernels, AWQ/GPTQ 4-bit checkpoints
+without act-order go to those kernels (`cpu_planes`; the layout converts exactly), with the
+same dense-copy and LM-head rules as GGUF; otherwise the W4A16 reference serves them.
 
 `auto` never quantizes with float32 or float16 activations (the exact mode, and torch's
 4-bit GEMM is fast only with bfloat16 ones: asking for that pair warns; the int8-dot kernels
@@ -179,6 +182,7 @@ class LinearPlan:
     # The checkpoint's stored format (None: float weights); its tensors are grouped at load
     # whatever `quantization` serves them as.
     checkpoint: object = None  # model_runner.quant.checkpoint_quant.CheckpointQuant
+    cpu_planes: bool = False  # AWQ/GPTQ through the CPU's quantized kernels (QuantizedLinear)
 
     def method(self, out_features: int, in_features: int) -> LinearMethod:
         if self.quantization == "none":
@@ -191,6 +195,9 @@ class LinearPlan:
         """W4A16 (AWQ/GPTQ) or FP8; float shards are quantized unless the checkpoint is."""
         from model_runner.quant.checkpoint_quant import default_quant
 
+        if self.cpu_planes:
+            return self._quantized(out_features, in_features, self.quantization,
+                                   self.int4_max_rows)  # fmt: skip
         quant = self.checkpoint or default_quant(self.quantization)
         quantize_floats = self.checkpoint is None
         args = (self.dtype, self.device, self.dense, quantize_floats)
@@ -277,7 +284,11 @@ def plan_linears(
         pack = 0
     dense = DenseOptions(transpose=transpose, pack_batch=pack)
     cpu_quant = quant if quant in CPU_ONLY else "none"  # NOTE: the CPU kernels' planning
+    if _fits_cpu_planes(checkpoint, quant, device, dtype):
+        cpu_quant = quant
     kernel = _quant_kernel(config, cpu_quant, device)
+    if cpu_quant in CHECKPOINT_FORMATS and kernel != "int8-dot":
+        cpu_quant = "none"  # NOTE: torch's int4 GEMM would round the scales to bf16
     _warn_if_slow(cpu_quant, kernel, dtype)
     shapes = projection_shapes(model_config)
     copy_too_big = 2 * weights > available_bytes // 2
@@ -291,7 +302,23 @@ def plan_linears(
     )
     if lm_rows:
         log.info("LM head: quantized (%s) up to %d rows, dense bf16 above", kernel, lm_rows)
-    return LinearPlan(dtype, device, quant, dense, max_rows, kernel, lm_rows, checkpoint=checkpoint)
+    cpu_planes = cpu_quant in CHECKPOINT_FORMATS
+    return LinearPlan(dtype, device, quant, dense, max_rows, kernel, lm_rows,
+                      checkpoint=checkpoint, cpu_planes=cpu_planes)  # fmt: skip
+
+
+def _fits_cpu_planes(checkpoint, quant: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """An AWQ/GPTQ 4-bit checkpoint the CPU's quantized kernels can take exactly (no act-order;
+    bfloat16 activations, as for GGUF: float32 stays the exact mode)."""
+    return (
+        checkpoint is not None
+        and quant == checkpoint.method in ("awq", "gptq")
+        and checkpoint.bits == 4
+        and not checkpoint.desc_act
+        and checkpoint.group_size > 0
+        and device.type == "cpu"
+        and dtype == torch.bfloat16
+    )
 
 
 def _quant_kernel(config, quant: str, device: torch.device) -> str:

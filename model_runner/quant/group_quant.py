@@ -20,8 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.quant_linear import INT4_OFFSET
 from kernels.w4a16 import pack_along_k, unpack_along_k, words_per_int32
 from model_runner.quant.checkpoint_quant import CheckpointQuant, CheckpointQuantError
+from model_runner.quant.int4_weights import GROUP_SIZE, Int4Planes
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column order[i]
 
@@ -119,3 +121,20 @@ def quantize_rtn(weight: torch.Tensor, bits: int = 4, group_size: int = 128) -> 
     g_idx = torch.arange(k) // group
     qweight = pack_along_k(q.reshape(k, n).to(torch.int32), bits)
     return GroupQuantTensor(qweight, scales, zeros.half(), g_idx, bits, group)
+
+
+def int4_planes(t: GroupQuantTensor) -> Int4Planes:
+    """A 4-bit weight with groups in order as the CPU kernels' planes (groups of 32).
+
+    NOTE: exact: w = (q - z) s = (q - 8) s + (8 - z) s, and (8 - z) s of a small integer and
+    an fp16 scale is exact in float32 (the int8-dot kernels keep float32 scales and zeros).
+    """
+    k = t.g_idx.shape[0]
+    assert t.bits == 4 and t.group_size % GROUP_SIZE == 0
+    if not torch.equal(t.g_idx, torch.arange(k) // t.group_size):
+        raise CheckpointQuantError("a g_idx out of group order with desc_act false")
+    repeat = t.group_size // GROUP_SIZE
+    scales = t.scales.float().t().repeat_interleave(repeat, dim=1)
+    zeros = (INT4_OFFSET - t.zeros.float().t().repeat_interleave(repeat, dim=1)) * scales
+    q = unpack_along_k(t.qweight, 4).t().to(torch.uint8).contiguous()
+    return Int4Planes(q, scales.contiguous(), zeros.contiguous(), 1)

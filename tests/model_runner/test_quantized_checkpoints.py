@@ -15,6 +15,7 @@ from model_runner.config import EngineConfig
 from model_runner.model_source import ModelSourceError
 from model_runner.runner import ModelRunner
 from model_runner.sampling_params import SamplingParams
+from tests.conftest import needs_int8_dot
 from tests.model_runner.driver import generate
 from tests.model_runner.quant_checkpoints import (
     TINY,
@@ -42,7 +43,8 @@ FORMATS = {
 
 
 def runner_for(folder, **kw) -> ModelRunner:
-    config = EngineConfig(model=str(folder), dtype="float32", kv_cache_memory=0.001, **kw)
+    config = EngineConfig(**{"model": str(folder), "dtype": "float32", "kv_cache_memory": 0.001}
+                          | kw)  # fmt: skip
     return ModelRunner(config, progress=False)
 
 
@@ -227,3 +229,48 @@ def test_fp8_kv_cache_with_checkpoint_scales(tmp_path, monkeypatch):
     runner.kv_cache.copy_blocks([(0, 1)])
     storage = runner.kv_cache.storage.view(torch.uint8)
     assert torch.equal(storage[:, :, 1], storage[:, :, 0])
+
+
+@needs_int8_dot
+@pytest.mark.parametrize("fmt", ["awq", "gptq"])
+def test_bf16_cpu_serves_4bit_checkpoints_with_the_int8_dot_kernels(fmt, tmp_path):
+    """bfloat16 on the CPU: AWQ/GPTQ 4-bit weights go to the CPU's quantized kernels (and its
+    fused decode layers), their planes exactly the checkpoint's weights; the logits (int8
+    activations, bf16) stay within 5% of HF's float32 ones on the dequantized weights."""
+    from kernels.quant_linear import int4_dequantize
+    from model_runner.attention import AttentionMetadata
+    from model_runner.quant.checkpoint_quant import read_checkpoint_quant
+    from model_runner.quant.group_quant import awq_tensor, gptq_tensor, int4_planes
+    from model_runner.quant.quantized_linear import QuantizedLinear
+
+    kw = dict(group=64) if fmt == "awq" else dict(bits=4, group=64, act_order=False)
+    hf_model = tiny_llama()
+    write_quantized(hf_model, tmp_path, fmt, **kw)
+    runner = runner_for(tmp_path, dtype="bfloat16", cpu_int4_max_rows=-1)
+    assert runner.linear_plan.cpu_planes and runner.linear_plan.kernel == "int8-dot"
+    method = runner.model.layers[0].gate_up_proj.method
+    assert isinstance(method, QuantizedLinear) and method.layout == "q4"
+    assert "int8-dot" in repr(runner.model.layers[0].gate_up_proj)
+    name = "model.layers.0.mlp.gate_proj"
+    stored = load_file(tmp_path / "model.safetensors")
+    parts = {k.rsplit(".", 1)[1]: v for k, v in stored.items() if k.startswith(name + ".")}
+    source = (awq_tensor if fmt == "awq" else gptq_tensor)(
+        name, parts, read_checkpoint_quant(tmp_path / "config.json")
+    )
+    planes = int4_planes(source)
+    weight = int4_dequantize(planes.q, planes.scales_zeros(torch.float32), 32)
+    assert torch.equal(weight, hf_model.get_submodule(name).weight.float())  # exact
+    ids = PROMPTS[0]
+    n = len(ids)
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(n), block_tables=torch.tensor([[0]], dtype=torch.int32),
+        seq_lens=torch.tensor([n], dtype=torch.int32),
+        query_start_loc=torch.tensor([0, n], dtype=torch.int32), max_query_len=n, max_seq_len=n,
+    )  # fmt: skip
+    with torch.inference_mode():
+        ours = runner.model(torch.tensor(ids), torch.arange(n), runner.kv_cache.layers, meta,
+                            torch.arange(n))  # fmt: skip
+        ref = hf_model(torch.tensor([ids])).logits[0]
+    assert (ours - ref).norm() / ref.norm() < 0.05
+    tokens = generate(runner, PROMPTS, GREEDY)  # decode steps through the fused CPU layers
+    assert [len(t) for t in tokens] == [NEW_TOKENS] * len(PROMPTS)
