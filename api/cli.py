@@ -176,6 +176,7 @@ def engine_config(args: argparse.Namespace):
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory=args.kv_cache_memory,
+        kv_cache_dtype=args.kv_cache_dtype,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching,
         async_scheduling=args.async_scheduling,
@@ -219,10 +220,13 @@ def check_engine_config(cfg) -> None:
         resolve_model,
     )
     from model_runner.parallel import check_tensor_parallel_config, check_tensor_parallel_shape
+    from model_runner.quant.checkpoint_quant import read_checkpoint_quant
 
     try:
         source = resolve_model(cfg)
-        check_quantization(cfg.quantization, resolve_device(cfg), source.format)
+        check_quantization(cfg.quantization, resolve_device(cfg), source.format,
+                           read_checkpoint_quant(source.config_path),
+                           cfg.tensor_parallel_size)  # fmt: skip
         check_lora_config(cfg)
         check_tensor_parallel_config(cfg, resolve_device(cfg))
         model_config = None

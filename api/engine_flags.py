@@ -6,7 +6,7 @@ import argparse
 
 DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
-QUANTIZATIONS = ("auto", "gguf", "int8", "int4", "none")  # model_runner.linear_plan
+QUANTIZATIONS = ("auto", "gguf", "int8", "int4", "none", "awq", "gptq", "fp8")  # linear_plan
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -30,8 +30,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "-q",
         default="auto",
         choices=QUANTIZATIONS,
-        help="weight format; auto: a GGUF's Q4_0/Q4_1/Q8_0 as 4-bit planes with bfloat16 "
-        "activations on the CPU, else none (dense weights in the activation dtype)",
+        help="weight format; auto: a checkpoint's quantization_config (awq, gptq, fp8), a "
+        "GGUF's Q4_0/Q4_1/Q8_0 as 4-bit planes with bfloat16 activations on the CPU, else "
+        "none (dense weights in the activation dtype); fp8 of a float checkpoint quantizes "
+        "it at load",
     )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument(
@@ -59,6 +61,13 @@ def _add_capacity_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="KV-cache size in GiB on the CPU (default 2)",
+    )
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=("auto", "fp8", "fp8_e4m3"),
+        help="auto: the activation dtype; fp8 (fp8_e4m3): float8_e4m3fn K/V with per-layer "
+        "scales (the checkpoint's k_scale/v_scale, else 1.0), half the bytes of bf16",
     )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enable-prefix-caching", default=True, action=argparse.BooleanOptionalAction)

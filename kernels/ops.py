@@ -19,6 +19,7 @@ from kernels.lora import lora_expand_ref, lora_shrink_ref
 from kernels.paged_attention import paged_attention_ref
 from kernels.rotary import rotary_embedding_ref
 from kernels.rotary import rotary_tables as rotary_tables_ref
+from kernels.w4a16 import w4a16_linear_ref
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -44,6 +45,8 @@ def paged_attention(
     max_seq_len: int | None = None,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Unified paged attention; see `kernels.paged_attention.paged_attention_ref`."""
     if use_triton(query):
@@ -53,7 +56,7 @@ def paged_attention(
     return impl(
         query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
         max_query_len=max_query_len, max_seq_len=max_seq_len,
-        sliding_window=sliding_window, soft_cap=soft_cap,
+        sliding_window=sliding_window, soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale,
     )  # fmt: skip
 
 
@@ -64,14 +67,17 @@ def write_kv(
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     all_valid: bool = False,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Store K/V in the paged cache at `slot_mapping`; see `kernels.kv_cache.write_kv_ref`."""
     if use_triton(key):
         from kernels.kv_cache_triton import write_kv_triton
 
-        write_kv_triton(key, value, key_cache, value_cache, slot_mapping)
+        write_kv_triton(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
     else:
-        write_kv_ref(key, value, key_cache, value_cache, slot_mapping, all_valid)
+        write_kv_ref(key, value, key_cache, value_cache, slot_mapping, all_valid, k_scale,
+                     v_scale)  # fmt: skip
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -153,3 +159,19 @@ def lora_expand(
     else:
         impl = lora_expand_ref
     impl(y, h, lora_b, token_slots, scales)
+
+
+def w4a16_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bits: int = 4,
+) -> torch.Tensor:
+    """Weight-only 4/8-bit GEMM; see `kernels.w4a16.w4a16_linear_ref`."""
+    if use_triton(x):
+        from kernels.w4a16_triton import w4a16_linear_triton as impl
+    else:
+        impl = w4a16_linear_ref
+    return impl(x, qweight, scales, zeros, group_size, bits)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.kv_cache import KV_FP8, from_cache_dtype, indexable
+
 
 def paged_attention_ref(
     query: torch.Tensor,
@@ -27,6 +29,8 @@ def paged_attention_ref(
     max_seq_len: int | None = None,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Torch reference: gather each sequence's blocks, pad, masked attention, un-pad.
 
@@ -34,8 +38,24 @@ def paged_attention_ref(
     [num_blocks, block_size, num_kv_heads, head_dim]; block_tables: [num_seqs, max_blocks]
     int32; seq_lens: [num_seqs] int32; query_start_loc: [num_seqs + 1] int32.
     `max_query_len`/`max_seq_len` are host-side bounds that spare a device sync.
-    Returns [num_tokens, num_heads, head_dim] in query's dtype.
+    `k_scale`/`v_scale`: an FP8 cache's per-tensor scales (`kernels.kv_cache`; other
+    dtypes ignore them). Returns [num_tokens, num_heads, head_dim] in query's dtype.
     """
+    if key_cache.dtype != KV_FP8:
+        k_scale = v_scale = 1.0
+    # NOTE: q . (k * k_scale) = (q . k) * k_scale and p @ (v * v_scale) = (p @ v) * v_scale
+    out = _gathered_attention(
+        query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+        scale * k_scale, max_query_len, max_seq_len, sliding_window, soft_cap,
+    )  # fmt: skip
+    return out if v_scale == 1.0 else out.mul_(v_scale)
+
+
+def _gathered_attention(
+    query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
+    max_query_len, max_seq_len, sliding_window, soft_cap,
+) -> torch.Tensor:  # fmt: skip
+    """`paged_attention_ref` of unit K/V scales."""
     num_tokens, num_heads, head_dim = query.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     num_seqs = seq_lens.shape[0]
@@ -49,9 +69,10 @@ def paged_attention_ref(
     # NOTE: index_select over whole blocks is a plain row copy, faster than fancy indexing.
     flat_tables = block_tables[:, :num_ctx_blocks].reshape(-1).long()
     keys, values = (
-        cache.index_select(0, flat_tables).view(num_seqs, ctx_len, num_kv_heads, head_dim)
+        from_cache_dtype(indexable(cache).index_select(0, flat_tables), query.dtype, cache.dtype)
+        .view(num_seqs, ctx_len, num_kv_heads, head_dim)
         for cache in (key_cache, value_cache)
-    )
+    )  # fmt: skip
     if max_query_len == 1 and num_tokens == num_seqs and soft_cap is None:
         visible = decode_visible_mask(seq_lens, ctx_len, sliding_window)
         return decode_attention(query, keys, values, visible, scale)

@@ -85,7 +85,8 @@ def _attend_tile(
     if MASKED:
         k_mask = k_mask & key_valid[None, :]
         v_mask = v_mask & key_valid[:, None]
-    k = tl.load(k_cache_ptr + slot_k[None, :] + d[:, None], mask=k_mask, other=0.0)
+    # NOTE: an FP8 cache upcasts here; its K scale is in s_mul, its V scale applied after.
+    k = tl.load(k_cache_ptr + slot_k[None, :] + d[:, None], mask=k_mask, other=0.0).to(q.dtype)
     s = _dot(q, k, None, DOT_PRECISION, UPCAST)
     if USE_SOFT_CAP:
         s = cap_mul * _tanh(s * s_mul)
@@ -102,7 +103,7 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_cache_ptr + slot_v[:, None] + d[None, :], mask=v_mask, other=0.0)
+    v = tl.load(v_cache_ptr + slot_v[:, None] + d[None, :], mask=v_mask, other=0.0).to(q.dtype)
     acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION, UPCAST)
     return m_new, l_i, acc
 
@@ -335,6 +336,8 @@ def paged_attention_triton(
     soft_cap: float | None = None,
     num_kv_splits: int | None = None,
     out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Triton unified paged attention; same contract as `paged_attention_ref`.
 
@@ -347,6 +350,8 @@ def paged_attention_triton(
     assert num_heads % num_kv_heads == 0, "query heads must be a multiple of KV heads"
     assert query.stride(-1) == 1 and key_cache.stride(-1) == 1 and value_cache.stride(-1) == 1
     assert num_kv_splits is None or num_kv_splits >= 1
+    if key_cache.dtype != torch.float8_e4m3fn:
+        k_scale = v_scale = 1.0  # NOTE: only an FP8 cache is scaled
     if out is None:
         out = torch.empty_like(query, memory_format=torch.contiguous_format)
     if num_tokens == 0:
@@ -366,7 +371,7 @@ def paged_attention_triton(
 
     window = sliding_window if sliding_window is not None else 0
     args = (query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
-    args += (*_score_multipliers(scale, soft_cap), window)
+    args += (*_score_multipliers(scale * k_scale, soft_cap), window)
     parts = _split_buffers(out, num_splits, meta["HEAD_DIM_PAD"])
     launch = functools.partial(_launch_class, args, parts, query, key_cache, meta=meta)
     no_limit = 2**31 - 1
@@ -377,7 +382,7 @@ def paged_attention_triton(
         launch((decode_q, no_limit), prefill_cfg, num_splits=num_splits)
     if num_splits > 1:
         _reduce_splits(parts, num_kv_heads, meta, num_splits)
-    return out
+    return out if v_scale == 1.0 else out.mul_(v_scale)
 
 
 def _reduce_splits(parts: tuple, num_kv_heads: int, meta: dict, num_splits: int) -> None:

@@ -109,10 +109,14 @@ def decode_step(a: dict) -> dict:
 
 
 def weight_bytes(model) -> int:
-    """Bytes one decode step reads: every weight but the embedding table (rows only)."""
+    """Bytes one decode step reads: every weight but the embedding table (rows only);
+    quantized methods count their packed tensors, scales and zeros."""
     seen, total = set(), 0
     tensors = [p for n, p in model.named_parameters() if n != "embed_tokens"]
-    tensors += [lin.method.weight for lin in model.linears() if hasattr(lin.method, "weight")]
+    for lin in model.linears():
+        weight = getattr(lin.method, "weight", None)
+        stored = [weight] if weight is not None else list(vars(lin.method).values())
+        tensors += [t for t in stored if isinstance(t, torch.Tensor)]
     for t in tensors:
         if id(t) not in seen:
             seen.add(id(t))

@@ -70,10 +70,14 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     layer: int = 0,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
-    """Write the new K/V [T, KH, D] into layer `layer`'s cache, then attend: [T, H, D]."""
+    """Write the new K/V [T, KH, D] into layer `layer`'s cache, then attend: [T, H, D].
+    `kv_scales`: (k_scale, v_scale) of an FP8 cache (`kernels.kv_cache`)."""
     key_cache, value_cache = kv_cache
-    ops.write_kv(key, value, key_cache, value_cache, meta.slot_mapping, meta.all_slots_valid)
+    k_scale, v_scale = kv_scales
+    ops.write_kv(key, value, key_cache, value_cache, meta.slot_mapping, meta.all_slots_valid,
+                 k_scale, v_scale)  # fmt: skip
     if (ctx := meta.decode_context) is not None:
         return ctx.attend(ctx.buffers[layer], query, key, value, kv_cache, scale)
     if meta.per_sequence is not None:
@@ -92,6 +96,8 @@ def paged_attention(
                     max_query_len=v.rows.stop - v.rows.start,
                     max_seq_len=v.max_seq_len,
                     sliding_window=sliding_window,
+                    k_scale=k_scale,
+                    v_scale=v_scale,
                 )  # fmt: skip
                 for v in meta.per_sequence
             ]
@@ -107,4 +113,6 @@ def paged_attention(
         max_query_len=meta.max_query_len,
         max_seq_len=meta.max_seq_len,
         sliding_window=sliding_window,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )

@@ -48,13 +48,16 @@ class EngineConfig:
     model: str | None = None  # None: the embedded SmolLM2 GGUF; else a .gguf file or an HF folder
     load_format: str = "auto"  # auto | gguf | safetensors | dummy
     dtype: str = "auto"  # auto (CPU: model_runner.cpu_profile; CUDA: bfloat16) | float32 | ...
-    quantization: str = "auto"  # auto | gguf | int8 | int4 | none (model_runner.linear_plan)
+    # auto | gguf | int8 | int4 | none | awq | gptq | fp8 (model_runner.linear_plan)
+    quantization: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     block_size: int = 16
     max_model_len: int | None = None  # None: min(model's max positions, 8192)
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     kv_cache_memory: float | None = None  # GiB on CPU (default 2 GiB there)
+    # auto (the activation dtype) | fp8 | fp8_e4m3 (model_runner.kv_cache)
+    kv_cache_dtype: str = "auto"
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     seed: int = 0

@@ -6,11 +6,25 @@ import math
 
 import torch
 
+from kernels.kv_cache import indexable
 from model_runner.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig, EngineConfigError
 from model_runner.model_source import ModelConfig
 from model_runner.step_upload import to_device
 
 GIB = 1 << 30
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def resolve_kv_cache_dtype(config: EngineConfig, dtype: torch.dtype) -> torch.dtype:
+    """`--kv-cache-dtype`: auto is the activation dtype; fp8 (= fp8_e4m3) stores K/V as
+    float8_e4m3fn with per-layer scales (the checkpoint's k_scale/v_scale, else 1.0), half
+    the bytes of bf16. NOTE: an FP8 cache turns off the CPU's decode context (and so its
+    fused and compiled decode layers): the paged kernels read the FP8 blocks themselves."""
+    if config.kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise EngineConfigError(
+            f"unknown --kv-cache-dtype {config.kv_cache_dtype!r}; one of {KV_CACHE_DTYPES}"
+        )
+    return dtype if config.kv_cache_dtype == "auto" else torch.float8_e4m3fn
 
 
 def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -145,4 +159,5 @@ class KVCache:
         device = self.storage.device
         src = to_device([s for s, _ in copies], torch.long, device)
         dst = to_device([d for _, d in copies], torch.long, device)
-        self.storage[:, :, dst] = self.storage[:, :, src]
+        storage = indexable(self.storage)  # NOTE: FP8 blocks move as their uint8 bits
+        storage[:, :, dst] = storage[:, :, src]

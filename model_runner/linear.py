@@ -26,16 +26,18 @@ from kernels.linear import PackedWeight, linear, pack_linear_weight, packed_matc
 from model_runner.gguf_loader import GGUFBlocks
 from model_runner.model_source import ModelSourceError
 
-WeightSource = torch.Tensor | np.ndarray | GGUFBlocks
+# NOTE: a checkpoint's quantized projection (model_runner.quant: AWQ/GPTQ, FP8) is a source
+# too: anything with a [N, K] `shape` and a float32 `dequantize()`.
+WeightSource = torch.Tensor | np.ndarray | GGUFBlocks | object
 
 
 def as_float_tensor(source: WeightSource) -> torch.Tensor:
-    """A weight source as a float tensor (GGUF blocks are dequantized to float32)."""
-    if isinstance(source, GGUFBlocks):
-        source = source.dequantize()
+    """A weight source as a float tensor (quantized sources are dequantized to float32)."""
+    if isinstance(source, torch.Tensor):
+        return source
     if isinstance(source, np.ndarray):
         return torch.from_numpy(np.require(source, requirements=["C", "W"]))
-    return source
+    return as_float_tensor(source.dequantize())
 
 
 class LinearMethod(ABC):

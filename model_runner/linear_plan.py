@@ -26,6 +26,15 @@ the top logits. With torch's `int4` GEMM it stays dense: there its 8-bit planes 
 faster at one row (1.5 vs 1.6 ms on a Zen 4 CPU) and 1.3-2x slower from 8 rows on. In
 `--batch-invariant` mode it stays dense (one kernel at every row count).
 
+Checkpoint formats (`model_runner.quant.checkpoint_quant`): a config.json with a
+`quantization_config` (AWQ, GPTQ, FP8) is served in its format under `auto` or its own
+name, on the CPU and CUDA; `none`, `int4` and `int8` dequantize it first. `fp8` of a float
+checkpoint quantizes it at load (per-channel weight scales); `awq` / `gptq` without such a
+checkpoint only fill `--load-format dummy` weights (round-to-nearest, AWQ-shaped).
+On the CPU with bfloat16 activations and the int8-dot kernels, AWQ/GPTQ 4-bit checkpoints
+without act-order go to those kernels (`cpu_planes`; the layout converts exactly), with the
+same dense-copy and LM-head rules as GGUF; otherwise the W4A16 reference serves them.
+
 `auto` never quantizes with float32 or float16 activations (the exact mode, and torch's
 4-bit GEMM is fast only with bfloat16 ones: asking for that pair warns; the int8-dot kernels
 take float32 activations as fast).
@@ -51,7 +60,9 @@ from model_runner.quant.int4_weights import GGUF_INT4_TYPES
 
 log = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("auto", "gguf", "int8", "int4", "none")
+QUANTIZATIONS = ("auto", "gguf", "int8", "int4", "none", "awq", "gptq", "fp8")
+CPU_ONLY = ("gguf", "int8", "int4")  # the CPU's quantized kernels (QuantizedLinear)
+CHECKPOINT_FORMATS = ("awq", "gptq", "fp8")  # model_runner.quant: W4A16Linear, Fp8Linear
 CPU_QUANT_KERNELS = ("auto", "int8-dot", "int4")
 
 
@@ -59,10 +70,25 @@ class QuantizationError(EngineConfigError):
     """A --quantization that the model or device cannot serve (a user error, exit 2)."""
 
 
-def check_quantization(requested: str, device: torch.device, source_format: str) -> None:
-    """Refuse a --quantization the device or checkpoint cannot serve (QuantizationError)."""
+def check_quantization(
+    requested: str,
+    device: torch.device,
+    source_format: str,
+    checkpoint=None,
+    tensor_parallel_size: int = 1,
+) -> None:
+    """Refuse a --quantization the device or checkpoint cannot serve (QuantizationError).
+    `checkpoint`: the checkpoint's CheckpointQuant (None: float weights)."""
     if requested not in QUANTIZATIONS:
         raise QuantizationError(f"unknown quantization {requested!r}; one of {QUANTIZATIONS}")
+    if requested in CHECKPOINT_FORMATS or checkpoint is not None:
+        if tensor_parallel_size > 1:
+            raise QuantizationError(
+                "--tensor-parallel-size > 1 serves float and GGUF checkpoints only in this "
+                "build (not awq, gptq or fp8)"
+            )
+        _check_checkpoint_format(requested, device, source_format, checkpoint)
+        return
     if requested in ("auto", "none"):
         return
     if device.type != "cpu":
@@ -74,14 +100,54 @@ def check_quantization(requested: str, device: torch.device, source_format: str)
         raise QuantizationError("--quantization gguf needs a .gguf model")
 
 
-def resolve_quantization(
-    requested: str, device: torch.device, dtype: torch.dtype, source_format: str, gguf_types
-) -> str:
-    """The effective method family (none, gguf, int4, int8) of `requested` (see the table).
+def _check_checkpoint_format(requested, device, source_format, checkpoint) -> None:
+    """awq / gptq / fp8 asked for, or a quantized checkpoint (see the module)."""
+    if checkpoint is not None and requested not in ("auto", "none", "int4", "int8"):
+        if requested != checkpoint.method:
+            raise QuantizationError(
+                f"--quantization {requested}: the checkpoint is {checkpoint.method}-quantized "
+                f"(config.json quantization_config); use --quantization {checkpoint.method} "
+                "or auto"
+            )
+    elif checkpoint is None and requested in ("awq", "gptq") and source_format != "dummy":
+        raise QuantizationError(
+            f"--quantization {requested} needs a checkpoint quantized with "
+            f"{requested.upper()} (config.json with quantization_config.quant_method "
+            f"{requested!r}); a float checkpoint can be served with --quantization fp8"
+        )
+    effective = checkpoint.method if checkpoint is not None and requested == "auto" else requested
+    if effective in CPU_ONLY and device.type != "cpu":
+        raise QuantizationError(
+            f"--quantization {effective} runs on the CPU only in this build; use "
+            "--quantization none (or auto) on CUDA"
+        )
+    if effective == "fp8" and device.type == "cuda" and _capability(device) < (8, 9):
+        raise QuantizationError(
+            "--quantization fp8 needs a GPU with FP8 tensor cores (compute capability 8.9+: "
+            "Ada, Hopper); use --quantization none here"
+        )
 
-    `gguf_types`: the GGUF tensor type names of the checkpoint (empty for other formats).
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def resolve_quantization(
+    requested: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    source_format: str,
+    gguf_types,
+    checkpoint=None,
+) -> str:
+    """The effective method family (none, gguf, int4, int8, awq, gptq, fp8) of `requested`.
+
+    `gguf_types`: the GGUF tensor type names of the checkpoint (empty for other formats);
+    `checkpoint`: its CheckpointQuant, None for float (or GGUF) weights.
     """
-    check_quantization(requested, device, source_format)
+    check_quantization(requested, device, source_format, checkpoint)
+    if requested == "auto" and checkpoint is not None:
+        return checkpoint.method
     if requested == "auto":
         native = source_format == "gguf" and set(GGUF_INT4_TYPES) & set(gguf_types)
         fast = device.type == "cpu" and dtype == torch.bfloat16
@@ -113,11 +179,35 @@ class LinearPlan:
     kernel: str = "int4"  # the quantized methods' kernel: int8-dot | int4
     lm_head_max_rows: int = 0  # > 0: a quantized LM head for steps of up to this many rows
     tp: object = None  # model_runner.parallel.TensorParallel under tensor parallelism
+    # The checkpoint's stored format (None: float weights); its tensors are grouped at load
+    # whatever `quantization` serves them as.
+    checkpoint: object = None  # model_runner.quant.checkpoint_quant.CheckpointQuant
+    cpu_planes: bool = False  # AWQ/GPTQ through the CPU's quantized kernels (QuantizedLinear)
 
     def method(self, out_features: int, in_features: int) -> LinearMethod:
         if self.quantization == "none":
             return DenseLinear(out_features, in_features, self.dtype, self.device, self.dense)
+        if self.quantization in CHECKPOINT_FORMATS:
+            return self._checkpoint_format(out_features, in_features)
         return self._quantized(out_features, in_features, self.quantization, self.int4_max_rows)
+
+    def _checkpoint_format(self, out_features: int, in_features: int) -> LinearMethod:
+        """W4A16 (AWQ/GPTQ) or FP8; float shards are quantized unless the checkpoint is."""
+        from model_runner.quant.checkpoint_quant import default_quant
+
+        if self.cpu_planes:
+            return self._quantized(out_features, in_features, self.quantization,
+                                   self.int4_max_rows)  # fmt: skip
+        quant = self.checkpoint or default_quant(self.quantization)
+        quantize_floats = self.checkpoint is None
+        args = (self.dtype, self.device, self.dense, quantize_floats)
+        if self.quantization == "fp8":
+            from model_runner.quant.fp8_linear import Fp8Linear
+
+            return Fp8Linear(out_features, in_features, *args)
+        from model_runner.quant.w4a16_linear import W4A16Linear
+
+        return W4A16Linear(out_features, in_features, quant, *args)
 
     def _quantized(self, out_features: int, in_features: int, mode: str, max_rows):
         from model_runner.quant.quantized_linear import QuantizedLinear
@@ -166,6 +256,7 @@ def plan_linears(
     gguf_types,
     model_config,
     available_bytes: int,
+    checkpoint=None,
 ) -> LinearPlan:
     """The LinearPlan of one load: quantization, CPU layouts, and what memory allows.
 
@@ -175,7 +266,9 @@ def plan_linears(
     """
     from kernels.linear import packing_available
 
-    quant = resolve_quantization(config.quantization, device, dtype, source_format, gguf_types)
+    quant = resolve_quantization(
+        config.quantization, device, dtype, source_format, gguf_types, checkpoint
+    )
     weights = model_config.num_layers * sum(o * i for o, i in projection_shapes(model_config))
     weights += model_config.vocab_size * model_config.hidden_size
     elem = torch.empty((), dtype=dtype).element_size()
@@ -190,20 +283,42 @@ def plan_linears(
         log.warning("the packed GEMM disagrees with F.linear here: packing turned off")
         pack = 0
     dense = DenseOptions(transpose=transpose, pack_batch=pack)
-    kernel = _quant_kernel(config, quant, device)
-    _warn_if_slow(quant, kernel, dtype)
+    cpu_quant = quant if quant in CPU_ONLY else "none"  # NOTE: the CPU kernels' planning
+    if _fits_cpu_planes(checkpoint, quant, device, dtype):
+        cpu_quant = quant
+    kernel = _quant_kernel(config, cpu_quant, device)
+    if cpu_quant in CHECKPOINT_FORMATS and kernel != "int8-dot":
+        cpu_quant = "none"  # NOTE: torch's int4 GEMM would round the scales to bf16
+    _warn_if_slow(cpu_quant, kernel, dtype)
     shapes = projection_shapes(model_config)
-    max_rows = _int4_max_rows(config, quant, kernel, shapes, 2 * weights > available_bytes // 2)
-    lm_rows = _lm_head_max_rows(config, quant, kernel, model_config)
+    copy_too_big = 2 * weights > available_bytes // 2
+    max_rows = _int4_max_rows(config, cpu_quant, kernel, shapes, copy_too_big)
+    lm_rows = _lm_head_max_rows(config, cpu_quant, kernel, model_config)
     log.info(
         "linear layers: %s%s%s",
         quant,
-        "" if quant == "none" else f", {kernel} kernel",
+        "" if cpu_quant == "none" else f", {kernel} kernel",
         "" if max_rows is None else f" up to {max_rows} rows, dense bf16 above",
     )
     if lm_rows:
         log.info("LM head: quantized (%s) up to %d rows, dense bf16 above", kernel, lm_rows)
-    return LinearPlan(dtype, device, quant, dense, max_rows, kernel, lm_rows)
+    cpu_planes = cpu_quant in CHECKPOINT_FORMATS
+    return LinearPlan(dtype, device, quant, dense, max_rows, kernel, lm_rows,
+                      checkpoint=checkpoint, cpu_planes=cpu_planes)  # fmt: skip
+
+
+def _fits_cpu_planes(checkpoint, quant: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """An AWQ/GPTQ 4-bit checkpoint the CPU's quantized kernels can take exactly (no act-order;
+    bfloat16 activations, as for GGUF: float32 stays the exact mode)."""
+    return (
+        checkpoint is not None
+        and quant == checkpoint.method in ("awq", "gptq")
+        and checkpoint.bits == 4
+        and not checkpoint.desc_act
+        and checkpoint.group_size > 0
+        and device.type == "cpu"
+        and dtype == torch.bfloat16
+    )
 
 
 def _quant_kernel(config, quant: str, device: torch.device) -> str:

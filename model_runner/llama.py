@@ -103,7 +103,21 @@ class LinearSlot:
     part: TensorSlice | None = None
 
 
-WeightSlot = ParamSlot | LinearSlot
+@dataclass(frozen=True)
+class KVScaleSlot:
+    """A layer's FP8 KV-cache scale (`which`: 0 for k_scale, 1 for v_scale)."""
+
+    layer: LlamaDecoderLayer
+    which: int
+
+    def set(self, value: float) -> None:
+        scales = list(self.layer.kv_scales)
+        scales[self.which] = value
+        self.layer.kv_scales = tuple(scales)
+
+
+WeightSlot = ParamSlot | LinearSlot | KVScaleSlot
+KV_SCALE_NAMES = {"k_scale": 0, "v_scale": 1}  # vLLM's self_attn.k_scale / v_scale
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -123,6 +137,8 @@ class LlamaDecoderLayer(nn.Module):
         self.eps = cfg.rms_norm_eps
         self.scale = cfg.head_dim**-0.5
         self.sliding_window = cfg.sliding_window
+        # (k_scale, v_scale) of an FP8 KV cache: the checkpoint's self_attn.k_scale/v_scale
+        self.kv_scales = (1.0, 1.0)
         hidden, inter = cfg.hidden_size, cfg.intermediate_size
         self.input_layernorm = _param(hidden, **kw)
         self.qkv_proj = plan.linear(
@@ -158,9 +174,8 @@ class LlamaDecoderLayer(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = ops.rotary_embedding(positions, q, k, cos_sin, True, rope_tables)
-        attn = paged_attention(
-            q, k, v, kv_cache, meta, self.scale, self.sliding_window, layer=self.index
-        )
+        attn = paged_attention(q, k, v, kv_cache, meta, self.scale, self.sliding_window,
+                               layer=self.index, kv_scales=self.kv_scales)  # fmt: skip
         hidden = self.o_proj(attn.reshape(num_tokens, self.q_size))
         hidden, residual = ops.fused_add_rms_norm(
             hidden, residual, self.post_attention_layernorm, self.eps
@@ -267,6 +282,8 @@ class LlamaForCausalLM(nn.Module):
             return None
         layer = self.layers[int(parts[2])]
         module, kind = ".".join(parts[3:-1]), parts[-1]
+        if module == "self_attn" and kind in KV_SCALE_NAMES:
+            return KVScaleSlot(layer, KV_SCALE_NAMES[kind])
         return _layer_slot(layer, module, kind, self.weight_parts.get(module))
 
 

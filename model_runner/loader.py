@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from model_runner.gguf_loader import GGUFBlocks, iter_gguf_weights, open_gguf
 from model_runner.linear import Linear, WeightSource, as_float_tensor
 from model_runner.linear_plan import LinearPlan
-from model_runner.llama import LINEAR_SHARDS, LinearSlot, LlamaForCausalLM
+from model_runner.llama import LINEAR_SHARDS, KVScaleSlot, LinearSlot, LlamaForCausalLM
 from model_runner.model_source import ModelConfig, ModelSource, ModelSourceError
 from model_runner.parallel import TensorSlice
 
@@ -44,6 +44,10 @@ def load_model(
     elif source.format == "safetensors":
         files = sorted(Path(source.path).glob("*.safetensors"))
         weights = iter_safetensors(files, lazy=sharded)
+        if plan.checkpoint is not None:  # NOTE: one source per quantized projection
+            from model_runner.quant.tensor_groups import group_quantized_tensors
+
+            weights = group_quantized_tensors(weights, plan.checkpoint)
         load_weights(model, weights, count_safetensors(files), progress)
     else:
         raise ModelSourceError(f"unknown format {source.format!r}")
@@ -127,6 +131,9 @@ def load_weights(
             if slot is None:
                 if name.endswith(".bias") and ".layers." in name:
                     raise ModelSourceError(f"the model has no place for the weight {name}")
+                continue
+            if isinstance(slot, KVScaleSlot):
+                slot.set(float(as_float_tensor(take_part(source, None)).float().reshape(-1)[0]))
                 continue
             source = take_part(source, slot.part)
             if isinstance(slot, LinearSlot):

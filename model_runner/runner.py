@@ -40,8 +40,9 @@ from model_runner.kv_cache import (
     kv_cache_summary,
     num_blocks_for_cpu,
     num_blocks_for_cuda,
+    resolve_kv_cache_dtype,
 )
-from model_runner.linear_plan import plan_linears
+from model_runner.linear_plan import check_quantization, plan_linears
 from model_runner.loader import available_memory_bytes, load_model
 from model_runner.lora import make_lora_slots
 from model_runner.lora_adapter import LoraAdapterError
@@ -61,6 +62,7 @@ from model_runner.parallel import (
     rank_model_config,
 )
 from model_runner.placeholders import LastSampled, fill_placeholders
+from model_runner.quant.checkpoint_quant import read_checkpoint_quant
 from model_runner.sampled_rows import SampledRows
 from model_runner.sampler import Sampler
 from model_runner.step_flight import LaunchedStep, collect, distinct_states
@@ -110,8 +112,12 @@ class ModelRunner:
         gguf_types = {t.tensor_type.name for t in reader.tensors} if reader is not None else set()
         check_gguf_tensor_types(gguf_types)
         check_tensor_parallel_config(config, self.device)
+        checkpoint = read_checkpoint_quant(self.source.config_path)
+        check_quantization(config.quantization, self.device, self.source.format, checkpoint,
+                           config.tensor_parallel_size)  # fmt: skip
         check_tensor_parallel_shape(self.model_config, self.placement.world_size)
         self.dtype, auto_dtype_reason = resolve_dtype_with_reason(config, self.device)
+        self.kv_dtype = resolve_kv_cache_dtype(config, self.dtype)
         self.tp = init_tensor_parallel(self.placement, self.device, config.collective_timeout)
         # NOTE: this rank's heads: the KV cache and decode context hold only them.
         self.rank_model_config = rank_model_config(self.model_config, self.tp)
@@ -130,6 +136,7 @@ class ModelRunner:
             gguf_types,
             self.model_config,
             available_memory_bytes(),
+            checkpoint,
         )
         if self.tp.enabled:
             self.linear_plan = dataclasses.replace(self.linear_plan, tp=self.tp)
@@ -184,7 +191,7 @@ class ModelRunner:
                 self._profile_run()
                 self.num_blocks = self._kv_blocks_from_budget()
             self.kv_cache = KVCache(
-                self.rank_model_config, self.num_blocks, self.block_size, self.dtype, self.device
+                self.rank_model_config, self.num_blocks, self.block_size, self.kv_dtype, self.device
             )
             log.info(
                 "%s",
@@ -192,7 +199,7 @@ class ModelRunner:
                     self.num_blocks,
                     self.rank_model_config,
                     self.block_size,
-                    self.dtype,
+                    self.kv_dtype,
                     self.max_model_len,
                 ),
             )
@@ -220,6 +227,8 @@ class ModelRunner:
         """
         if ops.use_triton(torch.empty(0, device=self.device)) or self.config.batch_invariant:
             return None
+        if self.kv_dtype != self.dtype:  # an FP8 cache: attention reads the paged blocks
+            return None
         mc = self.rank_model_config
         cache_bytes = self.num_blocks * bytes_per_block(mc, self.block_size, self.dtype)
         return DecodeContext(
@@ -239,10 +248,11 @@ class ModelRunner:
         """NOTE: per rank (each holds its KV heads' share); the same on every rank."""
         cfg, mc = self.config, self.rank_model_config
         if self.device.type != "cuda":
-            blocks = num_blocks_for_cpu(cfg, mc, self.dtype, self.max_model_len)
-            check_fits_in_memory(blocks, mc, self.block_size, self.dtype, available_memory_bytes())
+            blocks = num_blocks_for_cpu(cfg, mc, self.kv_dtype, self.max_model_len)
+            check_fits_in_memory(blocks, mc, self.block_size, self.kv_dtype,
+                                 available_memory_bytes())  # fmt: skip
         else:
-            blocks = num_blocks_for_cuda(cfg, mc, self.dtype, self.max_model_len, self.device)
+            blocks = num_blocks_for_cuda(cfg, mc, self.kv_dtype, self.max_model_len, self.device)
         return self.tp.min_over_ranks(blocks, self.device)
 
     @torch.inference_mode()
@@ -251,7 +261,7 @@ class ModelRunner:
         num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
         num_blocks = math.ceil(num_tokens / self.block_size)
         cache = KVCache(
-            self.rank_model_config, num_blocks, self.block_size, self.dtype, self.device
+            self.rank_model_config, num_blocks, self.block_size, self.kv_dtype, self.device
         )
 
         def ints(values, dtype=torch.int32):

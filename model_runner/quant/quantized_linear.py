@@ -1,4 +1,5 @@
-"""The 4-bit linear method: GGUF Q4_0/Q4_1/Q8_0 as stored, or int4/int8 quantized at load.
+"""The 4-bit linear method: GGUF Q4_0/Q4_1/Q8_0 as stored, int4/int8 quantized at load, or
+AWQ/GPTQ 4-bit checkpoints in group order on the CPU (`group_quant.int4_planes`, exact).
 
 Rows arrive per shard (`load`) and are staged; `finalize` turns them into `Int4Planes` and
 the layout of one of two kernels (`kernel`):
@@ -29,6 +30,7 @@ from model_runner.linear import (
     WeightSource,
     as_float_tensor,
 )
+from model_runner.quant.group_quant import GroupQuantTensor, int4_planes
 from model_runner.quant.int4_weights import (
     GGUF_INT4_TYPES,
     GROUP_SIZE,
@@ -44,6 +46,7 @@ from model_runner.quant.int4_weights import (
 log = logging.getLogger(__name__)
 
 QUANTIZERS = {"int4": quantize_int4, "int8": quantize_int8}
+CHECKPOINT_MODES = ("awq", "gptq")  # 4-bit checkpoints, converted by group_quant.int4_planes
 KERNELS = ("int8-dot", "int4")
 # What the layout of each kernel and weight width is called (`QuantizedLinear.layout`).
 LAYOUTS = {("int8-dot", 1): "q4", ("int8-dot", 2): "q8", ("int4", 1): "int4", ("int4", 2): "int4x2"}
@@ -137,6 +140,10 @@ class QuantizedLinear(LinearMethod):
 
     def _planes(self, sources: list[WeightSource]) -> Int4Planes | None:
         """The shards as 4-bit planes, or None where the mode serves them dense."""
+        if self.mode in CHECKPOINT_MODES:  # NOTE: float shards: modules left unquantized
+            if not all(isinstance(s, GroupQuantTensor) for s in sources):
+                return None
+            return concat_rows([int4_planes(s) for s in sources])
         if self.mode in QUANTIZERS:
             weight = torch.cat([as_float_tensor(s).float() for s in sources])
             return QUANTIZERS[self.mode](weight)

@@ -184,3 +184,13 @@ def test_spec_decode_metrics_are_exported():
         'tokenmill:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="1"} 2.0'
         in text
     )
+
+
+def test_kv_cache_dtype_choices_are_the_engine_s():
+    from model_runner.kv_cache import KV_CACHE_DTYPES
+
+    assert engine_config(parse()).kv_cache_dtype == "auto"
+    for choice in KV_CACHE_DTYPES:
+        assert engine_config(parse("--kv-cache-dtype", choice)).kv_cache_dtype == choice
+    with pytest.raises(SystemExit):
+        parse("--kv-cache-dtype", "int8")

@@ -80,6 +80,11 @@ def files(tmp_path_factory) -> dict[str, str]:
     (broken / "model.safetensors").write_bytes(b"")
     empty = root / "empty"
     empty.mkdir()
+    quant = root / "unknown_quant"
+    quant.mkdir()
+    qc = {"quant_method": "bitnet", "bits": 2}
+    _write(quant / "config.json", json.dumps(LLAMA_CONFIG | {"quantization_config": qc}))
+    (quant / "model.safetensors").write_bytes(b"")
     return {
         "root": str(root),
         "not_gguf": _write(root / "notes.gguf", "plain text, not a model\n"),
@@ -88,6 +93,7 @@ def files(tmp_path_factory) -> dict[str, str]:
         "no_tokenizer": str(no_tok),
         "broken_config": str(broken),
         "empty": str(empty),
+        "unknown_quant": str(quant),
     }
 
 
@@ -119,6 +125,9 @@ FAST_CASES = [
     ("dummy-bad-config-path", ["--load-format", "dummy", "--hf-config-path", "{empty}"],
      ["--hf-config-path", "config.json"]),
     ("host-unknown", ["--host", "no-such-host.invalid"], ["--host no-such-host.invalid"]),
+    ("quant-method-unknown", ["{unknown_quant}"], ["quant_method 'bitnet'", "config.json"]),
+    ("awq-of-a-float-checkpoint", ["{no_tokenizer}", "--quantization", "awq"],
+     ["--quantization awq", "quantization_config"]),
 ]  # fmt: skip
 
 

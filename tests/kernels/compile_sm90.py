@@ -18,7 +18,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import activation_triton, kv_cache_triton, layernorm_triton, lora_triton, rotary_triton
+from kernels import (
+    activation_triton,
+    kv_cache_triton,
+    layernorm_triton,
+    lora_triton,
+    rotary_triton,
+    w4a16_triton,
+)
 from kernels import paged_attention_triton as pa
 
 H100 = GPUTarget("cuda", 90, 32)
@@ -33,7 +40,7 @@ def compile_variant(fn, pointers: dict, ints: dict, constexprs: dict, num_warps,
         elif name in pointers:
             sig[name] = pointers[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("s_mul", "cap_mul", "eps", "scale"):
+        elif name in ("s_mul", "cap_mul", "eps", "scale", "k_mul", "v_mul"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -78,6 +85,11 @@ def _attention_variants():
         launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
         consts = meta | cfg | extra | dict(BLOCK_Q=cfg["BLOCK_M"] // 4, NUM_SPLITS=splits)
         yield name, pa._paged_attention_kernel, ptrs, ints, consts, launch
+    fp8_cache = ptrs | {"k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"}
+    cfg = pa._tile_config(False, 4, pa.torch.bfloat16)
+    launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
+    consts = meta | cfg | dict(BLOCK_Q=cfg["BLOCK_M"] // 4, NUM_SPLITS=1)
+    yield "attention_decode_fp8kv", pa._paged_attention_kernel, fp8_cache, ints, consts, launch
     fp32 = {k: v.replace("bf16", "fp32") for k, v in ptrs.items()}
     cfg = pa._tile_config(True, 4, pa.torch.float32)
     launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
@@ -102,7 +114,9 @@ def _elementwise_variants():
     w4 = dict(num_warps=4, num_stages=1)
     yield "silu_and_mul", activation_triton._silu_and_mul_kernel, bf16, {}, dict(BLOCK=1024), w4
     kv = dict(NUM_KV_HEADS=8, HEAD_DIM=128, HEADS_PAD=8, DIM_PAD=128, BLOCK_SIZE=16)
-    yield "write_kv", kv_cache_triton._write_kv_kernel, bf16, {}, kv, w4
+    yield "write_kv", kv_cache_triton._write_kv_kernel, bf16, {}, kv | dict(CACHE_FP8=False), w4
+    fp8 = bf16 | {"key_cache_ptr": "*fp8e4nv", "value_cache_ptr": "*fp8e4nv"}
+    yield "write_kv_fp8", kv_cache_triton._write_kv_kernel, fp8, {}, kv | dict(CACHE_FP8=True), w4
     for fused in (False, True):
         consts = dict(BLOCK=4096, FUSED_ADD=fused)
         yield (
@@ -132,8 +146,23 @@ def _lora_variants():
         yield f"lora_expand_r{rank}", lora_triton._lora_expand_kernel, ptrs, ints, expand, w4
 
 
+def _w4a16_variants():
+    """The launcher's decode (16-row) and prefill tiles, 4-bit (and GPTQ 8-bit decode), bf16
+    activations with fp16 scales (AWQ/GPTQ store fp16), Llama-3-8B's K = 4096, group 128."""
+    ptrs = {"x_ptr": "*bf16", "qw_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*fp16",
+            "out_ptr": "*bf16"}  # fmt: skip
+    ints = {"M": 7, "group_size": 128}
+    for name, rows, bits in (("w4a16_decode_bf16", 1, 4), ("w4a16_prefill_bf16", 512, 4),
+                             ("w8a16_decode_bf16", 1, 8)):  # fmt: skip
+        cfg = w4a16_triton.tile_config(rows)
+        launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
+        consts = cfg | dict(BITS=bits, DOT_PRECISION="tf32", UPCAST=False)
+        yield name, w4a16_triton._w4a16_kernel, ptrs, ints, consts, launch
+
+
 def main() -> None:
-    variants = [*_attention_variants(), *_elementwise_variants(), *_lora_variants()]
+    variants = [*_attention_variants(), *_elementwise_variants(), *_lora_variants(),
+                *_w4a16_variants()]  # fmt: skip
     for name, fn, ptrs, ints, consts, launch in variants:
         kernel = compile_variant(fn, ptrs, ints, consts, **launch)
         ttgir = kernel.asm["ttgir"]

@@ -32,15 +32,21 @@ def compiled() -> dict[str, dict]:
 
 
 def test_every_kernel_compiles_without_spills(compiled):
-    assert len(compiled) == 18
+    assert len(compiled) == 23
     for name, row in compiled.items():
         assert row["stack"] == 0, f"{name} spills: {row}"
         assert row["reg"] <= 255 and row["shared"] <= 227 * 1024
 
 
 def test_attention_uses_pipelined_tensor_cores(compiled):
-    for name in ("attention_decode_bf16", "attention_decode_split8_bf16",
+    for name in ("attention_decode_bf16", "attention_decode_split8_bf16", "attention_decode_fp8kv",
                  "attention_prefill_bf16", "attention_prefill_fp32"):  # fmt: skip
         assert compiled[name]["cp_async"], name
     assert compiled["attention_prefill_bf16"]["wgmma"]
     assert compiled["attention_prefill_window_softcap_bf16"]["wgmma"]
+
+
+def test_w4a16_streams_its_weights_and_prefill_uses_wgmma(compiled):
+    for name in ("w4a16_decode_bf16", "w4a16_prefill_bf16", "w8a16_decode_bf16"):
+        assert compiled[name]["cp_async"], name
+    assert compiled["w4a16_prefill_bf16"]["wgmma"]

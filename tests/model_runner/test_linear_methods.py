@@ -137,3 +137,24 @@ def test_quantizations_the_model_or_device_cannot_serve_are_refused():
     with pytest.raises(QuantizationError, match="unknown quantization"):
         check_quantization("fp4", CPU, "gguf")
     check_quantization("none", CUDA, "gguf")
+
+
+def test_checkpoint_formats_resolve_and_are_checked(monkeypatch):
+    from model_runner.quant.checkpoint_quant import CheckpointQuant
+
+    awq, fp8 = CheckpointQuant("awq"), CheckpointQuant("fp8", 8)
+    assert resolve_quantization("auto", CPU, BF16, "safetensors", set(), awq) == "awq"
+    assert resolve_quantization("awq", CPU, BF16, "safetensors", set(), awq) == "awq"
+    assert resolve_quantization("none", CPU, BF16, "safetensors", set(), awq) == "none"
+    assert resolve_quantization("fp8", CPU, BF16, "safetensors", set()) == "fp8"  # dynamic
+    assert resolve_quantization("awq", CPU, BF16, "dummy", set()) == "awq"  # AWQ-shaped
+    with pytest.raises(QuantizationError, match="needs a checkpoint quantized with AWQ"):
+        check_quantization("awq", CPU, "safetensors")
+    with pytest.raises(QuantizationError, match="the checkpoint is fp8-quantized"):
+        check_quantization("gptq", CPU, "safetensors", fp8)
+    with pytest.raises(QuantizationError, match="--tensor-parallel-size"):
+        check_quantization("auto", CPU, "safetensors", awq, tensor_parallel_size=2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(QuantizationError, match="compute capability 8.9"):
+        check_quantization("auto", CUDA, "safetensors", fp8)
+    check_quantization("auto", CUDA, "safetensors", awq)  # W4A16 runs on any CUDA GPU

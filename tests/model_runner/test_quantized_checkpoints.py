@@ -1,0 +1,276 @@
+"""AWQ, GPTQ and FP8 checkpoints written by the tests (`quant_checkpoints`) in their exact
+on-disk layouts: greedy output identical to HF transformers (float32) running the
+dequantized weights wherever HF's top-2 margin is clear; dynamic FP8 and AWQ-shaped dummy
+weights; bad checkpoints refused with errors that name what is wrong."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model_runner.config import EngineConfig
+from model_runner.model_source import ModelSourceError
+from model_runner.runner import ModelRunner
+from model_runner.sampling_params import SamplingParams
+from tests.conftest import needs_int8_dot
+from tests.model_runner.driver import generate
+from tests.model_runner.quant_checkpoints import (
+    TINY,
+    assert_same_where_clear,
+    fp8_dequantize,
+    fp8_tensors,
+    greedy_with_margins,
+    projection_names,
+    tiny_llama,
+    write_quantized,
+)
+
+PROMPTS = [[5, 17, 99, 3, 42, 8, 64, 1, 2, 77, 31, 90], [7, 7, 7], [100]]
+NEW_TOKENS = 16
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+FORMATS = {
+    "awq-g32": ("awq", dict(group=32), "awq 4-bit g32"),
+    "gptq-g32": ("gptq", dict(bits=4, group=32, act_order=False), "gptq 4-bit g32 (w4a16)"),
+    "gptq-act-order": ("gptq", dict(bits=4, group=32, act_order=True), "act-order"),
+    "gptq-8bit-g64": ("gptq", dict(bits=8, group=64, act_order=False), "gptq 8-bit g64"),
+    "fp8-tensor": ("fp8", dict(per_channel=False, static=False), "fp8"),
+    "fp8-channel-static": ("fp8", dict(per_channel=True, static=True), "fp8"),
+}
+
+
+def runner_for(folder, **kw) -> ModelRunner:
+    config = EngineConfig(**{"model": str(folder), "dtype": "float32", "kv_cache_memory": 0.001}
+                          | kw)  # fmt: skip
+    return ModelRunner(config, progress=False)
+
+
+def assert_greedy_matches(runner, hf_model) -> int:
+    """Every prompt's greedy tokens against HF's; returns how many tokens were compared."""
+    ours = generate(runner, PROMPTS, GREEDY)
+    compared = 0
+    for prompt, got in zip(PROMPTS, ours, strict=True):
+        ref, margins = greedy_with_margins(hf_model, prompt, NEW_TOKENS)
+        compared += assert_same_where_clear(got, ref, margins)
+    return compared
+
+
+@pytest.mark.parametrize("case", FORMATS)
+def test_greedy_matches_hf_on_the_dequantized_weights(case, tmp_path):
+    fmt, kw, kind = FORMATS[case]
+    hf_model = tiny_llama()
+    write_quantized(hf_model, tmp_path, fmt, **kw)
+    runner = runner_for(tmp_path)
+    assert runner.linear_plan.quantization == fmt
+    method = runner.model.layers[0].qkv_proj.method
+    assert kind in repr(runner.model.layers[0].qkv_proj)
+    if kw.get("static"):  # fused q/k/v: the largest of their static input scales
+        assert float(method.input_scale) == pytest.approx(0.05)
+    assert assert_greedy_matches(runner, hf_model) >= len(PROMPTS) * NEW_TOKENS // 2
+
+
+def test_quantization_none_dequantizes_an_awq_checkpoint(tmp_path):
+    hf_model = tiny_llama()
+    write_quantized(hf_model, tmp_path, "awq", group=32)
+    runner = runner_for(tmp_path, quantization="none")
+    assert "dense" in repr(runner.model.layers[1].gate_up_proj)
+    assert assert_greedy_matches(runner, hf_model) >= len(PROMPTS) * NEW_TOKENS // 2
+
+
+def test_dynamic_fp8_of_a_float_checkpoint(tmp_path):
+    """--quantization fp8 quantizes per output channel at load; HF gets the same rounding."""
+    hf_model = tiny_llama(seed=1)
+    hf_model.save_pretrained(tmp_path)
+    runner = runner_for(tmp_path, quantization="fp8")
+    for name in projection_names(hf_model):
+        linear = hf_model.get_submodule(name)
+        linear.weight.data.copy_(fp8_dequantize(fp8_tensors(linear.weight, True, False)))
+    assert "fp8" in repr(runner.model.layers[0].down_proj)
+    assert assert_greedy_matches(runner, hf_model) >= len(PROMPTS) * NEW_TOKENS // 2
+
+
+@pytest.mark.parametrize("quant", ["awq", "gptq", "fp8"])
+def test_dummy_weights_in_each_format(quant, tmp_path):
+    """The GPU suite's AWQ-shaped and FP8 dummy models, at a tiny shape."""
+    import transformers
+
+    transformers.LlamaConfig(**TINY).save_pretrained(tmp_path)
+    runner = ModelRunner(EngineConfig(load_format="dummy", hf_config_path=str(tmp_path),
+                                      quantization=quant, dtype="float32",
+                                      kv_cache_memory=0.001), progress=False)  # fmt: skip
+    assert quant in repr(runner.model.layers[0].o_proj)
+    tokens = generate(runner, PROMPTS[:1], GREEDY)[0]
+    assert len(tokens) == NEW_TOKENS and all(0 <= t < TINY["vocab_size"] for t in tokens)
+
+
+# --- bad checkpoints --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def awq_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("awq")
+    write_quantized(tiny_llama(), folder, "awq", group=32)
+    return folder
+
+
+def _edit(src, dst, tensors=None, quant_config=None):
+    """A copy of checkpoint `src` in `dst` with tensors edited by `tensors(dict)` and the
+    quantization_config replaced by `quant_config`."""
+    state = load_file(src / "model.safetensors")
+    if tensors is not None:
+        tensors(state)
+    save_file(state, dst / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    if quant_config is not None:
+        config["quantization_config"] = quant_config
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+BAD_TENSORS = {
+    "missing-scales": (lambda s: s.pop(f"{Q_PROJ}.scales"), [Q_PROJ, "missing scales"]),
+    "wrong-qzeros-shape": (
+        lambda s: s.update({f"{Q_PROJ}.qzeros": s[f"{Q_PROJ}.qzeros"][:1]}),
+        [f"{Q_PROJ}.qzeros", "shape (1, 8)", "expected (2, 8)"],
+    ),
+}
+
+
+def assert_refused(folder, expected: list[str]) -> None:
+    with pytest.raises(ModelSourceError) as e:
+        runner_for(folder)
+    for text in expected:
+        assert text in str(e.value)
+
+
+@pytest.mark.parametrize("case", BAD_TENSORS)
+def test_bad_tensors_are_named(case, awq_folder, tmp_path):
+    edit, expected = BAD_TENSORS[case]
+    assert_refused(_edit(awq_folder, tmp_path, tensors=edit), expected)
+
+
+AWQ = {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm"}
+BAD_CONFIGS = {
+    "unknown-method": ({"quant_method": "hqq"}, ["unsupported quant_method 'hqq'"]),
+    "awq-3-bit": (AWQ | {"bits": 3}, ["awq bits 3"]),
+    "awq-gemv": (AWQ | {"version": "gemv"}, ["awq version 'gemv'", "gemm"]),
+    "group-48": (AWQ | {"group_size": 48}, ["group_size 48", "multiple of 32"]),
+    "gptq-marlin": ({"quant_method": "gptq", "bits": 4, "group_size": 32,
+                     "checkpoint_format": "marlin"}, ["checkpoint_format 'marlin'"]),
+    "fp8-blocks": ({"quant_method": "fp8", "weight_block_size": [128, 128]},
+                   ["weight_block_size"]),
+    "int4-compressed": ({"quant_method": "compressed-tensors", "format": "pack-quantized"},
+                        ["format 'pack-quantized'"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_unsupported_variants_are_named(case, awq_folder, tmp_path):
+    qc, expected = BAD_CONFIGS[case]
+    assert_refused(_edit(awq_folder, tmp_path, quant_config=qc), expected + ["config.json"])
+
+
+def test_a_format_other_than_the_checkpoints_is_refused(awq_folder):
+    from model_runner.linear_plan import QuantizationError
+
+    with pytest.raises(QuantizationError, match="the checkpoint is awq-quantized"):
+        runner_for(awq_folder, quantization="gptq")
+
+
+def test_fp8_static_scales_must_be_there(tmp_path):
+    model = tiny_llama()
+    write_quantized(model, tmp_path, "fp8", per_channel=False, static=True)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    _edit(tmp_path, broken, tensors=lambda s: s.pop(f"{Q_PROJ}.input_scale"))
+    assert_refused(broken, [f"{Q_PROJ}: missing input_scale"])
+
+
+# --- the FP8 KV cache -------------------------------------------------------------------
+
+
+def _round_through_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return ((x.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale).to(
+        x.dtype
+    )
+
+
+def test_fp8_kv_cache_with_checkpoint_scales(tmp_path, monkeypatch):
+    """--kv-cache-dtype fp8 reads the checkpoint's per-layer k_scale/v_scale and gives the
+    tokens of a float cache whose K/V are rounded through FP8 by the same scales (its twin,
+    run here with the rounding patched into the cache write); block copies move the bits."""
+    from kernels import ops
+
+    tiny_llama().save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["model.layers.1.self_attn.k_scale"] = torch.tensor(0.5)
+    state["model.layers.1.self_attn.v_scale"] = torch.tensor(0.25)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    runner = runner_for(tmp_path, kv_cache_dtype="fp8")
+    assert runner.kv_cache.storage.dtype == torch.float8_e4m3fn
+    assert runner.decode_context is None
+    assert runner.model.layers[1].kv_scales == (0.5, 0.25)
+    assert runner.model.layers[0].kv_scales == (1.0, 1.0)
+    ours = generate(runner, PROMPTS, GREEDY)
+    twin = runner_for(tmp_path)
+    twin.decode_context = None  # NOTE: it would attend over the unrounded new K/V
+    write_kv = ops.write_kv
+
+    def rounded_write(key, value, kc, vc, slots, all_valid=False, k_scale=1.0, v_scale=1.0):
+        write_kv(_round_through_fp8(key, k_scale), _round_through_fp8(value, v_scale), kc, vc,
+                 slots, all_valid)  # fmt: skip
+
+    monkeypatch.setattr(ops, "write_kv", rounded_write)
+    assert generate(twin, PROMPTS, GREEDY) == ours
+    runner.kv_cache.copy_blocks([(0, 1)])
+    storage = runner.kv_cache.storage.view(torch.uint8)
+    assert torch.equal(storage[:, :, 1], storage[:, :, 0])
+
+
+@needs_int8_dot
+@pytest.mark.parametrize("fmt", ["awq", "gptq"])
+def test_bf16_cpu_serves_4bit_checkpoints_with_the_int8_dot_kernels(fmt, tmp_path):
+    """bfloat16 on the CPU: AWQ/GPTQ 4-bit weights go to the CPU's quantized kernels (and its
+    fused decode layers), their planes exactly the checkpoint's weights; the logits (int8
+    activations, bf16) stay within 5% of HF's float32 ones on the dequantized weights."""
+    from kernels.quant_linear import int4_dequantize
+    from model_runner.attention import AttentionMetadata
+    from model_runner.quant.checkpoint_quant import read_checkpoint_quant
+    from model_runner.quant.group_quant import awq_tensor, gptq_tensor, int4_planes
+    from model_runner.quant.quantized_linear import QuantizedLinear
+
+    kw = dict(group=64) if fmt == "awq" else dict(bits=4, group=64, act_order=False)
+    hf_model = tiny_llama()
+    write_quantized(hf_model, tmp_path, fmt, **kw)
+    runner = runner_for(tmp_path, dtype="bfloat16", cpu_int4_max_rows=-1)
+    assert runner.linear_plan.cpu_planes and runner.linear_plan.kernel == "int8-dot"
+    method = runner.model.layers[0].gate_up_proj.method
+    assert isinstance(method, QuantizedLinear) and method.layout == "q4"
+    assert "int8-dot" in repr(runner.model.layers[0].gate_up_proj)
+    name = "model.layers.0.mlp.gate_proj"
+    stored = load_file(tmp_path / "model.safetensors")
+    parts = {k.rsplit(".", 1)[1]: v for k, v in stored.items() if k.startswith(name + ".")}
+    source = (awq_tensor if fmt == "awq" else gptq_tensor)(
+        name, parts, read_checkpoint_quant(tmp_path / "config.json")
+    )
+    planes = int4_planes(source)
+    weight = int4_dequantize(planes.q, planes.scales_zeros(torch.float32), 32)
+    assert torch.equal(weight, hf_model.get_submodule(name).weight.float())  # exact
+    ids = PROMPTS[0]
+    n = len(ids)
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(n), block_tables=torch.tensor([[0]], dtype=torch.int32),
+        seq_lens=torch.tensor([n], dtype=torch.int32),
+        query_start_loc=torch.tensor([0, n], dtype=torch.int32), max_query_len=n, max_seq_len=n,
+    )  # fmt: skip
+    with torch.inference_mode():
+        ours = runner.model(torch.tensor(ids), torch.arange(n), runner.kv_cache.layers, meta,
+                            torch.arange(n))  # fmt: skip
+        ref = hf_model(torch.tensor([ids])).logits[0]
+    assert (ours - ref).norm() / ref.norm() < 0.05
+    tokens = generate(runner, PROMPTS, GREEDY)  # decode steps through the fused CPU layers
+    assert [len(t) for t in tokens] == [NEW_TOKENS] * len(PROMPTS)
