@@ -30,8 +30,7 @@ def parse_speculative_config(text: str | dict) -> SpeculativeConfig:
         raw["method"] = method = "draft_model"
     if method in ("eagle", "eagle3", "medusa", "mtp"):
         raise EngineConfigError(
-            f'--speculative-config method {method!r} is not supported: use "ngram" or '
-            '"draft_model"'
+            f'--speculative-config method {method!r} is not supported: use "ngram" or "draft_model"'
         )
     if method not in METHODS:
         raise EngineConfigError(

@@ -156,9 +156,14 @@ def add_to_plan(
     slots = len(drafts) if drafts and drafts[0] == DRAFT_SLOT else 0
     plan.chunks.append(
         ScheduledChunk(
-            seq.seq_id, num_tokens, start, alloc.block_ids, placeholders,
-            [] if slots else drafts, slots,
-        )  # fmt: skip
+            seq.seq_id,
+            num_tokens,
+            start,
+            alloc.block_ids,
+            placeholders,
+            [] if slots else drafts,
+            slots,
+        )
     )
     plan.copies.extend(alloc.copies)
     plan.scheduled.append((seq, num_tokens))

@@ -132,7 +132,6 @@ class FakeRunner:
         device_seconds = self.seconds_per_token * sum(c.num_tokens for c in chunks)
         return StepOutput(step_id=step.step_id, sampled=sampled, device_seconds=device_seconds)
 
-
     def _proposals(self, chunk) -> list[int]:
         if not chunk.num_draft_slots:
             return list(chunk.draft_token_ids)
