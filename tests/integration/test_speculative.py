@@ -9,6 +9,7 @@ import pytest
 
 from api import LLM, SamplingParams
 from model_runner.fused_decode import FusedDecode
+from model_runner.model_source import default_gguf_path
 from model_runner.sampling_params import GrammarSpec
 from tests.conftest import GREEDY_PROMPTS, needs_int8_dot, settled_stats
 
@@ -122,6 +123,23 @@ def spec_since(before, after):
         accepted_per_pos=[a - b for a, b in zip(after.accepted_per_pos, before.accepted_per_pos,
                                                 strict=True)],
     )  # fmt: skip
+
+
+def test_the_model_as_its_own_draft_keeps_greedy_output_and_nearly_every_proposal(reference):
+    """The default model drafts for itself (loaded twice): the draft's one-token steps and
+    the target's K + 1 positions differ only in rounding, so >= 99% of proposals hold."""
+    draft = {"method": "draft_model", "model": str(default_gguf_path()),
+             "num_speculative_tokens": 3}  # fmt: skip
+    prompts, n = GREEDY_PROMPTS[:2] + REPETITIVE[:2], TOKENS // 2  # NOTE: 4 passes a step
+    llm = engine(speculative_config=draft)
+    try:
+        got = token_ids(llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n)))
+        stats = settled_stats(llm)
+    finally:
+        llm.shutdown()
+    assert_same_greedy({p: (reference[p][0][:n], reference[p][1][:n]) for p in prompts}, got)
+    assert stats.num_blocks_in_use == 0
+    assert stats.spec.num_accepted_tokens >= 0.99 * stats.spec.num_draft_tokens > 0
 
 
 def test_seeded_samples_are_the_ones_without_speculation(plain, spec2):
