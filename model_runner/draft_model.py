@@ -76,8 +76,8 @@ def resolve_draft(
             f"{draft.vocab_size} tokens, the target {target_source.name!r} one of "
             f"{target.vocab_size}: a draft must share the target's tokenizer"
         )
-    if not config.skip_tokenizer_init:
-        _check_same_tokenizer(source, target_source, spec.model)
+    if not config.skip_tokenizer_init and source.format != "dummy":  # NOTE: random weights
+        _check_same_tokenizer(source, target_source, spec.model)  # need only the vocab size
     return source, draft
 
 
@@ -147,6 +147,11 @@ class DraftModel:
         self.seed = config.seed + 1  # NOTE: unseeded rows' proposal draws, apart from the target's
         self._step = 0
         self.kv_cache: KVCache | None = None
+        log.info(
+            "draft model %s: %d layers, hidden size %d (%s)",
+            source.name if source.format != "dummy" else source.config_path,
+            model_config.num_layers, model_config.hidden_size, source.format,
+        )  # fmt: skip
 
     def allocate_cache(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
@@ -162,10 +167,9 @@ class DraftModel:
     ) -> tuple[StepInput, dict[str, torch.Tensor]]:
         """`step` with every draft slot filled, and the draft distributions [K, V] of the
         sampled (not greedy) speculating rows, by sequence id, for the rejection rule."""
-        speculating = self._feed_step(step, seqs, prev_rows, prev_tokens)
-        if not speculating:
+        rows, logits = self._feed_step(step, seqs, prev_rows, prev_tokens)
+        if not rows:
             return step, {}
-        logits, rows = self._logits, speculating
         proposals: list[list[torch.Tensor]] = [[] for _ in rows]
         probs: list[list[torch.Tensor]] = [[] for _ in rows]
         for j in range(max(k for _, k in rows)):
@@ -183,7 +187,7 @@ class DraftModel:
         # NOTE: the proposals' one trip to the host (the target's inputs need them)
         flat = torch.stack([t for row in proposals for t in row]).tolist()
         by_seq, at = {}, 0
-        for (seq, k), _ in zip(rows, proposals, strict=True):
+        for seq, k in rows:
             by_seq[seq.seq_id] = flat[at : at + k]
             at += k
         chunks = [
@@ -201,9 +205,9 @@ class DraftModel:
         seqs: dict[str, SequenceState],
         prev_rows: dict[str, int],
         prev_tokens: torch.Tensor | None,
-    ) -> list[tuple[SequenceState, int]]:
-        """Run the draft over every chunk's tokens (and those its cache misses before them);
-        keeps the speculating rows' last logits. Returns (state, K) per speculating row."""
+    ) -> tuple[list[tuple[SequenceState, int]], torch.Tensor]:
+        """Run the draft over every chunk's tokens (and those its cache misses before them).
+        Returns (state, K) per speculating row, and those rows' last logits."""
         batch = _DraftBatch(self.block_size)
         placeholder_dst, placeholder_src, speculating = [], [], []
         for chunk in step.chunks:
@@ -225,8 +229,8 @@ class DraftModel:
         if placeholder_dst:
             src = to_device(placeholder_src, torch.long, self.device)
             input_ids[to_device(placeholder_dst, torch.long, self.device)] = prev_tokens[src]
-        self._logits = self.model(input_ids, positions, self.kv_cache.layers, meta, logits_indices)
-        return speculating
+        logits = self.model(input_ids, positions, self.kv_cache.layers, meta, logits_indices)
+        return speculating, logits
 
     def _feed_proposals(
         self, seqs: list[SequenceState], j: int, tokens: torch.Tensor

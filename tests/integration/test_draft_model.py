@@ -91,6 +91,21 @@ def test_greedy_output_is_unchanged_and_blocks_come_back(models, plain, draft, k
         assert 0 < rate < 1
 
 
+def test_chunked_prefill_and_forks_fill_the_drafts_cache_too(models, plain):
+    """Prompts in chunks of 5 and n = 2 (forked blocks copied on write): the target as its
+    own draft still sees every proposal hold, so the draft's cache had every token."""
+    params = SamplingParams(temperature=0.0, max_tokens=16, n=2)
+    want = run(plain, PROMPTS, params)
+    llm = engine(models, "target", 3, max_num_batched_tokens=5)
+    try:
+        got = run(llm, PROMPTS, params)
+        stats = settled_stats(llm)
+    finally:
+        llm.shutdown()
+    assert got == want and stats.num_blocks_in_use == 0
+    assert stats.spec.num_accepted_tokens >= 0.99 * stats.spec.num_draft_tokens > 0
+
+
 def test_preempted_speculating_rows_give_the_plain_output(models, plain):
     """A cache of 12 blocks for 16 concurrent requests: rows are preempted by recompute
     (the draft's cache refills with the target's) and output still holds."""
