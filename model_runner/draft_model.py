@@ -260,7 +260,7 @@ class DraftModel:
         self._step += 1
         index = to_device(sampled, torch.long, logits.device)
         scaled = logits[index] / meta.temperature[:, None]
-        q = processed_probs(scaled, meta.top_k, meta.top_p, meta.min_p)
+        q = processed_probs(scaled, meta)
         tokens[index] = draw(q, uniforms(meta.keys, torch.full_like(meta.keys, DRAFT_DRAW)))
         per_row: list[torch.Tensor | None] = [None] * len(rows)
         for n, row in enumerate(sampled):

@@ -16,11 +16,13 @@ own, so a seeded request draws the same tokens on every run.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from model_runner.counter_rng import uniforms
+from model_runner.sampling_metadata import SamplingMetadata
 from model_runner.sampling_ops import apply_min_p, draw, top_k_top_p_candidates
 from model_runner.step_upload import to_device
 
@@ -30,17 +32,15 @@ ACCEPT_DRAW = DRAFT_DRAW + 1  # the accept test of the proposal after a position
 RESIDUAL_DRAW = DRAFT_DRAW + 2  # the replacement draw where it is rejected
 
 
-def processed_probs(
-    scaled_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
-) -> torch.Tensor:
+def processed_probs(scaled_logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     """[R, V] normalised distributions the sampler draws from: softmax of logits already
-    divided by the temperature, then min_p, then vLLM's top-k and top-p."""
+    divided by the temperature, then min_p, then vLLM's top-k and top-p (`meta`: of these
+    rows; its host flags say which stages apply, so no device value is read)."""
     probs = torch.softmax(scaled_logits, dim=-1)
-    if bool((min_p > 0).any()):
-        apply_min_p(probs, min_p)
-    vocab = probs.shape[-1]
-    if bool((top_k < vocab).any()) or bool((top_p < 1).any()):
-        weights, ids, _ = top_k_top_p_candidates(probs, top_k, top_p, vocab)
+    if meta.any_min_p:
+        apply_min_p(probs, meta.min_p)
+    if meta.any_truncation:
+        weights, ids, _ = top_k_top_p_candidates(probs, meta.top_k, meta.top_p, probs.shape[-1])
         probs = torch.zeros_like(probs).scatter_(1, ids, weights)
     return probs / probs.sum(dim=-1, keepdim=True)
 
@@ -99,13 +99,7 @@ class DraftRejection:
     draft_probs: torch.Tensor
 
     def apply(
-        self,
-        scaled_logits: torch.Tensor,
-        tokens: torch.Tensor,
-        top_k: torch.Tensor,
-        top_p: torch.Tensor,
-        min_p: torch.Tensor,
-        keys: torch.Tensor,
+        self, scaled_logits: torch.Tensor, tokens: torch.Tensor, meta: SamplingMetadata
     ) -> torch.Tensor:
         """The step's tokens [R] with each group's rows replaced by the rule's tokens
         (scaled_logits: the sampler's logits after every mask, divided by the temperature)."""
@@ -115,12 +109,15 @@ class DraftRejection:
                  for grp in self.groups]  # fmt: skip
         rows = to_device(index, torch.long, device)
         flat = rows.reshape(-1)
-        p = processed_probs(scaled_logits[flat], top_k[flat], top_p[flat], min_p[flat])
+        of_rows = dataclasses.replace(
+            meta, top_k=meta.top_k[flat], top_p=meta.top_p[flat], min_p=meta.min_p[flat]
+        )  # NOTE: the batch's host flags still hold (a stage that is off changes nothing)
+        p = processed_probs(scaled_logits[flat], of_rows)
         p = p.view(len(self.groups), k + 1, -1)
         drafts = to_device([grp.drafts + [0] * (k - len(grp.drafts)) for grp in self.groups],
                            torch.long, device)  # fmt: skip
         num_drafts = to_device([len(grp.drafts) for grp in self.groups], torch.long, device)
-        row_keys = keys[rows[:, :k]]
+        row_keys = meta.keys[rows[:, :k]]
         out, _ = rejection_sample(
             p,
             self.draft_probs,

@@ -90,8 +90,7 @@ class Sampler:
             apply_penalties(logits, meta.penalized)
         sampled = pick_tokens(logits, meta)
         if rejection is not None:  # NOTE: pick_tokens left the logits divided by temperature
-            sampled = rejection.apply(logits, sampled, meta.top_k, meta.top_p, meta.min_p,
-                                      meta.keys)  # fmt: skip
+            sampled = rejection.apply(logits, sampled, meta)
         if raw_logprobs is None:
             return SampledRows(seq_ids, sampled)
         return _with_logprobs(raw_logprobs, sampled, seq_ids, meta.num_logprobs)

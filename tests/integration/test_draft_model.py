@@ -91,6 +91,34 @@ def test_greedy_output_is_unchanged_and_blocks_come_back(models, plain, draft, k
         assert 0 < rate < 1
 
 
+def test_logprobs_are_the_targets_for_every_kept_token(models, plain):
+    """Greedy and sampled rows: each kept token's logprobs are the target's at its place."""
+    params = [SamplingParams(temperature=0.0, max_tokens=16, logprobs=2),
+              SamplingParams(temperature=0.7, seed=5, max_tokens=16, logprobs=2)]  # fmt: skip
+    prompts = [{"prompt_token_ids": PROMPTS[0]}] * 2
+    llm = engine(models, "near", 3)
+    try:
+        got = [o.outputs[0] for o in llm.generate(prompts, params)]
+        accepted = settled_stats(llm).spec.num_accepted_tokens
+    finally:
+        llm.shutdown()
+    assert accepted > 0
+    # the plain engine scores the same tokens: teacher-force them as a prompt, one by one
+    for out in got:
+        for i, entry in enumerate(out.logprobs):
+            prefix = PROMPTS[0] + out.token_ids[:i]
+            (ref,) = plain.generate(
+                [{"prompt_token_ids": prefix}],
+                SamplingParams(temperature=0.0, max_tokens=1, logprobs=2),
+            )
+            top = dict((t, lp) for t, _, lp in ref.outputs[0].logprobs[0].top)
+            assert entry.token_id == out.token_ids[i]
+            if entry.token_id in top:
+                assert entry.logprob == pytest.approx(top[entry.token_id], abs=1e-4)
+            for t, _, lp in entry.top:
+                assert lp == pytest.approx(top[t], abs=1e-4)
+
+
 def test_chunked_prefill_and_forks_fill_the_drafts_cache_too(models, plain):
     """Prompts in chunks of 5 and n = 2 (forked blocks copied on write): the target as its
     own draft still sees every proposal hold, so the draft's cache had every token."""

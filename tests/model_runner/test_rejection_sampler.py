@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from model_runner.rejection_sampler import processed_probs, rejection_sample
@@ -64,12 +66,10 @@ def test_padding_past_a_rows_proposals_is_never_accepted():
 
 def test_processed_probs_apply_min_p_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 3))
-    probs = processed_probs(
-        logits,
-        torch.tensor([2, 4, 4]),
-        torch.tensor([1.0, 0.7, 1.0]),
-        torch.tensor([0.0, 0.0, 0.2]),
-    )
+    meta = SimpleNamespace(top_k=torch.tensor([2, 4, 4]), top_p=torch.tensor([1.0, 0.7, 1.0]),
+                           min_p=torch.tensor([0.0, 0.0, 0.2]), any_min_p=True,
+                           any_truncation=True)  # fmt: skip
+    probs = processed_probs(logits, meta)
     want = torch.tensor([[5 / 8, 3 / 8, 0, 0], [5 / 8, 3 / 8, 0, 0], [0.5 / 0.95, 0.3 / 0.95,
                          0.15 / 0.95, 0]])  # fmt: skip
     assert torch.allclose(probs, want, atol=1e-6)
