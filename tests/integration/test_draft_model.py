@@ -189,3 +189,38 @@ def test_bad_drafts_are_start_up_errors(models, tmp_path):
         with pytest.raises(EngineConfigError, match=message):
             LLM(models["target"], dtype="float32", skip_tokenizer_init=True, use_tqdm=False,
                 speculative_config={"method": "draft_model", "model": path})  # fmt: skip
+
+
+def test_another_tokenizer_or_tensor_parallelism_is_refused(models, tmp_path):
+    """Same vocabulary size, other token strings: refused; so is a draft with -tp 2."""
+    import shutil
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from model_runner.config import EngineConfig, SpeculativeConfig
+    from model_runner.draft_model import resolve_draft
+    from model_runner.model_source import model_config_from_hf, resolve_model
+
+    def folder(name: str, words: list[str]) -> str:
+        path = tmp_path / name
+        shutil.copytree(models["target"], path)
+        tokenizer = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+        PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(path)
+        return str(path)
+
+    words = [f"w{i}" for i in range(128)]
+    target, same, other = folder("t", words), folder("s", words), folder("o", words[::-1])
+
+    def check(draft: str, **kw) -> None:
+        spec = SpeculativeConfig(method="draft_model", model=draft)
+        config = EngineConfig(model=target, speculative_config=spec, **kw)
+        source = resolve_model(config)
+        resolve_draft(config, model_config_from_hf(source.config_path), source)
+
+    check(same)
+    with pytest.raises(EngineConfigError, match="another tokenizer than the target"):
+        check(other)
+    with pytest.raises(EngineConfigError, match="tensor-parallel-size 1"):
+        check(same, tensor_parallel_size=2)
