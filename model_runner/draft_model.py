@@ -13,7 +13,9 @@ mapping, so the scheduler's block manager accounts for both (each block's budget
 models' bytes). `SequenceState.draft_num_computed` counts the leading positions whose draft
 K/V hold: after a verify that accepted all K, the K-th proposal was never fed to the draft,
 so the next step feeds it before the new token. Rejected positions are overwritten later,
-as in the target's cache.
+as in the target's cache. A sequence that ends right after such a verify leaves that one
+position without draft K/V in a block the prefix cache may hand on: a later hit proposes
+worse there, never wrongly (the target verifies every proposal).
 """
 
 from __future__ import annotations
