@@ -30,7 +30,7 @@ import torch
 from model_runner.attention import AttentionMetadata
 from model_runner.config import EngineConfig, EngineConfigError, SpeculativeConfig
 from model_runner.counter_rng import uniforms
-from model_runner.gguf_loader import check_gguf_tensor_types, open_gguf
+from model_runner.gguf_loader import check_gguf_tensor_types, load_model_config, open_gguf
 from model_runner.input_batch import SequenceState
 from model_runner.kv_cache import KVCache
 from model_runner.linear_plan import plan_linears
@@ -58,8 +58,6 @@ def resolve_draft(
 ) -> tuple[ModelSource, ModelConfig]:
     """The draft's source and config, checked before any weights load (EngineConfigError:
     a bad path, another vocabulary or tokenizer than the target's, tensor parallelism)."""
-    from model_runner.runner import load_model_config
-
     spec = config.speculative_config
     if config.tensor_parallel_size > 1:
         raise EngineConfigError(

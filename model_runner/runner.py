@@ -25,7 +25,7 @@ from model_runner.decode_graphs import Capturer, CudaGraphCapturer, DecodeGraphs
 from model_runner.draft_model import DraftModel, draft_rejection, resolve_draft
 from model_runner.fault_injection import ForwardFaults
 from model_runner.fused_decode import FusedDecode
-from model_runner.gguf_loader import check_gguf_tensor_types, model_config_from_gguf, open_gguf
+from model_runner.gguf_loader import check_gguf_tensor_types, load_model_config, open_gguf
 from model_runner.grammar import SequenceGrammar
 from model_runner.grammar_cache import GrammarCache, hf_tokenizer_info
 from model_runner.input_batch import (
@@ -46,13 +46,7 @@ from model_runner.linear_plan import plan_linears
 from model_runner.loader import available_memory_bytes, load_model
 from model_runner.lora import make_lora_slots
 from model_runner.lora_adapter import LoraAdapterError
-from model_runner.model_source import (
-    ModelConfig,
-    ModelSource,
-    load_tokenizer,
-    model_config_from_hf,
-    resolve_model,
-)
+from model_runner.model_source import load_tokenizer, resolve_model
 from model_runner.parallel import (
     RankPlacement,
     check_tensor_parallel_config,
@@ -71,14 +65,6 @@ from model_runner.step_timer import StepClock, StepTimer
 from model_runner.step_upload import to_host
 
 log = logging.getLogger(__name__)
-
-
-def load_model_config(source: ModelSource, gguf_reader=None) -> ModelConfig:
-    """The ModelConfig of a resolved source (GGUF metadata or config.json)."""
-    if source.config_path.suffix == ".gguf":
-        reader = gguf_reader if gguf_reader is not None else open_gguf(source.config_path)
-        return model_config_from_gguf(reader)
-    return model_config_from_hf(source.config_path)
 
 
 class ModelRunner:
