@@ -167,7 +167,8 @@ class DraftModel:
     ) -> tuple[StepInput, dict[str, torch.Tensor]]:
         """`step` with every draft slot filled, and the draft distributions [K, V] of the
         sampled (not greedy) speculating rows, by sequence id, for the rejection rule."""
-        rows, logits = self._feed_step(step, seqs, prev_rows, prev_tokens)
+        batch, rows = step_batch(step, seqs, prev_rows, self.block_size)
+        logits = self._forward(batch, prev_tokens, None)
         if not rows:
             return step, {}
         proposals: list[list[torch.Tensor]] = [[] for _ in rows]
@@ -199,38 +200,18 @@ class DraftModel:
         }
         return msgspec.structs.replace(step, chunks=chunks), q_by_seq
 
-    def _feed_step(
-        self,
-        step: StepInput,
-        seqs: dict[str, SequenceState],
-        prev_rows: dict[str, int],
-        prev_tokens: torch.Tensor | None,
-    ) -> tuple[list[tuple[SequenceState, int]], torch.Tensor]:
-        """Run the draft over every chunk's tokens (and those its cache misses before them).
-        Returns (state, K) per speculating row, and those rows' last logits."""
-        batch = _DraftBatch(self.block_size)
-        placeholder_dst, placeholder_src, speculating = [], [], []
-        for chunk in step.chunks:
-            seq = seqs[chunk.seq_id]
-            end = seq.num_computed + chunk.num_tokens
-            begin = min(seq.draft_num_computed, seq.num_computed)
-            known = seq.token_ids[begin : end - chunk.num_placeholders]
-            if chunk.num_placeholders:  # NOTE: its last token is on the device only
-                placeholder_dst.append(len(batch.input_ids) + len(known))
-                placeholder_src.append(prev_rows[chunk.seq_id])
-            batch.add(seq, begin, known + [0] * chunk.num_placeholders)
-            seq.draft_num_computed = end
-            if chunk.num_draft_slots:
-                batch.sample_last()
-                speculating.append((seq, chunk.num_draft_slots))
-        if not speculating:
-            batch.sample_last()  # NOTE: the forward wants a row of logits; unused
+    def _forward(
+        self, batch: _DraftBatch, prev_tokens: torch.Tensor | None, tokens: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The draft's logits at the batch's sampled rows (`tokens`: input ids already on
+        the device; placeholder rows take the previous step's samples, `prev_tokens`)."""
         input_ids, positions, meta, logits_indices = batch.upload(self.device)
-        if placeholder_dst:
-            src = to_device(placeholder_src, torch.long, self.device)
-            input_ids[to_device(placeholder_dst, torch.long, self.device)] = prev_tokens[src]
-        logits = self.model(input_ids, positions, self.kv_cache.layers, meta, logits_indices)
-        return speculating, logits
+        if tokens is not None:
+            input_ids = tokens
+        if batch.placeholder_rows:
+            src = to_device(batch.placeholder_src, torch.long, self.device)
+            input_ids[to_device(batch.placeholder_rows, torch.long, self.device)] = prev_tokens[src]
+        return self.model(input_ids, positions, self.kv_cache.layers, meta, logits_indices)
 
     def _feed_proposals(
         self, seqs: list[SequenceState], j: int, tokens: torch.Tensor
@@ -241,8 +222,7 @@ class DraftModel:
             batch.add(seq, seq.num_computed + 1 + j, [0])
             batch.sample_last()
             seq.draft_num_computed = seq.num_computed + 2 + j
-        _, positions, meta, logits_indices = batch.upload(self.device)
-        return self.model(tokens, positions, self.kv_cache.layers, meta, logits_indices)
+        return self._forward(batch, None, tokens)
 
     def _choose(
         self, logits: torch.Tensor, rows: list[tuple[SequenceState, int]]
@@ -285,6 +265,31 @@ def draft_rejection(
     return DraftRejection([DraftGroup(g.first_row, g.drafts) for g in groups], probs)
 
 
+def step_batch(
+    step: StepInput, seqs: dict[str, SequenceState], prev_rows: dict[str, int], block_size: int
+) -> tuple[_DraftBatch, list[tuple[SequenceState, int]]]:
+    """The draft's rows for a step: every chunk's tokens, after those its cache misses
+    (advancing draft_num_computed), and (state, K) per speculating row, whose last
+    position is sampled."""
+    batch, speculating = _DraftBatch(block_size), []
+    for chunk in step.chunks:
+        seq = seqs[chunk.seq_id]
+        end = seq.num_computed + chunk.num_tokens
+        begin = min(seq.draft_num_computed, seq.num_computed)
+        known = seq.token_ids[begin : end - chunk.num_placeholders]
+        if chunk.num_placeholders:  # NOTE: its last token is on the device only
+            batch.placeholder_rows.append(len(batch.input_ids) + len(known))
+            batch.placeholder_src.append(prev_rows[chunk.seq_id])
+        batch.add(seq, begin, known + [0] * chunk.num_placeholders)
+        seq.draft_num_computed = end
+        if chunk.num_draft_slots:
+            batch.sample_last()
+            speculating.append((seq, chunk.num_draft_slots))
+    if not speculating:
+        batch.sample_last()  # NOTE: the forward wants a row of logits; unused
+    return batch, speculating
+
+
 class _DraftBatch:
     """A draft forward's rows as flat lists: each row some tokens from a start position."""
 
@@ -298,6 +303,8 @@ class _DraftBatch:
         self.tables: list[list[int]] = []
         self.logits_indices: list[int] = []
         self.max_query_len = 0
+        self.placeholder_rows: list[int] = []  # inputs the previous step's samples fill
+        self.placeholder_src: list[int] = []  # their rows among those samples
 
     def add(self, seq: SequenceState, start: int, tokens: list[int]) -> None:
         bs, table, end = self.block_size, seq.block_table, start + len(tokens)
