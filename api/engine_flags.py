@@ -82,7 +82,8 @@ def _add_capacity_args(p: argparse.ArgumentParser) -> None:
         "--speculative-config",
         default=None,
         help='speculative decoding as JSON, e.g. \'{"method": "ngram", '
-        '"num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\'',
+        '"num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' or '
+        '\'{"method": "draft_model", "model": "DRAFT.gguf", "num_speculative_tokens": 3}\'',
     )
     p.add_argument(
         "--max-waiting",

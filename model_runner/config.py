@@ -30,8 +30,12 @@ _DTYPES = {
 class SpeculativeConfig:
     """vLLM's --speculative-config (parsed and checked in model_runner/spec_config.py)."""
 
-    method: str = "ngram"
+    method: str = "ngram"  # ngram | draft_model
     num_speculative_tokens: int = 3  # K: tokens proposed per step for one sequence
+    # draft_model: a smaller model with the target's vocabulary (a .gguf file, an HF folder,
+    # or a config.json / bundled config name for random weights); "dummy": random weights
+    model: str | None = None
+    load_format: str = "auto"  # auto | dummy
     prompt_lookup_max: int = 4  # the longest suffix n-gram looked up in the sequence
     prompt_lookup_min: int = 2  # the shortest one
     # Back-off: a sequence whose last `backoff_window` proposals had fewer than

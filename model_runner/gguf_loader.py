@@ -13,7 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from model_runner.model_source import ModelConfig, ModelSourceError, check_gguf_arch_supported
+from model_runner.model_source import (
+    ModelConfig,
+    ModelSource,
+    ModelSourceError,
+    check_gguf_arch_supported,
+    model_config_from_hf,
+)
 
 # llama.cpp tensor name (after "blk.N.") -> the Hugging Face name (after "model.layers.N.").
 _LAYER_NAMES = {
@@ -194,3 +200,11 @@ def iter_gguf_weights(reader, config: ModelConfig) -> Iterator[tuple[str, np.nda
 
 def gguf_tensor_count(reader) -> int:
     return len(reader.tensors)
+
+
+def load_model_config(source: ModelSource, gguf_reader=None) -> ModelConfig:
+    """The ModelConfig of a resolved source (GGUF metadata or config.json)."""
+    if source.config_path.suffix == ".gguf":
+        reader = gguf_reader if gguf_reader is not None else open_gguf(source.config_path)
+        return model_config_from_gguf(reader)
+    return model_config_from_hf(source.config_path)

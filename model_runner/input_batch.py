@@ -38,6 +38,7 @@ class SequenceState:
         "grammar",
         "lora_slot",
         "num_pending",
+        "draft_num_computed",
     )
 
     def __init__(self, new: NewSequence, grammar: SequenceGrammar | None = None):
@@ -57,6 +58,9 @@ class SequenceState:
         # NOTE: sampled tokens still on their way to the host (0 or 1): the runner launches a
         # step before it collects the previous one, whose token feeds a placeholder row
         self.num_pending = 0
+        # NOTE: a draft model (model_runner/draft_model.py): leading positions whose draft
+        # K/V hold (at most num_computed once the step before is collected)
+        self.draft_num_computed = new.num_computed_tokens
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -39,11 +39,16 @@ def max_useful_blocks(config: EngineConfig, max_model_len: int) -> int:
 
 
 def num_blocks_for_cpu(
-    config: EngineConfig, model: ModelConfig, dtype: torch.dtype, max_model_len: int
+    config: EngineConfig,
+    model: ModelConfig,
+    dtype: torch.dtype,
+    max_model_len: int,
+    extra_block_bytes: int = 0,
 ) -> int:
-    """From `kv_cache_memory` GiB (default 2), capped by `max_useful_blocks`."""
+    """From `kv_cache_memory` GiB (default 2), capped by `max_useful_blocks`.
+    `extra_block_bytes`: what else each block holds (a draft model's K and V)."""
     gib = DEFAULT_CPU_KV_CACHE_GIB if config.kv_cache_memory is None else config.kv_cache_memory
-    per_block = bytes_per_block(model, config.block_size, dtype)
+    per_block = bytes_per_block(model, config.block_size, dtype) + extra_block_bytes
     blocks = int(gib * GIB) // per_block
     budget = f"{gib:g} GiB"
     _check_one_request_fits(blocks, per_block, config, max_model_len, "--kv-cache-memory", budget)
@@ -56,6 +61,7 @@ def num_blocks_for_cuda(
     dtype: torch.dtype,
     max_model_len: int,
     device: torch.device,
+    extra_block_bytes: int = 0,
 ) -> int:
     """From `gpu_memory_utilization` of the device, after the profiling forward has run.
 
@@ -63,11 +69,11 @@ def num_blocks_for_cuda(
     peak of weights plus activations.
     """
     if config.kv_cache_memory is not None:
-        return num_blocks_for_cpu(config, model, dtype, max_model_len)
+        return num_blocks_for_cpu(config, model, dtype, max_model_len, extra_block_bytes)
     _, total = torch.cuda.mem_get_info(device)
     peak = torch.cuda.max_memory_allocated(device)
     free_for_cache = total * config.gpu_memory_utilization - peak
-    per_block = bytes_per_block(model, config.block_size, dtype)
+    per_block = bytes_per_block(model, config.block_size, dtype) + extra_block_bytes
     blocks = int(max(free_for_cache, 0)) // per_block
     budget = (
         f"{config.gpu_memory_utilization:g} "
@@ -94,10 +100,15 @@ def kv_cache_summary(
 
 
 def check_fits_in_memory(
-    blocks: int, model: ModelConfig, block_size: int, dtype: torch.dtype, available: int
+    blocks: int,
+    model: ModelConfig,
+    block_size: int,
+    dtype: torch.dtype,
+    available: int,
+    extra_block_bytes: int = 0,
 ) -> None:
     """A CPU cache larger than the free memory would be swapped or OOM-killed, not refused."""
-    needed = blocks * bytes_per_block(model, block_size, dtype)
+    needed = blocks * (bytes_per_block(model, block_size, dtype) + extra_block_bytes)
     if needed > available:
         raise EngineConfigError(
             f"--kv-cache-memory: the KV cache needs {needed / GIB:.2f} GiB but only "

@@ -22,9 +22,10 @@ from model_runner.config import (
 )
 from model_runner.decode_context import DecodeContext
 from model_runner.decode_graphs import Capturer, CudaGraphCapturer, DecodeGraphs, bucket_sizes
+from model_runner.draft_model import DraftModel, draft_rejection, resolve_draft
 from model_runner.fault_injection import ForwardFaults
 from model_runner.fused_decode import FusedDecode
-from model_runner.gguf_loader import check_gguf_tensor_types, model_config_from_gguf, open_gguf
+from model_runner.gguf_loader import check_gguf_tensor_types, load_model_config, open_gguf
 from model_runner.grammar import SequenceGrammar
 from model_runner.grammar_cache import GrammarCache, hf_tokenizer_info
 from model_runner.input_batch import (
@@ -46,13 +47,7 @@ from model_runner.linear_plan import check_quantization, plan_linears
 from model_runner.loader import available_memory_bytes, load_model
 from model_runner.lora import make_lora_slots
 from model_runner.lora_adapter import LoraAdapterError
-from model_runner.model_source import (
-    ModelConfig,
-    ModelSource,
-    load_tokenizer,
-    model_config_from_hf,
-    resolve_model,
-)
+from model_runner.model_source import load_tokenizer, resolve_model
 from model_runner.parallel import (
     RankPlacement,
     check_tensor_parallel_config,
@@ -63,6 +58,7 @@ from model_runner.parallel import (
 )
 from model_runner.placeholders import LastSampled, fill_placeholders
 from model_runner.quant.checkpoint_quant import read_checkpoint_quant
+from model_runner.rejection_sampler import DraftRejection
 from model_runner.sampled_rows import SampledRows
 from model_runner.sampler import Sampler
 from model_runner.step_flight import LaunchedStep, collect, distinct_states
@@ -71,14 +67,6 @@ from model_runner.step_timer import StepClock, StepTimer
 from model_runner.step_upload import to_host
 
 log = logging.getLogger(__name__)
-
-
-def load_model_config(source: ModelSource, gguf_reader=None) -> ModelConfig:
-    """The ModelConfig of a resolved source (GGUF metadata or config.json)."""
-    if source.config_path.suffix == ".gguf":
-        reader = gguf_reader if gguf_reader is not None else open_gguf(source.config_path)
-        return model_config_from_gguf(reader)
-    return model_config_from_hf(source.config_path)
 
 
 class ModelRunner:
@@ -118,6 +106,7 @@ class ModelRunner:
         check_tensor_parallel_shape(self.model_config, self.placement.world_size)
         self.dtype, auto_dtype_reason = resolve_dtype_with_reason(config, self.device)
         self.kv_dtype = resolve_kv_cache_dtype(config, self.dtype)
+        self._resolve_draft()
         self.tp = init_tensor_parallel(self.placement, self.device, config.collective_timeout)
         # NOTE: this rank's heads: the KV cache and decode context hold only them.
         self.rank_model_config = rank_model_config(self.model_config, self.tp)
@@ -156,6 +145,19 @@ class ModelRunner:
             max_bytes=config.grammar_cache_mib * 1024 * 1024,
         )
 
+    def _resolve_draft(self) -> None:
+        """A draft model's source and config (checked now); its K/V share each block."""
+        spec = self.config.speculative_config
+        self.draft: DraftModel | None = None
+        self.draft_source = None
+        self.draft_block_bytes = 0
+        if spec is None or spec.method != "draft_model":
+            return
+        self.draft_source = resolve_draft(self.config, self.model_config, self.source)
+        self.draft_block_bytes = bytes_per_block(
+            self.draft_source[1], self.config.block_size, self.dtype
+        )
+
     def _set_up_decode_paths(self) -> None:
         """The decode context, the CPU's fused or compiled decode layers, CUDA graphs."""
         config = self.config
@@ -186,6 +188,11 @@ class ModelRunner:
                 progress=progress,
                 gguf_reader=reader,
             )
+            if self.draft_source is not None:
+                self.draft = DraftModel(
+                    self.config, *self.draft_source, self.dtype, self.device,
+                    self.max_model_len, progress,
+                )  # fmt: skip
             self.tp.wait_for_all_ranks("loaded")
             if self._kv_cache_needs_profile():
                 self._profile_run()
@@ -193,6 +200,8 @@ class ModelRunner:
             self.kv_cache = KVCache(
                 self.rank_model_config, self.num_blocks, self.block_size, self.kv_dtype, self.device
             )
+            if self.draft is not None:
+                self.draft.allocate_cache(self.num_blocks, self.block_size)
             log.info(
                 "%s",
                 kv_cache_summary(
@@ -248,11 +257,15 @@ class ModelRunner:
         """NOTE: per rank (each holds its KV heads' share); the same on every rank."""
         cfg, mc = self.config, self.rank_model_config
         if self.device.type != "cuda":
-            blocks = num_blocks_for_cpu(cfg, mc, self.kv_dtype, self.max_model_len)
-            check_fits_in_memory(blocks, mc, self.block_size, self.kv_dtype,
-                                 available_memory_bytes())  # fmt: skip
+            extra = self.draft_block_bytes
+            blocks = num_blocks_for_cpu(cfg, mc, self.kv_dtype, self.max_model_len, extra)
+            check_fits_in_memory(
+                blocks, mc, self.block_size, self.kv_dtype, available_memory_bytes(), extra
+            )
         else:
-            blocks = num_blocks_for_cuda(cfg, mc, self.kv_dtype, self.max_model_len, self.device)
+            blocks = num_blocks_for_cuda(
+                cfg, mc, self.kv_dtype, self.max_model_len, self.device, self.draft_block_bytes
+            )
         return self.tp.min_over_ranks(blocks, self.device)
 
     @torch.inference_mode()
@@ -425,12 +438,16 @@ class ModelRunner:
         step, prev_rows, prev_tokens = self.last_sampled.take(step)
         apply_state_updates(self._seqs, step, self._make_grammar)
         self.kv_cache.copy_blocks(step.block_copies)
+        if self.draft is not None:
+            self.draft.kv_cache.copy_blocks(step.block_copies)
         for load in step.lora_loads:
             self.lora.load(load.slot, load.key, load.path)
         if not self.collect_after_forward:
             self._collect_in_flight(clock)  # NOTE: then the call after the forward finds none
-        rows, seqs = None, []
+        rows, seqs, draft_q = None, [], {}
         with torch.inference_mode():
+            if step.chunks and self.draft is not None:  # NOTE: fills the draft slots
+                step, draft_q = self.draft.propose(step, self._seqs, prev_rows, prev_tokens)
             if step.chunks:
                 inputs = build_model_inputs(
                     self._seqs, step, self.block_size, self.device, self.config.batch_invariant
@@ -440,7 +457,8 @@ class ModelRunner:
             self._collect_in_flight(clock)
             spec = accepted = None
             if step.chunks:
-                sampled = self._sample(logits, inputs.sample_seqs)
+                rejection = draft_rejection(inputs.spec, draft_q)
+                sampled = self._sample(logits, inputs.sample_seqs, rejection)
                 spec = inputs.spec
                 if spec is not None:
                     accepted = to_host(spec.verify(sampled.tokens))
@@ -460,10 +478,15 @@ class ModelRunner:
             step.step_id, rows, seqs, clock, host_seconds, spec, accepted
         )
 
-    def _sample(self, logits: torch.Tensor, rows: list) -> SampledRows:
+    def _sample(
+        self, logits: torch.Tensor, rows: list, rejection: DraftRejection | None = None
+    ) -> SampledRows:
         """The rows' tokens on the device. Tensor parallel: rank 0 samples, the others get its
         tokens by a broadcast (no logprobs there: only rank 0 answers)."""
-        sampled = self.sampler.sample(logits, rows) if self.placement.is_driver else None
+        if self.placement.is_driver:
+            sampled = self.sampler.sample(logits, rows, rejection)
+        else:
+            sampled = None
         if not self.tp.enabled:
             return sampled
         tokens = self.tp.broadcast_tokens(

@@ -19,6 +19,7 @@ import torch
 from model_runner.counter_rng import RowUniforms, token_seed
 from model_runner.grammar import GrammarBitmask
 from model_runner.input_batch import SequenceState
+from model_runner.rejection_sampler import DraftRejection
 from model_runner.sampled_rows import SampledRows
 from model_runner.sampling_metadata import (
     SamplingMetadata,
@@ -58,8 +59,14 @@ class Sampler:
         """logits: [R, vocab] float32 (modified in place), one row per sequence in `seqs`."""
         return self.sample(logits, seqs).to_host()
 
-    def sample(self, logits: torch.Tensor, seqs: list[SequenceState]) -> SampledRows:
-        """As `__call__`, leaving the rows on the device (no wait for the device)."""
+    def sample(
+        self,
+        logits: torch.Tensor,
+        seqs: list[SequenceState],
+        rejection: DraftRejection | None = None,
+    ) -> SampledRows:
+        """As `__call__`, leaving the rows on the device (no wait for the device).
+        `rejection`: a draft model's sampled proposals, accepted by the rejection rule."""
         seq_ids = [s.seq_id for s in seqs]
         if not seqs:
             return SampledRows(seq_ids, torch.empty(0, dtype=torch.long, device=logits.device))
@@ -82,6 +89,8 @@ class Sampler:
         if meta.penalized:
             apply_penalties(logits, meta.penalized)
         sampled = pick_tokens(logits, meta)
+        if rejection is not None:  # NOTE: pick_tokens left the logits divided by temperature
+            sampled = rejection.apply(logits, sampled, meta)
         if raw_logprobs is None:
             return SampledRows(seq_ids, sampled)
         return _with_logprobs(raw_logprobs, sampled, seq_ids, meta.num_logprobs)

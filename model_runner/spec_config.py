@@ -1,7 +1,8 @@
 """Speculative decoding's settings: vLLM's `--speculative-config` JSON, checked at start-up.
 
-Only n-gram (prompt lookup) proposals are built; a draft model is refused with a clear
-error until it is.
+Two methods: n-gram (prompt lookup, proposed by the scheduler) and a draft model (proposed
+by the runner, model_runner/draft_model.py). The draft's files and vocabulary are checked
+when the runner resolves it (model_runner/draft_model.py: resolve_draft).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import fields
 from model_runner.config import EngineConfigError, SpeculativeConfig
 
 MAX_SPECULATIVE_TOKENS = 8
+METHODS = ("ngram", "draft_model")
 
 
 def parse_speculative_config(text: str | dict) -> SpeculativeConfig:
@@ -24,12 +26,16 @@ def parse_speculative_config(text: str | dict) -> SpeculativeConfig:
         raise EngineConfigError("--speculative-config must be a JSON object")
     known = {f.name for f in fields(SpeculativeConfig)}
     method = raw.get("method", "ngram")
-    if method in ("draft_model", "draft", "eagle", "medusa", "mtp"):
+    if method == "draft":  # vLLM's older spelling
+        raw["method"] = method = "draft_model"
+    if method in ("eagle", "eagle3", "medusa", "mtp"):
         raise EngineConfigError(
-            f'--speculative-config method {method!r} is not supported yet: use "ngram"'
+            f'--speculative-config method {method!r} is not supported: use "ngram" or "draft_model"'
         )
-    if method != "ngram":
-        raise EngineConfigError(f"--speculative-config: unknown method {method!r} (ngram)")
+    if method not in METHODS:
+        raise EngineConfigError(
+            f"--speculative-config: unknown method {method!r} (ngram, draft_model)"
+        )
     unknown = sorted(set(raw) - known)
     if unknown:
         raise EngineConfigError(f"--speculative-config: unknown keys {unknown}")
@@ -59,6 +65,13 @@ def check_speculative_config(c: SpeculativeConfig) -> None:
         raise EngineConfigError(
             "--speculative-config: prompt_lookup_min must not exceed prompt_lookup_max"
         )
+    if c.method == "draft_model" and not (isinstance(c.model, str) and c.model):
+        raise EngineConfigError(
+            '--speculative-config: method "draft_model" needs "model": a .gguf file, an HF '
+            "folder, or a config for random weights"
+        )
+    if c.load_format not in ("auto", "dummy"):
+        raise EngineConfigError("--speculative-config: load_format must be auto or dummy")
     whole("backoff_window", c.backoff_window, 1)
     whole("backoff_steps", c.backoff_steps, 0)
     if not 0 <= c.backoff_min_acceptance <= 1:

@@ -39,6 +39,9 @@ class ScheduledChunk(msgspec.Struct, frozen=True, array_like=True):
     `draft_token_ids` (speculative decoding; then num_tokens == 1, no placeholder): tokens
     proposed after the chunk's last one, computed with it; the runner samples every
     position and returns the accepted proposals plus one token (model_runner/speculative.py).
+    `num_draft_slots` (a draft model; then draft_token_ids is empty, num_tokens == 1, no
+    placeholder): the runner's draft model proposes that many tokens before the step and
+    they are verified like the scheduler's (the blocks for them are in the table).
     """
 
     seq_id: str
@@ -47,6 +50,7 @@ class ScheduledChunk(msgspec.Struct, frozen=True, array_like=True):
     block_ids: list[int]
     num_placeholders: int = 0
     draft_token_ids: list[int] = []
+    num_draft_slots: int = 0
 
 
 def lora_key(name: str, generation: int) -> str:

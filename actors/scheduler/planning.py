@@ -14,6 +14,7 @@ from actors.scheduler.block_manager import Allocation
 from actors.scheduler.overlap import plans_ahead
 from actors.scheduler.plan import Plan
 from actors.scheduler.sequence import SeqStatus, Sequence
+from actors.scheduler.speculation import DRAFT_SLOT
 from model_runner.step_input import NewSequence, ScheduledChunk
 
 if TYPE_CHECKING:
@@ -151,8 +152,18 @@ def add_to_plan(
     placeholders = seq.num_pending
     assert placeholders == 0 or (placeholders, num_tokens) == (1, 1)
     drafts = drafts or []
+    # NOTE: slots for a draft model's proposals carry no tokens (the runner makes them)
+    slots = len(drafts) if drafts and drafts[0] == DRAFT_SLOT else 0
     plan.chunks.append(
-        ScheduledChunk(seq.seq_id, num_tokens, start, alloc.block_ids, placeholders, drafts)
+        ScheduledChunk(
+            seq.seq_id,
+            num_tokens,
+            start,
+            alloc.block_ids,
+            placeholders,
+            [] if slots else drafts,
+            slots,
+        )
     )
     plan.copies.extend(alloc.copies)
     plan.scheduled.append((seq, num_tokens))

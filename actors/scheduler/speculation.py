@@ -1,6 +1,9 @@
 """Speculative decoding in the scheduler: which sequences propose, the n-gram proposals
 (actors/scheduler/ngram.py), the back-off, and the acceptance counters.
 
+With a draft model the runner proposes: `propose` returns K DRAFT_SLOT entries, planned as
+`ScheduledChunk.num_draft_slots` with blocks for them (model_runner/draft_model.py).
+
 A speculating decode row computes its last token plus K proposed ones in one step; the
 runner samples all K + 1 positions and keeps the longest run of proposals its own samples
 confirm, plus its sample after that run (model_runner/speculative.py). Speculating rows
@@ -22,6 +25,7 @@ from actors.scheduler.ngram import propose_ngram
 from actors.scheduler.sequence import Sequence
 from model_runner.config import SpeculativeConfig
 
+DRAFT_SLOT = -1  # a proposal the runner's draft model makes (never a token id)
 RETRY_AFTER_MISS = 4  # overlapped plain steps after a miss, before the next lookup
 
 
@@ -82,6 +86,8 @@ class Speculation:
         if room <= 0:
             return None
         c = self.config
+        if c.method == "draft_model":
+            return [DRAFT_SLOT] * room
         return propose_ngram(seq.token_ids, room, c.prompt_lookup_min, c.prompt_lookup_max)
 
     def record(self, seq: Sequence, proposed: int, accepted: int) -> None:

@@ -152,6 +152,11 @@ def test_speculative_config_flag(capsys):
     assert cfg.speculative_config.num_speculative_tokens == 5
     assert cfg.speculative_config.prompt_lookup_max == 4
     assert engine_config(parse()).speculative_config is None
+    draft = engine_config(parse("--speculative-config", '{"method": "draft_model", '
+                                '"model": "small.gguf", "num_speculative_tokens": 2}'))  # fmt: skip
+    assert (draft.speculative_config.method, draft.speculative_config.model) == (
+        "draft_model", "small.gguf"
+    )  # fmt: skip
     with pytest.raises(SystemExit):
         engine_config(
             parse("--speculative-config", '{"method": "ngram", "num_speculative_tokens": 12}')

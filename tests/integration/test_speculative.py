@@ -3,12 +3,14 @@ output as without speculation, blocks all returned, proposals actually accepted.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import pytest
 
 from api import LLM, SamplingParams
 from model_runner.fused_decode import FusedDecode
+from model_runner.model_source import default_gguf_path
 from model_runner.sampling_params import GrammarSpec
 from tests.conftest import GREEDY_PROMPTS, needs_int8_dot, settled_stats
 
@@ -122,6 +124,35 @@ def spec_since(before, after):
         accepted_per_pos=[a - b for a, b in zip(after.accepted_per_pos, before.accepted_per_pos,
                                                 strict=True)],
     )  # fmt: skip
+
+
+def test_the_model_as_its_own_draft_keeps_greedy_output_and_nearly_every_proposal(plain, reference):
+    """The default model drafts for itself (loaded twice): the draft's one-token steps and
+    the target's K + 1 positions differ only in rounding, so >= 99% of proposals hold.
+    A grammar's bitmask checks the proposals too (greedy: the plain output; sampled: text
+    that matches)."""
+    draft = {"method": "draft_model", "model": str(default_gguf_path()),
+             "num_speculative_tokens": 3}  # fmt: skip
+    prompts, n = GREEDY_PROMPTS[:2] + REPETITIVE[:2], TOKENS // 2  # NOTE: 4 passes a step
+    fruit = GrammarSpec(kind="regex", spec=r"( (apple|banana|cherry|date),)+")
+    constrained = [
+        SamplingParams(temperature=0.0, max_tokens=n, grammar=fruit),
+        SamplingParams(temperature=0.8, seed=1, max_tokens=n, grammar=fruit),
+    ]
+    want = plain.generate(REPETITIVE[2:], constrained[0])[0].outputs[0].token_ids
+    llm = engine(speculative_config=draft)
+    try:
+        got = token_ids(llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n)))
+        stats = settled_stats(llm)
+        grammar = [o.outputs[0] for o in llm.generate(REPETITIVE[2:] * 2, constrained)]
+    finally:
+        llm.shutdown()
+    assert_same_greedy({p: (reference[p][0][:n], reference[p][1][:n]) for p in prompts}, got)
+    assert stats.num_blocks_in_use == 0
+    assert stats.spec.num_accepted_tokens >= 0.99 * stats.spec.num_draft_tokens > 0
+    assert grammar[0].token_ids == want
+    assert re.fullmatch(r"( (apple|banana|cherry|date),)*( (apple|banana|cherry|date),?)?",
+                        grammar[1].text), grammar[1].text  # fmt: skip
 
 
 def test_seeded_samples_are_the_ones_without_speculation(plain, spec2):

@@ -7,6 +7,7 @@ that catches wrong prefix hits, missing or wrong copy-on-write, and writes into 
 another sequence reads. A chunk reaching the end of its tokens samples one new token.
 A placeholder chunk (overlap) must be a one-token decode of the token this runner sampled
 for it in the step before; after a failed step such rows are dropped, as the runner does.
+Draft slots (`num_draft_slots`) are filled by `draft_token`, a stand-in draft model.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ class FakeRunner:
         next_token: Callable[[str, list[int]], int] | None = None,
         seed: int = 0,
         seconds_per_token: float = 0.0,
+        draft_token: Callable[[str, list[int]], int] | None = None,
     ) -> None:
+        self.draft_token = draft_token
         self.block_size = block_size
         self.seconds_per_token = seconds_per_token  # device time per computed token
         self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
@@ -88,12 +91,13 @@ class FakeRunner:
         for src, dst in step.block_copies:
             self.kv[dst] = list(sources[src])
         written: dict[tuple[int, int], str] = {}
+        proposals = {c.seq_id: self._proposals(c) for c in chunks}
         for chunk in chunks:
             seq = self.seqs[chunk.seq_id]
             del seq.table[chunk.block_table_start :]
             seq.table.extend(chunk.block_ids)
             end = seq.num_computed + chunk.num_tokens
-            drafts = chunk.draft_token_ids
+            drafts = proposals[chunk.seq_id]
             assert 0 < chunk.num_tokens and end <= len(seq.token_ids)
             assert not drafts or (chunk.num_tokens == 1 and end == len(seq.token_ids))
             width = -(-(end + len(drafts)) // bs)
@@ -115,7 +119,7 @@ class FakeRunner:
             if end == len(seq.token_ids):
                 # NOTE: speculation: each position samples from the history with the
                 # proposals before it; the run stops at the first sample that differs
-                drafts = chunk.draft_token_ids
+                drafts = proposals[chunk.seq_id]
                 for j in range(len(drafts) + 1):
                     token = self.next_token(chunk.seq_id, seq.token_ids)
                     seq.token_ids.append(token)
@@ -127,6 +131,15 @@ class FakeRunner:
         self.last_sampled = (step.step_id, {t.seq_id: t.token_id for t in sampled})  # the last
         device_seconds = self.seconds_per_token * sum(c.num_tokens for c in chunks)
         return StepOutput(step_id=step.step_id, sampled=sampled, device_seconds=device_seconds)
+
+    def _proposals(self, chunk) -> list[int]:
+        if not chunk.num_draft_slots:
+            return list(chunk.draft_token_ids)
+        assert not chunk.draft_token_ids and chunk.num_tokens == 1 and not chunk.num_placeholders
+        tokens = list(self.seqs[chunk.seq_id].token_ids)
+        for _ in range(chunk.num_draft_slots):
+            tokens.append(self.draft_token(chunk.seq_id, tokens))
+        return tokens[len(tokens) - chunk.num_draft_slots :]
 
 
 class Config:

@@ -27,7 +27,9 @@ def test_ngram_proposes_what_followed_the_latest_match_of_the_longest_suffix():
         ('{"method": "ngram", "num_speculative_tokens": 9}', "num_speculative_tokens"),
         ('{"method": "ngram", "num_speculative_tokens": 0}', "num_speculative_tokens"),
         ('{"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2}', "exceed"),
-        ('{"method": "draft_model", "model": "x"}', "not supported yet"),
+        ('{"method": "draft_model", "num_speculative_tokens": 2}', "needs .model."),
+        ('{"method": "draft_model", "model": "x", "load_format": "gguf"}', "load_format"),
+        ('{"method": "eagle", "model": "x"}', "not supported"),
         ('{"method": "magic"}', "unknown method"),
         ('{"method": "ngram", "k": 3}', "unknown keys"),
         ("[1]", "JSON object"),
@@ -51,10 +53,10 @@ def periodic(period: int, noise_every: int = 0):
     return next_token
 
 
-def run(spec: SpeculativeConfig | None, next_token, prompts, num_blocks=64, **kw):
+def run(spec: SpeculativeConfig | None, next_token, prompts, num_blocks=64, draft=None, **kw):
     sched = make_scheduler(num_blocks=num_blocks, block_size=4, max_model_len=128,
                            max_num_batched_tokens=32, speculative_config=spec)  # fmt: skip
-    runner = FakeRunner(num_blocks, 4, next_token)
+    runner = FakeRunner(num_blocks, 4, next_token, draft_token=draft)
     driver = Driver(sched, runner)
     for i, prompt in enumerate(prompts):
         sched.add_request(request(f"r{i}", prompt, **kw))
@@ -84,6 +86,22 @@ def test_outputs_equal_plain_decoding_and_blocks_come_back(k, noise):
     if noise:
         assert stats.num_accepted_tokens < stats.num_draft_tokens  # some were rejected
     assert sum(stats.accepted_per_pos) == stats.num_accepted_tokens
+
+
+@pytest.mark.parametrize("noise", [0, 4])
+def test_draft_model_slots_are_filled_by_the_runner_and_blocks_come_back(noise):
+    """With a draft model the plan carries proposal slots, not tokens; the runner's draft
+    (here: the fake model itself, wrong at every `noise`-th position) fills them."""
+    model = periodic(3)
+    plain, _, _ = run(None, model, PROMPTS, max_tokens=30)
+    spec = SpeculativeConfig(method="draft_model", model="d", num_speculative_tokens=4,
+                             backoff_steps=0)  # fmt: skip
+    got, sched, runner = run(spec, model, PROMPTS, num_blocks=24, draft=periodic(3, noise),
+                             max_tokens=30)  # fmt: skip
+    assert got == plain
+    stats = sched.spec.stats()
+    assert stats.num_accepted_tokens == runner.num_accepted > 0
+    assert (stats.num_accepted_tokens < stats.num_draft_tokens) == bool(noise)
 
 
 def test_stop_tokens_inside_an_accepted_run_cut_it():
