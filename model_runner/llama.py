@@ -105,19 +105,31 @@ class LinearSlot:
 
 @dataclass(frozen=True)
 class KVScaleSlot:
-    """A layer's FP8 KV-cache scale (`which`: 0 for k_scale, 1 for v_scale)."""
+    """A layer's FP8 KV-cache scale(s) (`which`: 0 for k_scale, 1 for v_scale)."""
 
     layer: LlamaDecoderLayer
-    which: int
+    which: tuple[int, ...]
 
     def set(self, value: float) -> None:
         scales = list(self.layer.kv_scales)
-        scales[self.which] = value
+        for i in self.which:
+            scales[i] = value
         self.layer.kv_scales = tuple(scales)
 
 
 WeightSlot = ParamSlot | LinearSlot | KVScaleSlot
-KV_SCALE_NAMES = {"k_scale": 0, "v_scale": 1}  # vLLM's self_attn.k_scale / v_scale
+# (module, name) of a layer's KV-cache scales in the checkpoints vLLM reads: compressed-tensors
+# (self_attn.k_scale; older ones k_proj.output_scale), ModelOpt (k_proj.k_scale) and the
+# deprecated self_attn.kv_scale (one scale for both).
+KV_SCALE_NAMES = {
+    ("self_attn", "k_scale"): (0,),
+    ("self_attn", "v_scale"): (1,),
+    ("self_attn", "kv_scale"): (0, 1),
+    ("self_attn.k_proj", "k_scale"): (0,),
+    ("self_attn.v_proj", "v_scale"): (1,),
+    ("self_attn.k_proj", "output_scale"): (0,),
+    ("self_attn.v_proj", "output_scale"): (1,),
+}
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -282,8 +294,8 @@ class LlamaForCausalLM(nn.Module):
             return None
         layer = self.layers[int(parts[2])]
         module, kind = ".".join(parts[3:-1]), parts[-1]
-        if module == "self_attn" and kind in KV_SCALE_NAMES:
-            return KVScaleSlot(layer, KV_SCALE_NAMES[kind])
+        if (module, kind) in KV_SCALE_NAMES:
+            return KVScaleSlot(layer, KV_SCALE_NAMES[module, kind])
         return _layer_slot(layer, module, kind, self.weight_parts.get(module))
 
 
@@ -332,7 +344,7 @@ def _layer_slot(
     linear: Linear = getattr(layer, name)
     if kind == "weight":
         return LinearSlot(linear, shard, part)
-    if linear.bias is None:
+    if kind != "bias" or linear.bias is None:  # NOTE: e.g. a checkpoint's q_proj.q_scale
         return None
     start = linear.offsets[shard]
     return ParamSlot(linear.bias, start, start + linear.output_sizes[shard], part)

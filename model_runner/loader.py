@@ -133,7 +133,7 @@ def load_weights(
                     raise ModelSourceError(f"the model has no place for the weight {name}")
                 continue
             if isinstance(slot, KVScaleSlot):
-                slot.set(float(as_float_tensor(take_part(source, None)).float().reshape(-1)[0]))
+                slot.set(kv_scale_value(name, take_part(source, None)))
                 continue
             source = take_part(source, slot.part)
             if isinstance(slot, LinearSlot):
@@ -150,6 +150,17 @@ def load_weights(
     missing = [n for n, p in model.named_parameters() if filled.get(id(p), 0) != p.numel()]
     if missing:
         raise ModelSourceError(f"weights missing or incomplete: {', '.join(missing[:5])}")
+
+
+def kv_scale_value(name: str, source: WeightSource) -> float:
+    """A per-tensor KV-cache scale (one float); per-head or per-channel ones are refused."""
+    tensor = as_float_tensor(source)
+    if tensor.numel() != 1:
+        raise ModelSourceError(
+            f"{name} has shape {tuple(tensor.shape)}: tokenmill's FP8 KV cache takes one "
+            "scale per layer (per-tensor), not per head or channel"
+        )
+    return float(tensor.float().reshape(()))
 
 
 DUMMY_STD = 0.02  # NOTE: x @ W over a unit-RMS x gives std 0.02 * sqrt(in): ~1-2 at 4k-19k

@@ -231,6 +231,58 @@ def test_fp8_kv_cache_with_checkpoint_scales(tmp_path, monkeypatch):
     assert torch.equal(storage[:, :, 1], storage[:, :, 0])
 
 
+# The names vLLM reads a layer's KV-cache scales by (weight_utils.maybe_remap_kv_scale_name,
+# compressed-tensors' cache-scale mapper): -> the layer's (k_scale, v_scale).
+KV_SCALE_LAYOUTS = {
+    "compressed-tensors": ({"self_attn.k_scale": 0.5, "self_attn.v_scale": 0.25}, (0.5, 0.25)),
+    "compressed-tensors-output-scale": (
+        {"self_attn.k_proj.output_scale": 0.5, "self_attn.v_proj.output_scale": 0.25},
+        (0.5, 0.25),
+    ),
+    "modelopt": (
+        {"self_attn.k_proj.k_scale": 0.5, "self_attn.v_proj.v_scale": 0.25},
+        (0.5, 0.25),
+    ),  # fmt: skip
+    "deprecated-kv-scale": ({"self_attn.kv_scale": 0.5}, (0.5, 0.5)),
+}
+
+
+def _biased_llama_folder(folder, scales: dict[str, torch.Tensor]):
+    """A tiny Llama with q/k/v biases (as Qwen2 has; no o_proj one) and extra layer-1
+    tensors `scales`."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, attention_bias=True))
+    model.save_pretrained(folder)
+    state = load_file(folder / "model.safetensors")
+    state = {n: t for n, t in state.items() if not n.endswith("o_proj.bias")}  # Qwen2's
+    state |= {f"model.layers.1.{name}": value for name, value in scales.items()}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return model.eval()
+
+
+@pytest.mark.parametrize("layout", KV_SCALE_LAYOUTS)
+def test_kv_scales_are_read_by_every_name_vllm_reads(layout, tmp_path):
+    """Each checkpoint naming of the KV scales reaches the layer, and none of them is taken
+    for a projection's bias (the model has q/k/v biases)."""
+    names, want = KV_SCALE_LAYOUTS[layout]
+    hf_model = _biased_llama_folder(tmp_path, {n: torch.tensor(v) for n, v in names.items()})
+    runner = runner_for(tmp_path, kv_cache_dtype="fp8")
+    assert runner.model.layers[1].kv_scales == want
+    assert runner.model.layers[0].kv_scales == (1.0, 1.0)
+    bias = runner.model.layers[1].qkv_proj.bias
+    layer = hf_model.model.layers[1].self_attn
+    hf_bias = torch.cat([layer.q_proj.bias, layer.k_proj.bias, layer.v_proj.bias])
+    assert torch.equal(bias.float(), hf_bias.float())
+
+
+def test_per_head_kv_scales_are_refused(tmp_path):
+    _biased_llama_folder(tmp_path, {"self_attn.k_scale": torch.ones(2)})
+    with pytest.raises(ModelSourceError, match=r"model.layers.1.self_attn.k_scale has shape"):
+        runner_for(tmp_path, kv_cache_dtype="fp8")
+
+
 @needs_int8_dot
 @pytest.mark.parametrize("fmt", ["awq", "gptq"])
 def test_bf16_cpu_serves_4bit_checkpoints_with_the_int8_dot_kernels(fmt, tmp_path):
