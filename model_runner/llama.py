@@ -111,6 +111,8 @@ class KVScaleSlot:
     which: tuple[int, ...]
 
     def set(self, value: float) -> None:
+        """NOTE: a NaN marks a checkpoint scale that is not per-tensor (an FP8 cache refuses
+        it at load; other caches never read it)."""
         scales = list(self.layer.kv_scales)
         for i in self.which:
             scales[i] = value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -133,7 +134,7 @@ def load_weights(
                     raise ModelSourceError(f"the model has no place for the weight {name}")
                 continue
             if isinstance(slot, KVScaleSlot):
-                slot.set(kv_scale_value(name, take_part(source, None)))
+                slot.set(kv_scale_value(take_part(source, None)))
                 continue
             source = take_part(source, slot.part)
             if isinstance(slot, LinearSlot):
@@ -152,15 +153,21 @@ def load_weights(
         raise ModelSourceError(f"weights missing or incomplete: {', '.join(missing[:5])}")
 
 
-def kv_scale_value(name: str, source: WeightSource) -> float:
-    """A per-tensor KV-cache scale (one float); per-head or per-channel ones are refused."""
+def kv_scale_value(source: WeightSource) -> float:
+    """A per-tensor KV-cache scale (one float); NaN for per-head or per-channel ones, which
+    only an FP8 cache would read (`check_kv_scales`)."""
     tensor = as_float_tensor(source)
-    if tensor.numel() != 1:
-        raise ModelSourceError(
-            f"{name} has shape {tuple(tensor.shape)}: tokenmill's FP8 KV cache takes one "
-            "scale per layer (per-tensor), not per head or channel"
-        )
-    return float(tensor.float().reshape(()))
+    return float(tensor.float().reshape(())) if tensor.numel() == 1 else math.nan
+
+
+def check_kv_scales(model: LlamaForCausalLM) -> None:
+    """Refuse checkpoint KV scales an FP8 cache cannot take (not one float per layer)."""
+    for layer in model.layers:
+        if any(math.isnan(s) for s in layer.kv_scales):
+            raise ModelSourceError(
+                f"layer {layer.index}: the checkpoint's k/v scales are not per-tensor (one "
+                "float per layer), as tokenmill's FP8 KV cache needs; use --kv-cache-dtype auto"
+            )
 
 
 DUMMY_STD = 0.02  # NOTE: x @ W over a unit-RMS x gives std 0.02 * sqrt(in): ~1-2 at 4k-19k

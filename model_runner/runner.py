@@ -44,7 +44,7 @@ from model_runner.kv_cache import (
     resolve_kv_cache_dtype,
 )
 from model_runner.linear_plan import check_quantization, plan_linears
-from model_runner.loader import available_memory_bytes, load_model
+from model_runner.loader import available_memory_bytes, check_kv_scales, load_model
 from model_runner.lora import make_lora_slots
 from model_runner.lora_adapter import LoraAdapterError
 from model_runner.model_source import load_tokenizer, resolve_model
@@ -193,6 +193,8 @@ class ModelRunner:
                     self.config, *self.draft_source, self.dtype, self.device,
                     self.max_model_len, progress,
                 )  # fmt: skip
+            if self.kv_dtype == torch.float8_e4m3fn:
+                check_kv_scales(self.model)
             self.tp.wait_for_all_ranks("loaded")
             if self._kv_cache_needs_profile():
                 self._profile_run()

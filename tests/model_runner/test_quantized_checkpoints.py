@@ -277,10 +277,11 @@ def test_kv_scales_are_read_by_every_name_vllm_reads(layout, tmp_path):
     assert torch.equal(bias.float(), hf_bias.float())
 
 
-def test_per_head_kv_scales_are_refused(tmp_path):
+def test_per_head_kv_scales_are_refused_by_an_fp8_cache_only(tmp_path):
     _biased_llama_folder(tmp_path, {"self_attn.k_scale": torch.ones(2)})
-    with pytest.raises(ModelSourceError, match=r"model.layers.1.self_attn.k_scale has shape"):
+    with pytest.raises(ModelSourceError, match="layer 1: the checkpoint's k/v scales are not"):
         runner_for(tmp_path, kv_cache_dtype="fp8")
+    assert runner_for(tmp_path).kv_cache.storage.dtype == torch.float32  # never read
 
 
 @needs_int8_dot
