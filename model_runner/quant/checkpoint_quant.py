@@ -97,8 +97,24 @@ def _group_quant(qc: dict, method: str, where: str) -> CheckpointQuant:
     fmt = str(qc.get("checkpoint_format", "gptq")).lower()
     if fmt not in ("gptq", "gptq_v2"):
         raise _bad(where, "gptq checkpoint_format", fmt, "served: gptq, gptq_v2")
+    if qc.get("is_marlin_format"):  # NOTE: AutoGPTQ's Marlin repack (tensors B and s)
+        raise _bad(where, "gptq is_marlin_format", True, "served: the gptq layout (false)")
     desc_act = bool(qc.get("desc_act", False))
+    _check_dynamic(qc, where, bits, group, desc_act)
     return CheckpointQuant("gptq", bits, group, desc_act, zero_offset=int(fmt == "gptq"))
+
+
+def _check_dynamic(qc: dict, where: str, bits, group, desc_act) -> None:
+    """GPTQModel's `dynamic` per-module overrides: skipping modules ("-:" rules, left in
+    float) is served; a rule that changes bits, group_size or desc_act is not."""
+    for rule, override in (qc.get("dynamic") or {}).items():
+        if str(rule).startswith("-:") or not isinstance(override, dict):
+            continue
+        base = {"bits": bits, "group_size": group, "desc_act": desc_act}
+        changed = {k: v for k, v in override.items() if k in base and v != base[k]}
+        if changed:
+            raise _bad(where, f"gptq dynamic rule {rule!r}", changed,
+                       "served: one bits/group_size/desc_act for every module")  # fmt: skip
 
 
 def _fp8(qc: dict, where: str) -> CheckpointQuant:

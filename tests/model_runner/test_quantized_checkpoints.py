@@ -161,6 +161,11 @@ BAD_CONFIGS = {
     "group-48": (AWQ | {"group_size": 48}, ["group_size 48", "multiple of 32"]),
     "gptq-marlin": ({"quant_method": "gptq", "bits": 4, "group_size": 32,
                      "checkpoint_format": "marlin"}, ["checkpoint_format 'marlin'"]),
+    "gptq-is-marlin-format": ({"quant_method": "gptq", "bits": 4, "group_size": 32,
+                               "is_marlin_format": True}, ["is_marlin_format"]),
+    "gptq-dynamic-bits": ({"quant_method": "gptq", "bits": 4, "group_size": 32,
+                           "dynamic": {"+:.*down_proj.*": {"bits": 8}}},
+                          ["dynamic rule '+:.*down_proj.*'", "{'bits': 8}"]),
     "fp8-blocks": ({"quant_method": "fp8", "weight_block_size": [128, 128]},
                    ["weight_block_size"]),
     "int4-compressed": ({"quant_method": "compressed-tensors", "format": "pack-quantized"},
@@ -327,3 +332,11 @@ def test_bf16_cpu_serves_4bit_checkpoints_with_the_int8_dot_kernels(fmt, tmp_pat
     assert (ours - ref).norm() / ref.norm() < 0.05
     tokens = generate(runner, PROMPTS, GREEDY)  # decode steps through the fused CPU layers
     assert [len(t) for t in tokens] == [NEW_TOKENS] * len(PROMPTS)
+
+
+def test_gptq_dynamic_rules_that_keep_the_layout_are_served():
+    from model_runner.quant.checkpoint_quant import parse_quantization_config
+
+    rules = {"-:model.layers.0.mlp.*": {}, "+:.*q_proj.*": {"bits": 4, "sym": True}}
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "dynamic": rules}
+    assert parse_quantization_config(qc).bits == 4
