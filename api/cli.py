@@ -211,6 +211,7 @@ def check_engine_config(cfg) -> None:
     size) only it checks."""
     from model_runner.config import EngineConfigError, resolve_device
     from model_runner.gguf_loader import model_config_from_gguf, open_gguf
+    from model_runner.kv_cache import check_kv_cache_dtype
     from model_runner.linear_plan import check_quantization
     from model_runner.lora import check_lora_config
     from model_runner.model_source import (
@@ -228,6 +229,7 @@ def check_engine_config(cfg) -> None:
                            read_checkpoint_quant(source.config_path),
                            cfg.tensor_parallel_size)  # fmt: skip
         check_lora_config(cfg)
+        check_kv_cache_dtype(cfg, resolve_device(cfg))
         check_tensor_parallel_config(cfg, resolve_device(cfg))
         model_config = None
         if source.config_path.suffix == ".json":

@@ -15,16 +15,34 @@ GIB = 1 << 30
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
-def resolve_kv_cache_dtype(config: EngineConfig, dtype: torch.dtype) -> torch.dtype:
+def resolve_kv_cache_dtype(
+    config: EngineConfig, dtype: torch.dtype, device: torch.device | None = None
+) -> torch.dtype:
     """`--kv-cache-dtype`: auto is the activation dtype; fp8 (= fp8_e4m3) stores K/V as
     float8_e4m3fn with per-layer scales (the checkpoint's k_scale/v_scale, else 1.0), half
     the bytes of bf16. NOTE: an FP8 cache turns off the CPU's decode context (and so its
     fused and compiled decode layers): the paged kernels read the FP8 blocks themselves."""
+    check_kv_cache_dtype(config, device)
+    return dtype if config.kv_cache_dtype == "auto" else torch.float8_e4m3fn
+
+
+def check_kv_cache_dtype(config: EngineConfig, device: torch.device | None = None) -> None:
+    """Refuse an unknown --kv-cache-dtype, or FP8 on a GPU whose Triton has no e4m3."""
     if config.kv_cache_dtype not in KV_CACHE_DTYPES:
         raise EngineConfigError(
             f"unknown --kv-cache-dtype {config.kv_cache_dtype!r}; one of {KV_CACHE_DTYPES}"
         )
-    return dtype if config.kv_cache_dtype == "auto" else torch.float8_e4m3fn
+    fp8 = config.kv_cache_dtype != "auto"
+    if fp8 and device is not None and device.type == "cuda" and _capability(device) < (8, 9):
+        raise EngineConfigError(
+            f"--kv-cache-dtype {config.kv_cache_dtype} needs a GPU with FP8 (e4m3) support "
+            "(compute capability 8.9+: Ada, Hopper) for the Triton cache kernels; use "
+            "--kv-cache-dtype auto here"
+        )
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

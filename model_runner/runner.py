@@ -105,7 +105,7 @@ class ModelRunner:
                            config.tensor_parallel_size)  # fmt: skip
         check_tensor_parallel_shape(self.model_config, self.placement.world_size)
         self.dtype, auto_dtype_reason = resolve_dtype_with_reason(config, self.device)
-        self.kv_dtype = resolve_kv_cache_dtype(config, self.dtype)
+        self.kv_dtype = resolve_kv_cache_dtype(config, self.dtype, self.device)
         self._resolve_draft()
         self.tp = init_tensor_parallel(self.placement, self.device, config.collective_timeout)
         # NOTE: this rank's heads: the KV cache and decode context hold only them.

@@ -33,3 +33,22 @@ def test_runner_logs_it_once(caplog):
     expected = f"maximum concurrency for 256 tokens per request: {runner.num_blocks / 16:.2f}x"
     assert lines[0].startswith(f"KV cache: {runner.num_blocks} blocks of 16 tokens")
     assert lines[0].endswith(expected)
+
+
+def test_fp8_kv_cache_needs_e4m3_on_the_gpu(monkeypatch):
+    """--kv-cache-dtype fp8 on a GPU below compute capability 8.9 (Triton has no e4m3
+    there) is a start-up error naming the flag, not a kernel compile error mid-profile."""
+    import pytest
+
+    from model_runner.config import EngineConfigError
+    from model_runner.kv_cache import check_kv_cache_dtype, resolve_kv_cache_dtype
+
+    cfg = EngineConfig(kv_cache_dtype="fp8")
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(EngineConfigError, match="--kv-cache-dtype fp8 needs a GPU"):
+        resolve_kv_cache_dtype(cfg, torch.bfloat16, cuda)
+    check_kv_cache_dtype(EngineConfig(), cuda)  # auto: any GPU
+    assert resolve_kv_cache_dtype(cfg, torch.bfloat16, torch.device("cpu")) == torch.float8_e4m3fn
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolve_kv_cache_dtype(cfg, torch.bfloat16, cuda) == torch.float8_e4m3fn
