@@ -183,6 +183,8 @@ class LinearPlan:
     # whatever `quantization` serves them as.
     checkpoint: object = None  # model_runner.quant.checkpoint_quant.CheckpointQuant
     cpu_planes: bool = False  # AWQ/GPTQ through the CPU's quantized kernels (QuantizedLinear)
+    # Dummy weights of a quantized checkpoint's config: floats quantized to its bits/groups.
+    float_layout: object = None  # a CheckpointQuant
 
     def method(self, out_features: int, in_features: int) -> LinearMethod:
         if self.quantization == "none":
@@ -198,7 +200,7 @@ class LinearPlan:
         if self.cpu_planes:
             return self._quantized(out_features, in_features, self.quantization,
                                    self.int4_max_rows)  # fmt: skip
-        quant = self.checkpoint or default_quant(self.quantization)
+        quant = self.checkpoint or self.float_layout or default_quant(self.quantization)
         quantize_floats = self.checkpoint is None
         args = (self.dtype, self.device, self.dense, quantize_floats)
         if self.quantization == "fp8":
@@ -269,6 +271,10 @@ def plan_linears(
     quant = resolve_quantization(
         config.quantization, device, dtype, source_format, gguf_types, checkpoint
     )
+    float_layout = None
+    if source_format == "dummy" and checkpoint is not None:
+        # NOTE: no stored tensors: the random floats are quantized in the config's layout
+        float_layout, checkpoint = checkpoint, None
     weights = model_config.num_layers * sum(o * i for o, i in projection_shapes(model_config))
     weights += model_config.vocab_size * model_config.hidden_size
     elem = torch.empty((), dtype=dtype).element_size()
@@ -304,7 +310,8 @@ def plan_linears(
         log.info("LM head: quantized (%s) up to %d rows, dense bf16 above", kernel, lm_rows)
     cpu_planes = cpu_quant in CHECKPOINT_FORMATS
     return LinearPlan(dtype, device, quant, dense, max_rows, kernel, lm_rows,
-                      checkpoint=checkpoint, cpu_planes=cpu_planes)  # fmt: skip
+                      checkpoint=checkpoint, cpu_planes=cpu_planes,
+                      float_layout=float_layout)  # fmt: skip
 
 
 def _fits_cpu_planes(checkpoint, quant: str, device: torch.device, dtype: torch.dtype) -> bool:

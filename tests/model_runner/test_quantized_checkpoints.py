@@ -106,6 +106,25 @@ def test_dummy_weights_in_each_format(quant, tmp_path):
     assert len(tokens) == NEW_TOKENS and all(0 <= t < TINY["vocab_size"] for t in tokens)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dummy_weights_of_a_quantized_config_are_quantized_in_its_layout(dtype, tmp_path):
+    """--load-format dummy with a quantized model's config.json (a benchmark of its shape):
+    the random floats are quantized in the config's layout, not served dense under its name
+    (bfloat16 on the CPU would take the int8-dot route of stored 4-bit planes)."""
+    import transformers
+
+    transformers.LlamaConfig(**TINY).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 8, "group_size": 32}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    runner = ModelRunner(EngineConfig(load_format="dummy", hf_config_path=str(tmp_path),
+                                      dtype=dtype, kv_cache_memory=0.001),
+                         progress=False)  # fmt: skip
+    assert runner.linear_plan.quantization == "gptq"
+    assert "gptq 8-bit g32 (w4a16)" in repr(runner.model.layers[0].qkv_proj)
+    assert len(generate(runner, PROMPTS[:1], GREEDY)[0]) == NEW_TOKENS
+
+
 # --- bad checkpoints --------------------------------------------------------------------
 
 
