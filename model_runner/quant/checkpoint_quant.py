@@ -1,5 +1,6 @@
 """A checkpoint's `quantization_config` (config.json), parsed and checked before any weight
-loads. Every variant tokenmill cannot serve is a start-up error naming the field and value.
+loads (or, in older AutoGPTQ / AutoAWQ folders, quantize_config.json / quant_config.json).
+Every variant tokenmill cannot serve is a start-up error naming the field and value.
 
 | quant_method         | served                                                           |
 |----------------------|------------------------------------------------------------------|
@@ -54,10 +55,35 @@ def read_checkpoint_quant(config_path: Path | None) -> CheckpointQuant | None:
         return None  # NOTE: model_config_from_hf reports an unreadable config
     qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
     if qc is None:
-        return None
+        return _read_sidecar(config_path.parent)
     if not isinstance(qc, dict):
         raise CheckpointQuantError(f"{config_path}: quantization_config is not an object")
     return parse_quantization_config(qc, str(config_path))
+
+
+# Older AutoGPTQ / AutoAWQ folders keep their settings beside config.json, often without a
+# quant_method: AutoGPTQ's quantize_config.json, AutoAWQ's quant_config.json (w_bit,
+# q_group_size, version), the files vLLM reads for gptq and awq.
+SIDECARS = {"quantize_config.json": "gptq", "quant_config.json": "awq"}
+AWQ_ONLY_KEYS = ("w_bit", "q_group_size", "zero_point", "version")
+
+
+def _read_sidecar(folder: Path) -> CheckpointQuant | None:
+    for name, default in SIDECARS.items():
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            qc = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointQuantError(f"{path}: not readable JSON ({e})") from e
+        if not isinstance(qc, dict):
+            raise CheckpointQuantError(f"{path}: not a JSON object")
+        if "quant_method" not in qc:
+            awq = default == "awq" or any(k in qc for k in AWQ_ONLY_KEYS)
+            qc = qc | {"quant_method": "awq" if awq else "gptq"}
+        return parse_quantization_config(qc, str(path))
+    return None
 
 
 def parse_quantization_config(qc: dict, where: str = "quantization_config") -> CheckpointQuant:

@@ -72,6 +72,34 @@ def test_greedy_matches_hf_on_the_dequantized_weights(case, tmp_path):
     assert assert_greedy_matches(runner, hf_model) >= len(PROMPTS) * NEW_TOKENS // 2
 
 
+# Older folders: the settings in a file beside config.json, without a quant_method.
+SIDECARS = {
+    "autoawq-quant_config": ("awq", dict(group=32), "quant_config.json",
+                             {"zero_point": True, "q_group_size": 32, "w_bit": 4,
+                              "version": "GEMM"}, "awq 4-bit g32"),
+    "autogptq-quantize_config": ("gptq", dict(bits=4, group=32, act_order=True),
+                                 "quantize_config.json",
+                                 {"bits": 4, "group_size": 32, "desc_act": True, "sym": False,
+                                  "true_sequential": True, "model_file_base_name": "model"},
+                                 "gptq 4-bit g32, act-order"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SIDECARS)
+def test_quant_settings_beside_config_json_are_read(case, tmp_path):
+    fmt, kw, sidecar, settings, kind = SIDECARS[case]
+    hf_model = tiny_llama()
+    write_quantized(hf_model, tmp_path, fmt, **kw)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["quantization_config"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / sidecar).write_text(json.dumps(settings))
+    runner = runner_for(tmp_path)
+    assert runner.linear_plan.quantization == fmt
+    assert kind in repr(runner.model.layers[0].qkv_proj)
+    assert assert_greedy_matches(runner, hf_model) >= len(PROMPTS) * NEW_TOKENS // 2
+
+
 def test_quantization_none_dequantizes_an_awq_checkpoint(tmp_path):
     hf_model = tiny_llama()
     write_quantized(hf_model, tmp_path, "awq", group=32)
