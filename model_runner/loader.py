@@ -45,10 +45,12 @@ def load_model(
     elif source.format == "safetensors":
         files = sorted(Path(source.path).glob("*.safetensors"))
         weights = iter_safetensors(files, lazy=sharded)
-        if plan.checkpoint is not None:  # NOTE: one source per quantized projection
-            from model_runner.quant.tensor_groups import group_quantized_tensors
+        from model_runner.quant.tensor_groups import group_quantized_tensors, refuse_quantized
 
+        if plan.checkpoint is not None:  # NOTE: one source per quantized projection
             weights = group_quantized_tensors(weights, plan.checkpoint)
+        else:
+            weights = refuse_quantized(weights)
         load_weights(model, weights, count_safetensors(files), progress)
     else:
         raise ModelSourceError(f"unknown format {source.format!r}")

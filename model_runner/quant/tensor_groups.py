@@ -65,3 +65,20 @@ def group_quantized_tensors(
         if missing:  # FP8 scales of a float weight: no FP8 weight to scale
             raise CheckpointQuantError(f"{module}: {', '.join(parts)} without an FP8 weight")
         yield f"{module}.weight", build(module, parts, quant)
+
+
+QUANTIZED_PARTS = ("qweight", "qzeros", "weight_scale", "weight_packed")
+
+
+def refuse_quantized(
+    weights: Iterable[tuple[str, torch.Tensor]],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A float checkpoint's (name, tensor) pairs, unchanged; a quantized tensor (a checkpoint
+    whose config.json lost its quantization_config) is a clear error, not garbage weights."""
+    for name, tensor in weights:
+        if name.rpartition(".")[2] in QUANTIZED_PARTS:
+            raise CheckpointQuantError(
+                f"{name} is a quantized tensor, but config.json has no quantization_config "
+                "(nor is there a quantize_config.json or quant_config.json beside it)"
+            )
+        yield name, tensor

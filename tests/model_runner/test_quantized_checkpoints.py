@@ -233,6 +233,17 @@ def test_a_format_other_than_the_checkpoints_is_refused(awq_folder):
         runner_for(awq_folder, quantization="gptq")
 
 
+@pytest.mark.parametrize("fmt", ["awq", "fp8"])
+def test_quantized_tensors_without_a_quantization_config_are_refused(fmt, tmp_path):
+    kw = dict(group=32) if fmt == "awq" else dict(per_channel=False, static=False)
+    write_quantized(tiny_llama(), tmp_path, fmt, **kw)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["quantization_config"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    part = "qweight" if fmt == "awq" else "weight_scale"
+    assert_refused(tmp_path, [f"{part} is a quantized tensor", "no quantization_config"])
+
+
 def test_fp8_static_scales_must_be_there(tmp_path):
     model = tiny_llama()
     write_quantized(model, tmp_path, "fp8", per_channel=False, static=True)
