@@ -165,6 +165,9 @@ def _compressed_tensors(qc: dict, where: str) -> CheckpointQuant:
     acts = groups[0].get("input_activations")
     if weights.get("type") != "float" or weights.get("num_bits") != 8:
         raise _bad(where, "compressed-tensors weights", weights, "served: 8-bit float (FP8)")
+    for part, scheme in (("weights", weights), ("input_activations", acts or {})):
+        if not scheme.get("symmetric", True):  # NOTE: zero points tokenmill would not read
+            raise _bad(where, f"compressed-tensors {part} symmetric", False, "served: true")
     strategy = weights.get("strategy", "tensor")
     if strategy not in ("tensor", "channel"):
         raise _bad(where, "compressed-tensors weight strategy", strategy,

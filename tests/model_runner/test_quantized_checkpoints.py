@@ -215,6 +215,10 @@ BAD_CONFIGS = {
                           ["dynamic rule '+:.*down_proj.*'", "{'bits': 8}"]),
     "fp8-blocks": ({"quant_method": "fp8", "weight_block_size": [128, 128]},
                    ["weight_block_size"]),
+    "fp8-asymmetric": ({"quant_method": "compressed-tensors", "format": "float-quantized",
+                        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                            "num_bits": 8, "type": "float", "symmetric": False}}}},
+                       ["weights symmetric False"]),
     "int4-compressed": ({"quant_method": "compressed-tensors", "format": "pack-quantized"},
                         ["format 'pack-quantized'"]),
 }  # fmt: skip
