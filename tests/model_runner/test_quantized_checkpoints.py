@@ -345,10 +345,15 @@ def test_kv_scales_are_read_by_every_name_vllm_reads(layout, tmp_path):
 
 
 def test_per_head_kv_scales_are_refused_by_an_fp8_cache_only(tmp_path):
-    _biased_llama_folder(tmp_path, {"self_attn.k_scale": torch.ones(2)})
+    _biased_llama_folder(tmp_path, {"self_attn.k_scale": torch.ones(2) * 3})
     with pytest.raises(ModelSourceError, match="layer 1: the checkpoint's k/v scales are not"):
         runner_for(tmp_path, kv_cache_dtype="fp8")
-    assert runner_for(tmp_path).kv_cache.storage.dtype == torch.float32  # never read
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    _biased_llama_folder(plain, {})
+    runner = runner_for(tmp_path)  # a float32 cache never reads the scales
+    assert runner.kv_cache.storage.dtype == torch.float32
+    assert generate(runner, PROMPTS, GREEDY) == generate(runner_for(plain), PROMPTS, GREEDY)
 
 
 @needs_int8_dot
