@@ -43,6 +43,7 @@ from model_runner.model_source import (
     load_tokenizer,
     resolve_model,
 )
+from model_runner.quant.checkpoint_quant import read_checkpoint_quant
 from model_runner.rejection_sampler import DRAFT_DRAW, DraftGroup, DraftRejection, processed_probs
 from model_runner.sampling_metadata import build_sampling_metadata
 from model_runner.sampling_ops import draw, greedy_argmax
@@ -137,7 +138,7 @@ class DraftModel:
             gguf_types = {t.tensor_type.name for t in reader.tensors}
         plan = plan_linears(
             config, device, dtype, source.format, gguf_types, model_config,
-            available_memory_bytes(),
+            available_memory_bytes(), read_checkpoint_quant(source.config_path),
         )  # fmt: skip
         self.model = load_model(
             source, model_config, plan, max_model_len, seed=config.seed + 1,

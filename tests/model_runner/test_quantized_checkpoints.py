@@ -407,3 +407,17 @@ def test_gptq_dynamic_rules_that_keep_the_layout_are_served():
     rules = {"-:model.layers.0.mlp.*": {}, "+:.*q_proj.*": {"bits": 4, "sym": True}}
     qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "dynamic": rules}
     assert parse_quantization_config(qc).bits == 4
+
+
+def test_a_quantized_draft_model_is_served_in_its_format(tmp_path):
+    """A draft model's folder is read like a target's: its quantization_config too."""
+    from model_runner.draft_model import DraftModel
+    from model_runner.gguf_loader import load_model_config
+    from model_runner.model_source import resolve_model
+
+    write_quantized(tiny_llama(), tmp_path, "awq", group=32)
+    config = EngineConfig(model=str(tmp_path), dtype="float32")
+    source = resolve_model(config)
+    draft = DraftModel(config, source, load_model_config(source), torch.float32,
+                       torch.device("cpu"), 256, progress=False)  # fmt: skip
+    assert "awq 4-bit g32" in repr(draft.model.layers[0].qkv_proj)
