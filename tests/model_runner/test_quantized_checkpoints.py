@@ -100,6 +100,27 @@ def test_quant_settings_beside_config_json_are_read(case, tmp_path):
     assert assert_greedy_matches(runner, hf_model) >= len(PROMPTS) * NEW_TOKENS // 2
 
 
+def test_gptq_v2_zeros_are_read_as_stored(tmp_path):
+    """checkpoint_format gptq_v2 (GPTQModel) stores the zero points themselves, v1 stores
+    zero - 1: the same weights in v2 give the same tokens as HF on them."""
+    from tests.model_runner.quant_checkpoints import pack_columns, unpack_columns
+
+    hf_model = tiny_llama()
+    write_quantized(hf_model, tmp_path, "gptq", bits=4, group=32, act_order=False)
+    state = load_file(tmp_path / "model.safetensors")
+    for name in [n for n in state if n.endswith(".qzeros")]:
+        zeros = unpack_columns(state[name], 4) + 1  # v1's stored zero - 1
+        assert int(zeros.max()) <= 15  # NOTE: a zero of 16 (v1's wrapped 0) has no v2 form
+        state[name] = pack_columns(zeros, 4)
+    save_file(state, tmp_path / "model.safetensors")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["checkpoint_format"] = "gptq_v2"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    runner = runner_for(tmp_path)
+    assert runner.model.layers[0].qkv_proj.method.quant.zero_offset == 0
+    assert assert_greedy_matches(runner, hf_model) >= len(PROMPTS) * NEW_TOKENS // 2
+
+
 def test_quantization_none_dequantizes_an_awq_checkpoint(tmp_path):
     hf_model = tiny_llama()
     write_quantized(hf_model, tmp_path, "awq", group=32)
