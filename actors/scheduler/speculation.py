@@ -12,8 +12,9 @@ Every position samples as plain decoding would after the proposals before it: se
 min_tokens, penalties and a grammar's bitmask follow them (model_runner/speculative.py).
 A leader with samples still to fork (n > 1) does not speculate until they have forked.
 Where the runner verifies fast only up to a number of token rows (the CPU's fused decode
-layer: `max_verify_tokens`), a step's proposals stay within what its decode rows leave of it:
-a wider step would run the slow general path for every row.
+layer: `max_verify_tokens`), a step's proposals stay within what its decode rows leave of it
+(a wider step would run the slow general path for every row), shared evenly: a batch too
+large for one proposal token per row does not speculate (see `begin_step`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Speculation:
         self.max_model_len = max_model_len
         self.max_verify_tokens = max_verify_tokens  # 0: no limit
         self.room = self.k  # proposal tokens the step being planned may still take
+        self.row_k = self.k  # the most one row of that step proposes
         self.step = 0  # steps planned, the back-off's clock
         self.num_drafts = 0  # proposals made (one per speculating row and step)
         self.num_draft_tokens = 0
@@ -49,11 +51,14 @@ class Speculation:
 
     def begin_step(self, num_running: int) -> None:
         """A step is planned for `num_running` decode rows at most: the room its proposals
-        have (see the module)."""
+        have (see the module). Within a verify limit every row gets the same share, and
+        where that is under one token none speculates: a row that steps synchronously
+        holds the whole batch's overlap back, so a few speculating rows slow the rest."""
+        rows = max(1, num_running)
+        self.row_k = self.k
         if self.max_verify_tokens:
-            self.room = max(0, self.max_verify_tokens - num_running)
-        else:
-            self.room = self.k * max(1, num_running)
+            self.row_k = min(self.k, max(0, self.max_verify_tokens - rows) // rows)
+        self.room = self.row_k * rows
 
     def took(self, num_tokens: int) -> None:
         """The step being planned verifies these proposal tokens."""
@@ -71,13 +76,15 @@ class Speculation:
         propose with it. NOTE: speculating rows skip the steps planned ahead; after a lookup
         that found nothing or a proposal with nothing accepted, a sequence runs
         RETRY_AFTER_MISS steps overlapped (plain) before it tries again."""
+        if self.room <= 0:  # NOTE: this step has no room left for its proposals
+            return False
         return self.eligible(seq) and self._plain_until.get(seq.seq_id, 0) <= self.step
 
     def propose(self, seq: Sequence, budget: int) -> list[int] | None:
         """Up to K tokens to verify after `seq`'s last token (which it computes now); None
         when there is no room for one (budget, max_tokens, max_model_len)."""
         room = min(
-            self.k,
+            self.row_k,
             self.room,
             budget - 1,
             seq.request.max_tokens - seq.num_output_tokens - 1,  # the step samples one more
