@@ -191,19 +191,8 @@ class DecodeContext:
             and held[0] == keys  # NOTE: keys without __eq__ (sequence states) by identity
             and all(0 <= n - q <= h for n, q, h in zip(seq_lens, new_tokens, held[1], strict=True))
         )
-        token_rows = token_lens = None
-        if any(q != 1 for q in new_tokens):
-            token_rows = torch.tensor(
-                [i for i, q in enumerate(new_tokens) for _ in range(q)], dtype=torch.long
-            )
-            token_lens = torch.tensor(
-                [n - q + j + 1 for n, q in zip(seq_lens, new_tokens, strict=True)
-                 for j in range(q)], dtype=torch.long,
-            )  # fmt: skip
-            new_slots = token_rows * self.capacity + (token_lens - 1)
-        else:
-            index = torch.arange(len(keys), dtype=torch.long)
-            new_slots = index * self.capacity + (seq_lens_t.long() - 1)
+        token_rows, token_lens = _token_rows(seq_lens, new_tokens)
+        new_slots = token_rows * self.capacity + (token_lens - 1)
         num_blocks = -(-max_len // block_size)
         gather_index = None
         if not append:
@@ -249,3 +238,10 @@ class DecodeContext:
         ]
         self.rows, self.capacity = new_rows, capacity
         return True, False
+
+
+def _token_rows(seq_lens: list[int], new_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per new token: its row, and its row's length up to and including it."""
+    rows = [i for i, q in enumerate(new_tokens) for _ in range(q)]
+    lens = [n - q + j + 1 for n, q in zip(seq_lens, new_tokens, strict=True) for j in range(q)]
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(lens, dtype=torch.long)
