@@ -20,7 +20,7 @@ class LaunchRunner(SimpleNamespace):
 
     def __init__(self, fail_launch=(), fail_collect=()):
         super().__init__(num_blocks=8, block_size=4, max_model_len=32, vocab_size=8,
-                         eos_token_ids=[0], on_output=None)  # fmt: skip
+                         eos_token_ids=[0], on_output=None, max_verify_tokens=0)  # fmt: skip
         self.grammars = GrammarCache(lambda: None)
         self.fail_launch, self.fail_collect = set(fail_launch), set(fail_collect)
         self.in_flight: int | None = None
@@ -57,7 +57,7 @@ async def run_steps(runner: LaunchRunner, step_ids: list[int], hold_first: bool 
     to_executor, from_executor = transport.outbox("executor"), transport.inbox("scheduler")
     task = asyncio.create_task(executor.run())
     try:
-        assert isinstance(await from_executor.recv(), ExecutorReady)
+        assert isinstance(await asyncio.wait_for(from_executor.recv(), 30), ExecutorReady)
         if hold_first:
             runner.gate.clear()
         for step_id in step_ids:

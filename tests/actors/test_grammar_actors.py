@@ -199,6 +199,7 @@ def toy_runner(step_seconds: float = 0.0) -> SimpleNamespace:
     runner = SimpleNamespace(
         num_blocks=8, block_size=4, max_model_len=32, vocab_size=len(vocab),
         eos_token_ids=[0], grammars=cache, launch=launch, flush=flush, on_output=None,
+        max_verify_tokens=0,
     )  # fmt: skip
     return runner
 
@@ -209,7 +210,7 @@ async def test_the_executor_compiles_while_a_step_runs():
     to_executor, from_executor = transport.outbox("executor"), transport.inbox("scheduler")
     task = asyncio.create_task(executor.run())
     try:
-        assert isinstance(await from_executor.recv(), ExecutorReady)
+        assert isinstance(await asyncio.wait_for(from_executor.recv(), 30), ExecutorReady)
         to_executor.send(StepPlan(step=StepInput(step_id=0)))
         to_executor.send(CompileGrammar(request_id="g", grammar=SPEC))
         first = await asyncio.wait_for(from_executor.recv(), 5)
@@ -236,7 +237,7 @@ async def test_the_executor_times_a_compile_out_and_caches_it_when_it_ends(monke
     from_executor = transport.inbox("scheduler")
     task = asyncio.create_task(executor.run())
     try:
-        assert isinstance(await from_executor.recv(), ExecutorReady)
+        assert isinstance(await asyncio.wait_for(from_executor.recv(), 30), ExecutorReady)
         to_executor.send(CompileGrammar(request_id="slow", grammar=SPEC))
         failed = await asyncio.wait_for(from_executor.recv(), 5)
         assert isinstance(failed, GrammarFailed) and failed.code == "grammar_compile_timeout"
