@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.cpu_info import cpu_info
+
 
 @dataclass(frozen=True, slots=True)
 class PackedWeight:
@@ -40,10 +42,19 @@ def packing_available(dtype: torch.dtype) -> bool:
     if dtype == torch.float32:
         return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
     if dtype == torch.bfloat16:
-        return torch.backends.mkldnn.is_available() and hasattr(
-            torch.ops.mkldnn, "_linear_pointwise"
+        return (
+            torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and _onednn_packs_bf16()
         )
     return False
+
+
+def _onednn_packs_bf16() -> bool:
+    """oneDNN's bf16 weight reorder needs AVX-NE-CONVERT or AVX-512 BW/VL/DQ (AVX2-only CPUs
+    such as Zen 2/3 refuse it: their bf16 linears stay on `F.linear`)."""
+    flags = cpu_info()[1]
+    return "avx_ne_convert" in flags or {"avx512bw", "avx512vl", "avx512dq"} <= flags
 
 
 @torch.no_grad()
