@@ -5,8 +5,11 @@ text, so one early miss does not derail the rest), plus the perplexity of a fixe
 The issue's floors are 95% / 90% top-1 agreement and perplexity within 3% / 8%; measured
 on the default model (Zen 4, the int8-dot kernels): bf16 99.0% and 0.1%, 4-bit 98.5% (4
 rows a step: the fused int8-dot path) / 98.4% (12 rows: the dense copy) and 0.02%, so the
-floors below are raised to 97.5% / 97% and 0.5% (torch's int4 GEMM, where the CPU lacks
-AVX-512 VNNI, measured 97.5% / 97.9% and 0.3% before).
+floors below are raised to 97.5% / 97% and 0.5%. Torch's int4 GEMM (where the CPU lacks
+AVX-512 VNNI) takes each group's scale and zero in bfloat16, so its weights (and the dense
+copy's, kept equal to them) sit up to 2^-9 of a scale away from the checkpoint's: a bias
+shared by the whole group, not noise that averages out. It measured 97.5% / 97.9% and 0.3%
+on a Zen 4 forced onto it and 0.62% on an AVX2-only Zen CPU, so its perplexity bound is 1%.
 """
 
 from __future__ import annotations
@@ -133,7 +136,9 @@ def test_bfloat16_dense_against_hf_fp32(runner_dense, forced, fixed_text):
 
 @pytest.mark.parametrize("batch", [4, 12], ids=["4-bit-gemm", "dense-copy"])
 def test_4bit_against_hf_fp32(runner_4bit, forced, fixed_text, batch):
-    _check(runner_4bit, forced, fixed_text, batch=batch, min_top1=0.97, max_ppl_change=0.005)
+    kernel = runner_4bit.model.layers[0].qkv_proj.method.kernel
+    max_ppl = 0.005 if kernel == "int8-dot" else 0.01  # bfloat16 group scales: see above
+    _check(runner_4bit, forced, fixed_text, batch=batch, min_top1=0.97, max_ppl_change=max_ppl)
 
 
 def test_4bit_alone_and_among_16_agree_where_the_margin_is_clear(
