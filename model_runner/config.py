@@ -43,6 +43,10 @@ class SpeculativeConfig:
     backoff_window: int = 4
     backoff_min_acceptance: float = 0.25
     backoff_steps: int = 16
+    # No sequence proposes in a step planned while more than this many decode (vLLM's
+    # name): a speculating row steps synchronously, which a large batch pays for in full.
+    # None: no cut-off.
+    disable_by_batch_size: int | None = 4
 
 
 @dataclass(frozen=True)

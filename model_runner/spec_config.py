@@ -74,5 +74,7 @@ def check_speculative_config(c: SpeculativeConfig) -> None:
         raise EngineConfigError("--speculative-config: load_format must be auto or dummy")
     whole("backoff_window", c.backoff_window, 1)
     whole("backoff_steps", c.backoff_steps, 0)
+    if c.disable_by_batch_size is not None:
+        whole("disable_by_batch_size", c.disable_by_batch_size, 1)
     if not 0 <= c.backoff_min_acceptance <= 1:
         raise EngineConfigError("--speculative-config: backoff_min_acceptance must be in 0..1")

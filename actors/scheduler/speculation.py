@@ -14,7 +14,8 @@ A leader with samples still to fork (n > 1) does not speculate until they have f
 Where the runner verifies fast only up to a number of token rows (the CPU's fused decode
 layer: `max_verify_tokens`), a step's proposals stay within what its decode rows leave of it
 (a wider step would run the slow general path for every row), shared evenly: a batch too
-large for one proposal token per row does not speculate (see `begin_step`).
+large for one proposal token per row does not speculate (see `begin_step`), nor does one
+of more than `disable_by_batch_size` decoding sequences.
 """
 
 from __future__ import annotations
@@ -56,8 +57,11 @@ class Speculation:
         holds the whole batch's overlap back, so a few speculating rows slow the rest."""
         rows = max(1, num_running)
         self.row_k = self.k
+        cut_off = self.config.disable_by_batch_size
+        if cut_off is not None and num_running > cut_off:
+            self.row_k = 0
         if self.max_verify_tokens:
-            self.row_k = min(self.k, max(0, self.max_verify_tokens - rows) // rows)
+            self.row_k = min(self.row_k, max(0, self.max_verify_tokens - rows) // rows)
         self.room = self.row_k * rows
 
     def took(self, num_tokens: int) -> None:

@@ -48,7 +48,12 @@ def models(tmp_path_factory):
 def engine(models, draft: str | None = None, k: int = 3, **kw) -> LLM:
     spec = None
     if draft is not None:
-        spec = {"method": "draft_model", "model": models[draft], "num_speculative_tokens": k}
+        spec = {
+            "method": "draft_model",
+            "model": models[draft],
+            "num_speculative_tokens": k,
+            "disable_by_batch_size": None,
+        }  # NOTE: these tests speculate among 16 rows
     kw = {"kv_cache_memory": 0.01, "max_model_len": 256, "max_waiting": 4096, **kw}
     return LLM(models["target"], dtype="float32", skip_tokenizer_init=True, use_tqdm=False,
                speculative_config=spec, **kw)  # fmt: skip

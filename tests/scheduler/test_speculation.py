@@ -194,3 +194,18 @@ def test_rejected_proposals_return_their_blocks_at_once():
     got, sched, _ = run(spec, model, PROMPTS, num_blocks=24, max_tokens=40)
     assert got == plain
     assert sched.spec.num_accepted_tokens < sched.spec.num_draft_tokens
+
+
+def test_no_proposals_while_more_sequences_decode_than_disable_by_batch_size():
+    prompts = [[base + i % 3 for i in range(7)] for base in range(10, 70, 10)]  # six rows
+    plain, _, _ = run(None, periodic(3), prompts, max_tokens=24)
+    drafts = {}
+    for cut_off in (4, 6, None):
+        spec = SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_min=1,
+                                 disable_by_batch_size=cut_off)  # fmt: skip
+        got, sched, _ = run(spec, periodic(3), prompts, max_tokens=24)
+        assert got == plain
+        drafts[cut_off] = sched.spec.num_drafts
+    assert drafts[4] == 0 and drafts[6] > 0 and drafts[None] == drafts[6]
+    with pytest.raises(EngineConfigError, match="disable_by_batch_size"):
+        parse_speculative_config('{"method": "ngram", "disable_by_batch_size": 0}')
