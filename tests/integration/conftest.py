@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import ServerProcess
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # NOTE: stopped after tests/integration
 def tool_server():
     """One server for the tool-calling and structured-output tests.
 
@@ -20,7 +20,7 @@ def tool_server():
         yield srv
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # NOTE: stopped after tests/integration
 def small_server():
     """One short-context server for the fuzzing tests (test_fuzz_api, test_sampling_fuzz).
 

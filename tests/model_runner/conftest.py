@@ -31,7 +31,7 @@ CHAT_CONVERSATIONS = [
 RUNNER_KV_GIB = 0.4
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # NOTE: freed after tests/model_runner
 def runner() -> ModelRunner:
     return ModelRunner(
         EngineConfig(dtype="float32", kv_cache_memory=RUNNER_KV_GIB, max_model_len=2048),
@@ -39,7 +39,7 @@ def runner() -> ModelRunner:
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # NOTE: freed after tests/model_runner
 def runner_bf16() -> ModelRunner:
     return ModelRunner(
         EngineConfig(dtype="bfloat16", kv_cache_memory=RUNNER_KV_GIB, max_model_len=2048),
