@@ -79,7 +79,12 @@ def test_tiny_tp2_matches_tp1_under_batching_preemption_and_prefix_caching(tiny_
 def test_tp2_with_ngram_speculation_matches_tp1(tiny_tp1):
     """Rank 0 samples every position of a speculating row and broadcasts the tokens; each
     rank verifies the proposals itself, so the ranks stay in step."""
-    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+    spec = {
+        "method": "ngram",
+        "num_speculative_tokens": 3,
+        "prompt_lookup_min": 1,
+        "disable_by_batch_size": None,
+    }  # NOTE: the batch is larger than the default 4
     kwargs = engine_kwargs(hf_config_path="tiny-llama", tensor_parallel_size=2,
                            speculative_config=spec)  # fmt: skip
     with LLM(**kwargs, use_tqdm=False) as llm:
