@@ -2,6 +2,7 @@
 
     python load_tests/bench_speculative.py --rounds 2 --json-out spec.json
     python load_tests/bench_speculative.py --method draft_model --draft DRAFT.gguf --k 3
+    python load_tests/bench_speculative.py --rounds 1 --server-args "--dtype float32"
 
 Per round, one tokenmill server without speculation and one with
 `--speculative-config '{"method": "ngram", "num_speculative_tokens": K}'` (default K=4;
@@ -87,6 +88,8 @@ def main() -> None:
     p.add_argument("--method", choices=["ngram", "draft_model"], default="ngram")
     p.add_argument("--draft", default=None, help="draft_model: the draft (GGUF, HF folder)")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--server-args", default="",
+                   help='more flags for both servers, e.g. "--dtype float32"')  # fmt: skip
     args, extra = p.parse_known_args()
     if args.method == "draft_model":
         if args.draft is None:
@@ -101,8 +104,9 @@ def main() -> None:
         f.write("\n".join(REPETITIVE) + "\n")
         prompt_file = f.name
     for _ in range(args.rounds):
-        plain = serve_all(args.port, [], prompt_file, extra)
-        spec_run = serve_all(args.port, ["--speculative-config", spec], prompt_file, extra)
+        flags = args.server_args.split()
+        plain = serve_all(args.port, flags, prompt_file, extra)
+        spec_run = serve_all(args.port, [*flags, "--speculative-config", spec], prompt_file, extra)
         rounds.append({"plain": plain, "spec": spec_run})
     summary = {}
     print(f"\n{'workload':<16} {'plain tok/s':>12} {'spec tok/s':>12} {'speed-up':>9} "
