@@ -39,7 +39,7 @@ GREEDY_NEW_TOKENS = 32
 def _release_memory_after_each_module():
     """A test module's runners and engines freed when it ends, and their pages returned.
 
-    NOTE: the suite runs on a 24 GiB machine beside three session servers: model runners
+    NOTE: the suite runs on a 24 GiB machine beside its server processes: model runners
     kept alive by reference cycles until a later collection, and heap pages glibc keeps after
     the free, otherwise pile up in the pytest process over the run.
     """
