@@ -262,7 +262,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", default=None, help="comma-separated concurrencies, e.g. 1,8,32")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--input-len", type=int, default=64, help="prompt (or question) tokens")
-    p.add_argument("--prompt-file", default=None, help="one prompt per line, cycled")
+    p.add_argument(
+        "--prompt-file",
+        default=None,
+        help="one prompt per line (.jsonl: one JSON string per line), cycled",
+    )
     p.add_argument("--shared-prefix-len", type=int, default=0, help="shared system prompt")
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)

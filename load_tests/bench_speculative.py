@@ -8,7 +8,7 @@ Per round, one tokenmill server without speculation and one with
 `--speculative-config '{"method": "ngram", "num_speculative_tokens": K}'` (default K=4;
 `--method draft_model --draft PATH`: proposals from that draft model instead) run in turn
 (never both at once); each serves, through bench_serving (chat, greedy, 96 output tokens),
-a repetitive workload (rewrite a given code line with one change, quote a passage, return a
+a repetitive workload (rewrite a given code block with one change, quote a passage, return a
 JSON object unchanged) and free chat (bench_serving's synthetic prompts) at concurrency 1
 and 8. Reported: output tok/s, TPOT and ITL p50, the speed-up
 (median over rounds) and the acceptance rate from the server's spec_decode counters.
@@ -31,9 +31,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_serving  # noqa: E402
 from servers import running, tokenmill_cmd  # noqa: E402
 
+STACK = (
+    "```python\nclass Stack:\n    def __init__(self):\n        self.items = []\n\n"
+    "    def push(self, item):\n        self.items.append(item)\n\n    def pop(self):\n"
+    "        return self.items.pop()\n\n    def is_empty(self):\n"
+    "        return len(self.items) == 0\n```"
+)
+# NOTE: what users send to be copied with an edit: fenced code blocks (the default model
+# rewrites a one-line snippet into other code), a quoted passage, a JSON object.
 REPETITIVE = [
-    "Copy this Python code exactly, only renaming total to order_total: def total(items): "
-    "result = 0; for item in items: result = result + item.price * item.count; return result",
+    f"{STACK}\nRewrite this class with the method `is_empty` renamed to `empty`. Keep "
+    "everything else exactly the same.",
+    f"Here is my code:\n{STACK}\nPlease add a `peek` method that returns the top item, and "
+    "show the whole class.",
     "Quote this passage back in full, word for word: The river runs past the old mill, under "
     "the stone bridge and into the lake, where the boats wait for summer and the children swim "
     "from the wooden pier until the evening bell.",
@@ -100,8 +110,8 @@ def main() -> None:
         spec = json.dumps({"method": "ngram", "num_speculative_tokens": args.k,
                            "prompt_lookup_max": 4, "prompt_lookup_min": 2})  # fmt: skip
     rounds = []
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-        f.write("\n".join(REPETITIVE) + "\n")
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+        f.write("".join(json.dumps(text) + "\n" for text in REPETITIVE))
         prompt_file = f.name
     for _ in range(args.rounds):
         flags = args.server_args.split()

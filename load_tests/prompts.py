@@ -7,6 +7,7 @@ number, so distinct requests share no KV blocks unless a shared prefix is asked 
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -56,8 +57,12 @@ def make_questions(num: int, question_len: int, seed: int = 0) -> list[str]:
 
 
 def prompts_from_file(path: str | Path, num: int) -> list[str]:
-    """Prompts from a text file: one per non-empty line, cycled to `num`."""
-    lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """Prompts from a text file, cycled to `num`: one per non-empty line, or in a `.jsonl`
+    file one JSON string per line (prompts that span lines, such as code blocks)."""
+    path = Path(path)
+    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    if path.suffix == ".jsonl":
+        lines = [json.loads(ln) for ln in lines]
     if not lines:
         raise ValueError(f"{path} holds no prompts")
     return [lines[i % len(lines)] for i in range(num)]
