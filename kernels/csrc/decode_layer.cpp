@@ -15,6 +15,8 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <array>
+
 #include "int8_dot.h"
 
 namespace {
@@ -73,20 +75,92 @@ void rotate(float* heads, int64_t count, int64_t d, const float* cos, const floa
   }
 }
 
+// The 16 lane sums of v[0..15], as the lanes of one vector (a transpose-and-add tree: 45
+// instructions for what 16 horizontal reductions do in ~150).
+inline __m512 sum16(const __m512* v) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the lane's sums of 4 vectors, in order
+    const __m512d x = _mm512_castps_pd(pairs[2 * i]), y = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 a = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
+                                 _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
+  const __m512 b = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
+                                 _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+}
+
+// out[g] += sum_p s[g][p] * values[p] for G heads and VC vectors of 16 from `v0`: the sums
+// stay in registers over the positions, each value vector converted once for the G heads.
+template <int G, int VC>
+void weigh_values(const float* s, int64_t len, const c10::BFloat16* values, int64_t ld,
+                  int64_t v0, int64_t d, float* out) {
+  __m512 acc[G][VC];
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < VC; ++v) acc[g][v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < len; ++p) {
+    __m512 val[VC];
+    for (int v = 0; v < VC; ++v) val[v] = load_bf16(values + p * ld + 16 * (v0 + v));
+    for (int g = 0; g < G; ++g) {
+      const __m512 w = _mm512_set1_ps(s[g * len + p]);
+      for (int v = 0; v < VC; ++v) acc[g][v] = _mm512_fmadd_ps(w, val[v], acc[g][v]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < VC; ++v) _mm512_storeu_ps(out + g * d + 16 * (v0 + v), acc[g][v]);
+}
+
+using WeighFn = void (*)(const float*, int64_t, const c10::BFloat16*, int64_t, int64_t, int64_t,
+                         float*);
+
+template <int G, int... VC>
+constexpr std::array<WeighFn, sizeof...(VC)> weigh_row(std::integer_sequence<int, VC...>) {
+  return {&weigh_values<G, VC + 1>...};
+}
+
+template <int... G>
+constexpr std::array<std::array<WeighFn, 4>, sizeof...(G)> weigh_table(
+    std::integer_sequence<int, G...>) {
+  return {weigh_row<G + 1>(std::make_integer_sequence<int, 4>{})...};
+}
+
+constexpr auto kWeigh = weigh_table(std::make_integer_sequence<int, 4>{});  // [G - 1][VC - 1]
+
 // The attention of one row's query heads of one KV head over positions [lo, n) of its
 // context: q [group, d] float32, keys/values bf16 with row stride `ld`, out [group, d].
+// Scores go 16 positions at a time into 16 lane-wise sums and one sum16.
 void attend(const float* q, int64_t group, int64_t d, const c10::BFloat16* keys,
             const c10::BFloat16* values, int64_t ld, int64_t lo, int64_t n, float scale,
             float* out, std::vector<float>& scores) {
   const int64_t len = n - lo, vecs = d / 16;
   scores.resize(group * len);
-  for (int64_t p = 0; p < len; ++p) {
-    const c10::BFloat16* k = keys + (lo + p) * ld;
-    for (int64_t g = 0; g < group; ++g) {
+  keys += lo * ld;
+  values += lo * ld;
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qg = q + g * d;
+    float* s = scores.data() + g * len;
+    int64_t p = 0;
+    for (; p + 16 <= len; p += 16) {
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        const c10::BFloat16* k = keys + (p + i) * ld;
+        acc[i] = _mm512_mul_ps(_mm512_loadu_ps(qg), load_bf16(k));
+        for (int64_t v = 1; v < vecs; ++v)
+          acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * v), load_bf16(k + 16 * v), acc[i]);
+      }
+      _mm512_storeu_ps(s + p, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
+    }
+    for (; p < len; ++p) {
+      const c10::BFloat16* k = keys + p * ld;
       __m512 acc = _mm512_setzero_ps();
       for (int64_t v = 0; v < vecs; ++v)
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * d + 16 * v), load_bf16(k + 16 * v), acc);
-      scores[g * len + p] = _mm512_reduce_add_ps(acc) * scale;
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * v), load_bf16(k + 16 * v), acc);
+      s[p] = _mm512_reduce_add_ps(acc) * scale;
     }
   }
   for (int64_t g = 0; g < group; ++g) {
@@ -103,16 +177,11 @@ void attend(const float* q, int64_t group, int64_t d, const c10::BFloat16* keys,
     const float inv = 1.f / total;
     for (p = 0; p < len; ++p) s[p] *= inv;
   }
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t v = 0; v < vecs; ++v) _mm512_storeu_ps(out + g * d + 16 * v, _mm512_setzero_ps());
-  for (int64_t p = 0; p < len; ++p) {
-    const c10::BFloat16* val = values + (lo + p) * ld;
-    for (int64_t g = 0; g < group; ++g) {
-      const __m512 w = _mm512_set1_ps(scores[g * len + p]);
-      for (int64_t v = 0; v < vecs; ++v) {
-        float* o = out + g * d + 16 * v;
-        _mm512_storeu_ps(o, _mm512_fmadd_ps(w, load_bf16(val + 16 * v), _mm512_loadu_ps(o)));
-      }
+  for (int64_t g0 = 0; g0 < group; g0 += 4) {
+    const int64_t gs = std::min<int64_t>(4, group - g0);
+    for (int64_t v0 = 0; v0 < vecs; v0 += 4) {
+      const int64_t vs = std::min<int64_t>(4, vecs - v0);
+      kWeigh[gs - 1][vs - 1](scores.data() + g0 * len, len, values, ld, v0, d, out + g0 * d);
     }
   }
 }
