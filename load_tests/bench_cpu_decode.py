@@ -2,9 +2,10 @@
 
     python load_tests/bench_cpu_decode.py [--rows 1,2,4,8] [--context 20,600] [--reps 40]
 
-Random 4-bit weights in the default model's shapes (SmolLM2-135M: 30 layers, hidden 576, 9
-heads over 3 KV heads of 64, MLP 1536) through `kernels.cpu_decode_layer.decode_layer`, and
-its Q8_0 LM head (49152 x 576) through the int8-dot `q8_linear`. A step of R rows is one
+Random 4-bit weights in the default model's shapes (read from its GGUF; SmolLM2-135M: 30
+layers, hidden 576, 9 heads over 3 KV heads of 64, MLP 1536) through
+`kernels.cpu_decode_layer.decode_layer`, and its Q8_0 LM head (49152 x 576) through the
+int8-dot `q8_linear`. A step of R rows is one
 sequence verifying R - 1 proposals (R = 1: a plain decode step): R rows at consecutive
 positions from the context length on, sharing one decode-context row. Cases run interleaved
 and each reports its best time over `--reps` (the least disturbed on a noisy machine); the
@@ -32,8 +33,9 @@ from kernels.cpu_decode_layer import (  # noqa: E402
     decode_layer,
 )
 from model_runner.config import cache_dir  # noqa: E402
-
-LAYERS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB = 30, 576, 9, 3, 64, 1536, 49152
+from model_runner.gguf_loader import model_config_from_gguf, open_gguf  # noqa: E402
+from model_runner.linear_plan import projection_shapes  # noqa: E402
+from model_runner.model_source import default_gguf_path  # noqa: E402
 
 
 def q4_weight(out: int, cols: int, gen: torch.Generator):
@@ -41,14 +43,12 @@ def q4_weight(out: int, cols: int, gen: torch.Generator):
     return k.pack_q4(torch.randint(0, 16, (out, cols), generator=gen), d, -8 * d)
 
 
-def model_layers(layers: int, gen: torch.Generator) -> list[LayerWeights]:
-    qkv = (HEADS + 2 * KV_HEADS) * HEAD_DIM
-    shapes = [(qkv, HIDDEN), (HIDDEN, HEADS * HEAD_DIM), (2 * MLP, HIDDEN), (HIDDEN, MLP)]
+def model_layers(mc, layers: int, gen: torch.Generator) -> list[LayerWeights]:
     return [
         LayerWeights(
-            torch.rand(HIDDEN, generator=gen) + 0.5,
-            torch.rand(HIDDEN, generator=gen) + 0.5,
-            tuple(q4_weight(o, c, gen) for o, c in shapes),
+            torch.rand(mc.hidden_size, generator=gen) + 0.5,
+            torch.rand(mc.hidden_size, generator=gen) + 0.5,
+            tuple(q4_weight(o, c, gen) for o, c in projection_shapes(mc)),
             (LAYOUT_CODES["q4"],) * 4,
             None,
         )
@@ -56,8 +56,8 @@ def model_layers(layers: int, gen: torch.Generator) -> list[LayerWeights]:
     ]
 
 
-def verify_step(rows: int, context: int, gen: torch.Generator) -> StepTensors:
-    angles = torch.rand(rows, HEAD_DIM // 2, generator=gen) * 6
+def verify_step(rows: int, context: int, head_dim: int, gen: torch.Generator) -> StepTensors:
+    angles = torch.rand(rows, head_dim // 2, generator=gen) * 6
     cos, sin = angles.cos(), angles.sin()
     return StepTensors(torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1),
                        torch.arange(context, context + rows), torch.full((rows,), -1),
@@ -67,21 +67,23 @@ def verify_step(rows: int, context: int, gen: torch.Generator) -> StepTensors:
 def run(args) -> dict:
     if not k.available(cache_dir() / "kernels"):
         raise SystemExit("the int8-dot CPU kernels do not run here (see the engine's log)")
+    mc = model_config_from_gguf(open_gguf(default_gguf_path()))
     gen = torch.Generator().manual_seed(0)
-    layers = model_layers(args.layers, gen)
-    shape = Shape(HEADS, KV_HEADS, 1e-5, HEAD_DIM**-0.5, 0)
+    layers = model_layers(mc, mc.num_layers if args.layers is None else args.layers, gen)
+    hidden_size, kv_heads, head_dim = mc.hidden_size, mc.num_kv_heads, mc.head_dim
+    shape = Shape(mc.num_heads, kv_heads, mc.rms_norm_eps, head_dim**-0.5, 0)
     capacity = max(args.context) + max(args.rows)
-    k_buf, v_buf = (torch.randn(1, capacity, KV_HEADS, HEAD_DIM).bfloat16() for _ in "kv")
-    k_cache, v_cache = (torch.zeros(1, 16, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16) for _ in "kv")
-    d = torch.rand(VOCAB, HIDDEN // k.BLOCK, generator=gen) / 320
-    head = k.pack_q8(torch.randint(-128, 128, (VOCAB, HIDDEN), generator=gen), d)
-    cases = {(r, c): verify_step(r, c, gen) for r in args.rows for c in args.context}
-    hidden = {r: torch.randn(r, HIDDEN, generator=gen).bfloat16() for r in args.rows}
+    k_buf, v_buf = (torch.randn(1, capacity, kv_heads, head_dim).bfloat16() for _ in "kv")
+    k_cache, v_cache = (torch.zeros(1, 16, kv_heads, head_dim, dtype=torch.bfloat16) for _ in "kv")
+    d = torch.rand(mc.vocab_size, hidden_size // k.BLOCK, generator=gen) / 320
+    head = k.pack_q8(torch.randint(-128, 128, (mc.vocab_size, hidden_size), generator=gen), d)
+    cases = {(r, c): verify_step(r, c, head_dim, gen) for r in args.rows for c in args.context}
+    hidden = {r: torch.randn(r, hidden_size, generator=gen).bfloat16() for r in args.rows}
     best = {key: float("inf") for key in cases}
     best_head = {r: float("inf") for r in args.rows}
     for _ in range(args.reps):
         for (rows, context), step in cases.items():
-            residual = torch.randn(rows, HIDDEN, generator=gen)
+            residual = torch.randn(rows, hidden_size, generator=gen)
             start = time.perf_counter()
             for weights in layers:
                 decode_layer(residual, weights, step, k_buf, v_buf, k_cache, v_cache, shape)
@@ -91,7 +93,7 @@ def run(args) -> dict:
             torch.ops.tokenmill_int8_dot.q8_linear(x, *head, True)
             best_head[rows] = min(best_head[rows], time.perf_counter() - start)
     return {
-        "layers": args.layers,
+        "layers": len(layers),
         "threads": torch.get_num_threads(),
         "layers_ms": {f"rows={r} context={c}": 1e3 * t for (r, c), t in best.items()},
         "lm_head_ms": {f"rows={r}": 1e3 * t for r, t in best_head.items()},
@@ -117,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context", default="20,300,600",
                    type=lambda s: sorted(int(x) for x in s.split(",")))  # fmt: skip
     p.add_argument("--reps", type=int, default=40)
-    p.add_argument("--layers", type=int, default=LAYERS)
+    p.add_argument("--layers", type=int, default=None, help="default: the model's")
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p.parse_args(argv)
 
