@@ -103,14 +103,17 @@ def run(args) -> dict:
 def print_table(result: dict, args) -> None:
     low = min(args.context)
     print(f"{result['layers']} layers, {result['threads']} threads; best of {args.reps}, ms")
+    # NOTE: attention's share needs two contexts (a context's time minus the smallest's)
+    share = len(args.context) > 1
+    head = f"  attention at ctx {max(args.context)}" if share else ""
     print(f"{'rows':>4} " + " ".join(f"{'ctx ' + str(c):>9}" for c in args.context)
-          + f" {'LM head':>8}  attention at ctx {max(args.context)}")  # fmt: skip
+          + f" {'LM head':>8}{head}")  # fmt: skip
     layers = result["layers_ms"]
     for r in args.rows:
         times = [layers[f"rows={r} context={c}"] for c in args.context]
-        attention = times[-1] - layers[f"rows={r} context={low}"]
+        attention = f"  {times[-1] - layers[f'rows={r} context={low}']:.2f}" if share else ""
         print(f"{r:>4} " + " ".join(f"{t:>9.2f}" for t in times)
-              + f" {result['lm_head_ms'][f'rows={r}']:>8.2f}  {attention:.2f}")  # fmt: skip
+              + f" {result['lm_head_ms'][f'rows={r}']:>8.2f}{attention}")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,24 +1,27 @@
 """Speculative decoding benchmark: output tok/s with and without speculation.
 
-    python load_tests/bench_speculative.py --rounds 2 --json-out spec.json
+    python load_tests/bench_speculative.py --rounds 5 --json-out spec.json
     python load_tests/bench_speculative.py --method draft_model --draft DRAFT.gguf --k 3
     python load_tests/bench_speculative.py --rounds 1 --server-args "--dtype float32"
 
-Per round, one tokenmill server without speculation and one with
+One tokenmill server without speculation and one with
 `--speculative-config '{"method": "ngram", "num_speculative_tokens": K}'` (default K=7;
-`--method draft_model --draft PATH`: proposals from that draft model instead) run in turn
-(never both at once); each serves, through bench_serving (chat, greedy), a repetitive
-workload (rewrite a given code block with one change, quote a passage, return a JSON object
-unchanged; up to 96 output tokens, ending where the model ends its answer) and free chat
-(bench_serving's synthetic prompts, 96 output tokens) at concurrency 1 and 8. Reported:
-output tok/s, ITL p50, the speed-up (median over rounds) and the acceptance rate from the
-server's spec_decode counters.
+`--method draft_model --draft PATH`: proposals from that draft model instead) stay up for
+the whole run and serve in turn, never both at once. In each round, each workload and
+concurrency runs on the one server, then at once on the other (the order alternates by
+round), through bench_serving (chat, greedy): a repetitive workload (rewrite a given code
+block with one change, quote a passage, return a JSON object unchanged; up to 96 output
+tokens, ending where the model ends its answer) and free chat (bench_serving's synthetic
+prompts, 96 output tokens), at concurrency 1 and 8. Reported: median output tok/s, the
+speed-up (the median of the rounds' paired ratios, and their range), the acceptance rate
+from the speculating server's spec_decode counters, and ITL p50.
 Targets: >= 1.8x at c=1 on the repetitive workload; no slowdown beyond 5% on free chat.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import statistics
@@ -76,27 +79,37 @@ def spec_counters(url: str) -> tuple[float, float]:
     return value("spec_decode_num_draft_tokens"), value("spec_decode_num_accepted_tokens")
 
 
-def serve_all(port: int, flags: list[str], prompt_file: str, extra) -> dict:
-    out = {}
-    with running(tokenmill_cmd(port, *flags), port, "tokenmill") as url:
-        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+WORKLOADS = (("repetitive", True), ("free", False))  # (name, from the repetitive prompts)
+
+
+def measure(url: str, model: str, c: int, prompt_file: str | None, extra) -> dict:
+    """One run on one server, with the acceptance rate from its counters' change."""
+    before = spec_counters(url)
+    r = run(url, model, c, prompt_file, extra)
+    after = spec_counters(url)
+    drafted, accepted = after[0] - before[0], after[1] - before[1]
+    r["acceptance"] = accepted / drafted if drafted else None
+    return r
+
+
+def one_round(urls: dict[str, str], model: str, order: list[str], prompt_file: str,
+              extra) -> dict:  # fmt: skip
+    """Every workload and concurrency, on each server in `order`, back to back."""
+    out: dict[str, dict] = {name: {} for name in urls}
+    for workload, repetitive in WORKLOADS:
         # NOTE: a repetitive answer ends where the model ends it (tokens forced past its end
         # are not the workload); free chat runs to a fixed length, as bench_serving does
-        for workload, pf, eos in (("repetitive", prompt_file, ["--no-ignore-eos"]),
-                                  ("free", None, [])):  # fmt: skip
-            for c in CONCURRENCY:
-                before = spec_counters(url)
-                r = run(url, model, c, pf, [*eos, *extra])
-                after = spec_counters(url)
-                drafted, accepted = after[0] - before[0], after[1] - before[1]
-                r["acceptance"] = accepted / drafted if drafted else None
-                out[f"{workload} c={c}"] = r
+        pf, eos = (prompt_file, ["--no-ignore-eos"]) if repetitive else (None, [])
+        for c in CONCURRENCY:
+            for name in order:
+                out[name][f"{workload} c={c}"] = measure(urls[name], model, c, pf,
+                                                         [*eos, *extra])  # fmt: skip
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--port", type=int, default=8320)
     p.add_argument("--k", type=int, default=7)
     p.add_argument("--method", choices=["ngram", "draft_model"], default="ngram")
@@ -113,37 +126,49 @@ def main() -> None:
     else:
         spec = json.dumps({"method": "ngram", "num_speculative_tokens": args.k,
                            "prompt_lookup_max": 4, "prompt_lookup_min": 2})  # fmt: skip
-    rounds = []
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
         f.write("".join(json.dumps(text) + "\n" for text in REPETITIVE))
         prompt_file = f.name
-    for _ in range(args.rounds):
-        flags = args.server_args.split()
-        plain = serve_all(args.port, flags, prompt_file, extra)
-        spec_run = serve_all(args.port, [*flags, "--speculative-config", spec], prompt_file, extra)
-        rounds.append({"plain": plain, "spec": spec_run})
+    flags = args.server_args.split()
+    servers = {"plain": flags, "spec": [*flags, "--speculative-config", spec]}
+    rounds = []
+    with contextlib.ExitStack() as stack:
+        # NOTE: both servers stay up (an idle one takes under 1% of a core) and serve in
+        # turn, never both at once: each pair of runs is seconds apart, so the VM's drift
+        # between them is small; the order alternates by round.
+        urls = {name: stack.enter_context(running(tokenmill_cmd(args.port + i, *f),
+                                                  args.port + i, f"tokenmill ({name})"))
+                for i, (name, f) in enumerate(servers.items())}  # fmt: skip
+        model = httpx.get(urls["plain"] + "/v1/models").json()["data"][0]["id"]
+        for r in range(args.rounds):
+            order = ["plain", "spec"] if r % 2 == 0 else ["spec", "plain"]
+            rounds.append(one_round(urls, model, order, prompt_file, extra))
+            print(f"round {r + 1}: " + ", ".join(
+                f"{key} {x['tok_s'] / rounds[-1]['plain'][key]['tok_s']:.2f}x"
+                for key, x in rounds[-1]["spec"].items()), flush=True)  # fmt: skip
     summary = {}
-    print(f"\n{'workload':<16} {'plain tok/s':>12} {'spec tok/s':>12} {'speed-up':>9} "
-          f"{'accept':>7} {'ITL p50 plain/spec ms':>24}")  # fmt: skip
+    print(f"\n{'workload':<16} {'plain tok/s':>11} {'spec tok/s':>10} {'speed-up':>9} "
+          f"{'per round':>10} {'accept':>7} {'ITL p50 plain/spec ms':>22}")  # fmt: skip
     for key in rounds[0]["plain"]:
-        ratio = statistics.median(x["spec"][key]["tok_s"] / x["plain"][key]["tok_s"]
-                                  for x in rounds)  # fmt: skip
+        ratios = [x["spec"][key]["tok_s"] / x["plain"][key]["tok_s"] for x in rounds]
         acc = [x["spec"][key]["acceptance"] for x in rounds if x["spec"][key]["acceptance"]]
         plain_tok = [x["plain"][key]["tok_s"] for x in rounds]
         spec_tok = [x["spec"][key]["tok_s"] for x in rounds]
         itl = (statistics.median(x["plain"][key]["itl_p50"] for x in rounds),
                statistics.median(x["spec"][key]["itl_p50"] for x in rounds))  # fmt: skip
         summary[key] = {
-            "speedup": ratio,
+            "speedup": statistics.median(ratios),
+            "speedups": ratios,
             "acceptance": statistics.median(acc) if acc else None,
             "plain_tok_s": plain_tok,
             "spec_tok_s": spec_tok,
             "itl_p50_ms": itl,
         }
         acc_text = f"{summary[key]['acceptance']:.0%}" if acc else "-"
-        print(f"{key:<16} {', '.join(f'{v:.1f}' for v in plain_tok):>12} "
-              f"{', '.join(f'{v:.1f}' for v in spec_tok):>12} {ratio:>8.2f}x {acc_text:>7} "
-              f"{itl[0]:>11.1f} / {itl[1]:.1f}")  # fmt: skip
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+        print(f"{key:<16} {statistics.median(plain_tok):>11.1f} "
+              f"{statistics.median(spec_tok):>10.1f} {statistics.median(ratios):>8.2f}x "
+              f"{spread:>10} {acc_text:>7} {itl[0]:>10.1f} / {itl[1]:.1f}")  # fmt: skip
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"rounds": rounds, "summary": summary},
                                                   indent=2))  # fmt: skip
