@@ -10,9 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels import ops
 from model_runner.attention import AttentionMetadata
-from model_runner.compiled_decode import CompiledDecode
 from model_runner.config import (
     EngineConfig,
     EngineConfigError,
@@ -20,11 +18,9 @@ from model_runner.config import (
     resolve_dtype_with_reason,
     resolve_max_model_len,
 )
-from model_runner.decode_context import DecodeContext
-from model_runner.decode_graphs import Capturer, CudaGraphCapturer, DecodeGraphs, bucket_sizes
 from model_runner.draft_model import DraftModel, draft_rejection, resolve_draft
 from model_runner.fault_injection import ForwardFaults
-from model_runner.fused_decode import FusedDecode
+from model_runner.forward_paths import ForwardPaths
 from model_runner.gguf_loader import check_gguf_tensor_types, load_model_config, open_gguf
 from model_runner.grammar import SequenceGrammar
 from model_runner.grammar_cache import GrammarCache, hf_tokenizer_info
@@ -138,7 +134,7 @@ class ModelRunner:
         self._done: list[StepOutput] = []
         self.on_output: Callable[[StepOutput], None] = self._done.append
         self.collect_after_forward = self.device.type == "cuda"
-        self._set_up_decode_paths()
+        self.paths = ForwardPaths.create(self)
         source, vocab, eos = self.source, self.vocab_size, self.eos_token_ids
         self.grammars = GrammarCache(
             lambda: hf_tokenizer_info(load_tokenizer(source), vocab, eos),
@@ -157,24 +153,6 @@ class ModelRunner:
         self.draft_block_bytes = bytes_per_block(
             self.draft_source[1], self.config.block_size, self.dtype
         )
-
-    def _set_up_decode_paths(self) -> None:
-        """The decode context, the CPU's fused or compiled decode layers, CUDA graphs."""
-        config = self.config
-        self.decode_context = self._make_decode_context()
-        has_context = self.decode_context is not None
-        # CPU decode steps of a few rows: fused C++ layers, else compiled ones, else eager.
-        self.compiled = None
-        if not self.tp.enabled:
-            self.compiled = FusedDecode.create(
-                self.model, self.linear_plan, config, self.dtype, has_context
-            ) or CompiledDecode.create(self.model, self.linear_plan, config, has_context)
-        if isinstance(self.compiled, CompiledDecode):
-            self.compiled.warm_up()
-        self.graphs: DecodeGraphs | None = None
-        eager = config.enforce_eager or config.batch_invariant or self.tp.enabled
-        if self.device.type == "cuda" and not eager:
-            self.enable_decode_graphs(CudaGraphCapturer(self.device))
 
     def _load_weights_and_cache(self, reader, progress: bool) -> None:
         """The weights, then (CUDA: after a profiling forward) the KV cache tensors."""
@@ -230,27 +208,6 @@ class ModelRunner:
         compiled = self.grammars.get(new.sampling.grammar)
         return SequenceGrammar(compiled, new.token_ids[new.num_prompt_tokens :])
 
-    def _make_decode_context(self) -> DecodeContext | None:
-        """CPU references only (Triton attends in the paged cache); budget: half the cache.
-
-        None in batch-invariant mode: its one attention call over the whole batch blocks by
-        the longest context, so a row's result would depend on the others.
-        """
-        if ops.use_triton(torch.empty(0, device=self.device)) or self.config.batch_invariant:
-            return None
-        if self.kv_dtype != self.dtype:  # an FP8 cache: attention reads the paged blocks
-            return None
-        mc = self.rank_model_config
-        cache_bytes = self.num_blocks * bytes_per_block(mc, self.block_size, self.dtype)
-        return DecodeContext(
-            mc.num_layers,
-            mc.num_kv_heads,
-            mc.head_dim,
-            self.dtype,
-            max_bytes=cache_bytes // 2,
-            sliding_window=mc.sliding_window,
-        )
-
     def _kv_cache_needs_profile(self) -> bool:
         """CUDA sizes the cache from what a profiling forward leaves free; else from GiB."""
         return self.device.type == "cuda" and self.config.kv_cache_memory is None
@@ -300,61 +257,6 @@ class ModelRunner:
         del cache, logits
         torch.cuda.empty_cache()
 
-    def enable_decode_graphs(
-        self, capturer: Capturer, max_rows: int | None = None, max_seq_len: int | None = None
-    ) -> DecodeGraphs | None:
-        """Capture decode steps for the buckets up to `max_rows` (default --max-num-seqs);
-        decode steps that fit then replay them. `max_seq_len` (default max_model_len) must
-        bound every context (tests: a shorter one, for the CPU references' gathers).
-        None (logged) when capture fails."""
-        rows = max_rows if max_rows is not None else self.config.max_num_seqs
-        graphs = DecodeGraphs(
-            self.model,
-            self.kv_cache.layers,
-            bucket_sizes(rows),
-            max_seq_len if max_seq_len is not None else self.max_model_len,
-            self.block_size,
-            self.kv_cache.dummy_block,
-            capturer,
-        )
-        try:
-            graphs.capture()
-        except Exception as e:  # a step that syncs or allocates oddly: serve eagerly
-            log.warning("decode graphs are off (capture failed: %s); steps run eagerly", e)
-            return None
-        self.graphs = graphs
-        return graphs
-
-    def _with_decode_context(
-        self, step: StepInput, inputs: ModelInputs, may_fuse: bool
-    ) -> AttentionMetadata:
-        """Decode-only steps without block copies attend over the DecodeContext (CPU).
-
-        NOTE: `step` is the step that executes (placeholder rows already dropped): every
-        chunk must be one new token, or (`may_fuse`, the fused C++ layer) one plus its
-        speculative tokens. Its rows are the runner's sequence states,
-        so a sequence re-sent (preemption) or a new one under a finished one's id gathers.
-        """
-        meta, ctx = inputs.meta, self.decode_context
-        if ctx is None:
-            return meta
-        new_tokens = [1 + len(c.draft_token_ids) if c.num_tokens == 1 else 0 for c in step.chunks]
-        decode_only = 0 not in new_tokens and sum(new_tokens) == inputs.input_ids.shape[0]
-        # NOTE: verifying rows (several tokens) attend in the fused C++ layer only.
-        fused = (
-            may_fuse
-            and isinstance(self.compiled, FusedDecode)
-            and self.compiled.max_rows >= sum(new_tokens)
-        )
-        if not decode_only or step.block_copies or (max(new_tokens) > 1 and not fused):
-            ctx.reset()
-            return meta
-        rows = [self._seqs[chunk.seq_id] for chunk in step.chunks]
-        plan = ctx.plan(rows, meta.seq_lens, meta.block_tables, self.block_size, new_tokens)
-        if plan is None:
-            return meta
-        return dataclasses.replace(meta, decode_context=plan)
-
     def _lora_token_slots(self, step: StepInput) -> torch.Tensor | None:
         if self.lora is None:
             return None
@@ -372,46 +274,14 @@ class ModelRunner:
         self.lora.read(key, path)
 
     def _forward(self, step: StepInput, inputs: ModelInputs) -> torch.Tensor:
-        """The step's logits through the fastest path that serves it: a CUDA graph, the
-        CPU's fused or compiled decode layers, else eager (always eager with adapter rows:
-        graphs and fused layers have no LoRA)."""
+        """The step's logits (model_runner/forward_paths.py picks the path)."""
         lora_slots = self._lora_token_slots(step)
-        graphs = self.graphs
-        if graphs is not None and (lora_slots is not None or not graphs.applies(inputs)):
-            graphs = None
-        if graphs is None:
-            meta = self._with_decode_context(step, inputs, may_fuse=lora_slots is None)
-        else:
-            meta = inputs.meta
-            if self.decode_context is not None:
-                self.decode_context.reset()
-        self.faults.check()
-        args = (inputs.input_ids, inputs.positions, self.kv_cache.layers, meta,
-                inputs.logits_indices)  # fmt: skip
-        rows = inputs.input_ids.shape[0]  # NOTE: the rows the forward runs, sampled or not
-        if graphs is not None:
-            logits = graphs.run(inputs)
-        elif lora_slots is not None:
-            self.lora.context.set(lora_slots)
-            try:
-                logits = self.model(*args)
-            finally:
-                self.lora.context.set(None)
-        elif self.compiled is not None and self.compiled.applies(meta, rows):
-            logits = self.compiled.run(*args)
-        else:
-            logits = self.model(*args)
-        if meta.decode_context is not None:
-            self.decode_context.commit(meta.decode_context)
-        return logits
+        return self.paths.forward(step, inputs, self._seqs, self.faults, self.lora, lora_slots)
 
     @property
     def max_verify_tokens(self) -> int:
-        """The most token rows a step with speculative tokens verifies in the fused decode
-        layer (above, it runs eagerly: slower than not speculating); 0: no such limit."""
-        if isinstance(self.compiled, FusedDecode):
-            return self.compiled.max_rows
-        return 0
+        """See ForwardPaths.max_verify_tokens."""
+        return self.paths.max_verify_tokens
 
     @property
     def num_active_sequences(self) -> int:

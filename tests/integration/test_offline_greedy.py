@@ -44,7 +44,7 @@ def test_overlap_rows_run_as_configured(llm, hf_greedy):
     (executor,) = [a for a in llm.engine.local_actors if a.name == "executor"]
     runner = executor.runner
     counts, real_take = {"placeholders": 0, "appends": 0}, runner.last_sampled.take
-    real_plan = runner.decode_context.plan
+    real_plan = runner.paths.decode_context.plan
 
     def take(step):
         counts["placeholders"] += sum(c.num_placeholders for c in step.chunks)
@@ -55,11 +55,11 @@ def test_overlap_rows_run_as_configured(llm, hf_greedy):
         counts["appends"] += planned is not None and planned.append
         return planned
 
-    runner.last_sampled.take, runner.decode_context.plan = take, plan
+    runner.last_sampled.take, runner.paths.decode_context.plan = take, plan
     try:
         got = token_ids(llm.generate(GREEDY_PROMPTS[:4], GREEDY))
     finally:
-        runner.last_sampled.take, runner.decode_context.plan = real_take, real_plan
+        runner.last_sampled.take, runner.paths.decode_context.plan = real_take, real_plan
     assert all(got[p] == hf_greedy[p] for p in GREEDY_PROMPTS[:4])
     assert counts["appends"] > 0
     if llm.config.async_scheduling:

@@ -243,7 +243,7 @@ def test_the_fused_cpu_layer_verifies_with_plain_decodings_tokens():
             alone = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts]
             batched = list(token_ids(llm.generate(prompts, GREEDY)).values())
             (executor,) = [a for a in llm.engine.local_actors if a.name == "executor"]
-            fused = executor.runner.compiled
+            fused = executor.runner.paths.compiled
             stats = settled_stats(llm)
         finally:
             llm.shutdown()

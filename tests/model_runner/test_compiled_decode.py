@@ -33,13 +33,13 @@ def runner(tmp_path_factory) -> ModelRunner:
 
 
 def test_it_is_built_only_where_it_applies(runner, tmp_path):
-    assert runner.compiled is not None and runner.compiled.enabled
-    assert runner.compiled.max_rows == 4
-    assert _runner(tmp_path / "a", enforce_eager=True).compiled is None
-    assert _runner(tmp_path / "b", batch_invariant=True).compiled is None
+    assert runner.paths.compiled is not None and runner.paths.compiled.enabled
+    assert runner.paths.compiled.max_rows == 4
+    assert _runner(tmp_path / "a", enforce_eager=True).paths.compiled is None
+    assert _runner(tmp_path / "b", batch_invariant=True).paths.compiled is None
     fp32 = EngineConfig(load_format="dummy", hf_config_path=str(tmp_path / "a"), dtype="float32",
                         kv_cache_memory=0.01)  # fmt: skip
-    assert ModelRunner(fp32, progress=False).compiled is None  # the exact mode stays eager
+    assert ModelRunner(fp32, progress=False).paths.compiled is None  # the exact mode stays eager
 
 
 def test_compiled_steps_agree_with_eager_ones_without_recompiling(runner):
@@ -49,7 +49,9 @@ def test_compiled_steps_agree_with_eager_ones_without_recompiling(runner):
     with torch.compiler.set_stance("fail_on_recompile"):
         # one row: the graph without a mask; three rows of three lengths: masked; six rows >
         # max_rows: eager only
-        seen = beside_eager(runner, runner.compiled, [PROMPTS[:1], PROMPTS, PROMPTS * 2], params)
+        seen = beside_eager(
+            runner, runner.paths.compiled, [PROMPTS[:1], PROMPTS, PROMPTS * 2], params
+        )
     rows = {len(out) for _, out in seen}
     assert rows == {1, 3}  # the first step after a prefill gathers: eager as well
     assert len(seen) == 2 * 10

@@ -178,14 +178,14 @@ def test_a_new_sequence_under_a_finished_ones_id_gathers(tmp_path):
     by id, its row appended to the old "b"'s context and sampled from the wrong K/V."""
     runner = _tiny_runner(tmp_path)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=5)
-    modes, real_plan = [], runner.decode_context.plan
+    modes, real_plan = [], runner.paths.decode_context.plan
 
     def plan(*args):
         step = real_plan(*args)
         modes.append(step.append)
         return step
 
-    runner.decode_context.plan = plan
+    runner.paths.decode_context.plan = plan
 
     def new(seq_id, tokens, blocks, computed=0):
         return NewSequence(

@@ -126,11 +126,11 @@ def test_non_decode_steps_do_not_apply():
 def graph_runner(runner):
     """The session runner with decode graphs for buckets up to 8 (restored afterwards)."""
     capturer = EagerCapturer()
-    graphs = runner.enable_decode_graphs(capturer, max_rows=8, max_seq_len=256)
+    graphs = runner.paths.enable_graphs(capturer, max_rows=8, max_seq_len=256)
     assert graphs is not None
-    runner.graphs = None
+    runner.paths.graphs = None
     yield runner, graphs, capturer
-    runner.graphs = None
+    runner.paths.graphs = None
 
 
 def test_graph_decode_steps_equal_eager_for_every_batch_size(graph_runner, plain_prompts):
@@ -140,11 +140,11 @@ def test_graph_decode_steps_equal_eager_for_every_batch_size(graph_runner, plain
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     for rows in range(1, 9):
         batch = [prompts[i % len(prompts)] for i in range(rows)]
-        runner.graphs = None
+        runner.paths.graphs = None
         eager = generate(runner, batch, params)
-        runner.graphs = graphs
+        runner.paths.graphs = graphs
         replays = capturer.replays
         graphed = generate(runner, batch, params)
-        runner.graphs = None
+        runner.paths.graphs = None
         assert capturer.replays - replays == params.max_tokens - 1  # every decode step
         assert graphed == eager, f"batch of {rows}"

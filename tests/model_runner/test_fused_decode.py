@@ -34,13 +34,13 @@ def runner(tmp_path_factory) -> ModelRunner:
 
 
 def test_it_is_built_only_where_it_applies(runner, tmp_path):
-    assert isinstance(runner.compiled, FusedDecode) and runner.compiled.max_rows == 4
+    assert isinstance(runner.paths.compiled, FusedDecode) and runner.paths.compiled.max_rows == 4
     assert runner.linear_plan.kernel == "int8-dot"
-    assert _runner(tmp_path / "a", enforce_eager=True).compiled is None
-    assert _runner(tmp_path / "b", batch_invariant=True).compiled is None
-    torch_int4 = _runner(tmp_path / "c", cpu_quant_kernel="int4").compiled
+    assert _runner(tmp_path / "a", enforce_eager=True).paths.compiled is None
+    assert _runner(tmp_path / "b", batch_invariant=True).paths.compiled is None
+    torch_int4 = _runner(tmp_path / "c", cpu_quant_kernel="int4").paths.compiled
     assert isinstance(torch_int4, CompiledDecode)  # torch's GEMM: the compiled layer instead
-    assert _runner(tmp_path / "d", quantization="none").compiled is None
+    assert _runner(tmp_path / "d", quantization="none").paths.compiled is None
 
 
 def test_fused_steps_agree_with_eager_ones(runner):
@@ -48,7 +48,7 @@ def test_fused_steps_agree_with_eager_ones(runner):
     (the context gathered from the paged cache) included."""
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     # three rows of three lengths, then six rows > max_rows: eager only
-    seen = beside_eager(runner, runner.compiled, [PROMPTS[:1], PROMPTS, PROMPTS * 2], params)
+    seen = beside_eager(runner, runner.paths.compiled, [PROMPTS[:1], PROMPTS, PROMPTS * 2], params)
     assert {len(out) for _, out in seen} == {1, 3}
     assert len(seen) == 2 * 11
     for eager, out in seen:

@@ -47,7 +47,7 @@ def test_greedy_at_the_packed_gemm_batch_matches_hf(runner, reference_cases):
     cases = (reference_cases * 4)[:32]
     outputs = generate(runner, [ids for ids, _ in cases])
     _assert_all_equal(outputs, cases)
-    assert runner.decode_context.rows == 32  # and the decodes attended over its copy
+    assert runner.paths.decode_context.rows == 32  # and the decodes attended over its copy
 
 
 def test_chunked_prefill_mixed_with_decodes_matches_hf(runner, reference_cases):

@@ -300,12 +300,12 @@ def test_fp8_kv_cache_with_checkpoint_scales(tmp_path, monkeypatch):
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     runner = runner_for(tmp_path, kv_cache_dtype="fp8")
     assert runner.kv_cache.storage.dtype == torch.float8_e4m3fn
-    assert runner.decode_context is None
+    assert runner.paths.decode_context is None
     assert runner.model.layers[1].kv_scales == (0.5, 0.25)
     assert runner.model.layers[0].kv_scales == (1.0, 1.0)
     ours = generate(runner, PROMPTS, GREEDY)
     twin = runner_for(tmp_path)
-    twin.decode_context = None  # NOTE: it would attend over the unrounded new K/V
+    twin.paths.decode_context = None  # NOTE: it would attend over the unrounded new K/V
     write_kv = ops.write_kv
 
     def rounded_write(key, value, kc, vc, slots, all_valid=False, k_scale=1.0, v_scale=1.0):

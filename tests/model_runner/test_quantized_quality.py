@@ -73,7 +73,7 @@ def runner_batch_invariant() -> ModelRunner:
     runner = ModelRunner(config, progress=False)
     method = runner.model.layers[0].qkv_proj.method
     assert method.packed is not None and method.dense is None
-    assert runner.decode_context is None
+    assert runner.paths.decode_context is None
     return runner
 
 
