@@ -84,22 +84,7 @@ class ModelRunner:
         self.device = rank_device(resolve_device(config), self.placement)
         self.step_timer = StepTimer(self.device)
         self.faults = ForwardFaults()
-        # NOTE: every start-up check that needs no weights runs before they load (seconds to
-        # minutes), and before anything is logged: a refused start prints only its reason.
-        self.source = resolve_model(config)
-        self.model_name = self.source.name
-        reader = open_gguf(self.source.path) if self.source.format == "gguf" else None
-        self.model_config = load_model_config(self.source, reader)
-        self.max_model_len = resolve_max_model_len(
-            config, self.model_config.max_position_embeddings
-        )
-        gguf_types = {t.tensor_type.name for t in reader.tensors} if reader is not None else set()
-        check_gguf_tensor_types(gguf_types)
-        check_tensor_parallel_config(config, self.device)
-        checkpoint = read_checkpoint_quant(self.source.config_path)
-        check_quantization(config.quantization, self.device, self.source.format, checkpoint,
-                           config.tensor_parallel_size)  # fmt: skip
-        check_tensor_parallel_shape(self.model_config, self.placement.world_size)
+        reader, gguf_types, checkpoint = self._check_before_loading()
         self.dtype, auto_dtype_reason = resolve_dtype_with_reason(config, self.device)
         self.kv_dtype = resolve_kv_cache_dtype(config, self.dtype, self.device)
         self._resolve_draft()
@@ -140,6 +125,28 @@ class ModelRunner:
             lambda: hf_tokenizer_info(load_tokenizer(source), vocab, eos),
             max_bytes=config.grammar_cache_mib * 1024 * 1024,
         )
+
+    def _check_before_loading(self):
+        """The model's source, config and max_model_len, and every start-up check that needs
+        no weights: they run before the weights load (seconds to minutes) and before anything
+        is logged, so a refused start prints only its reason. Returns (the GGUF reader or
+        None, the GGUF's tensor types, the checkpoint's quantization)."""
+        config = self.config
+        self.source = resolve_model(config)
+        self.model_name = self.source.name
+        reader = open_gguf(self.source.path) if self.source.format == "gguf" else None
+        self.model_config = load_model_config(self.source, reader)
+        self.max_model_len = resolve_max_model_len(
+            config, self.model_config.max_position_embeddings
+        )
+        gguf_types = {t.tensor_type.name for t in reader.tensors} if reader is not None else set()
+        check_gguf_tensor_types(gguf_types)
+        check_tensor_parallel_config(config, self.device)
+        checkpoint = read_checkpoint_quant(self.source.config_path)
+        check_quantization(config.quantization, self.device, self.source.format, checkpoint,
+                           config.tensor_parallel_size)  # fmt: skip
+        check_tensor_parallel_shape(self.model_config, self.placement.world_size)
+        return reader, gguf_types, checkpoint
 
     def _resolve_draft(self) -> None:
         """A draft model's source and config (checked now); its K/V share each block."""
