@@ -321,6 +321,16 @@ def _score_multipliers(scale: float, soft_cap: float | None) -> tuple[float, flo
     return scale / soft_cap, soft_cap * _LOG2E
 
 
+def _num_splits(query, seq_lens, num_kv_heads: int, num_kv_splits: int | None,
+                decode_only: bool, max_seq_len: int | None) -> int:  # fmt: skip
+    """`num_kv_splits` where given; else split the KV only for decode-only batches on CUDA."""
+    if num_kv_splits is not None or not (decode_only and query.is_cuda):
+        return num_kv_splits or 1
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max())
+    return _auto_num_splits(query, seq_lens.shape[0] * num_kv_heads, max_seq_len)
+
+
 def paged_attention_triton(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -363,12 +373,8 @@ def paged_attention_triton(
     prefill_cfg = _tile_config(True, meta["GROUP_PAD"], query.dtype)
     decode_q = decode_cfg["BLOCK_M"] // meta["GROUP_PAD"]
     decode_only = max_query_len <= decode_q
-    num_splits = num_kv_splits or 1
-    if num_kv_splits is None and decode_only and query.is_cuda:
-        if max_seq_len is None:
-            max_seq_len = int(seq_lens.max())
-        num_splits = _auto_num_splits(query, seq_lens.shape[0] * num_kv_heads, max_seq_len)
-
+    num_splits = _num_splits(query, seq_lens, num_kv_heads, num_kv_splits, decode_only,
+                             max_seq_len)  # fmt: skip
     window = sliding_window if sliding_window is not None else 0
     args = (query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
     args += (*_score_multipliers(scale * k_scale, soft_cap), window)

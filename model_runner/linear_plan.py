@@ -266,8 +266,6 @@ def plan_linears(
     of the available memory; likewise the quantized methods' dense bf16 copies (2 bytes per
     weight, so 4-bit planes plus their copy take ~1.31x the bf16 weights).
     """
-    from kernels.linear import packing_available
-
     quant = resolve_quantization(
         config.quantization, device, dtype, source_format, gguf_types, checkpoint
     )
@@ -275,20 +273,10 @@ def plan_linears(
     if source_format == "dummy" and checkpoint is not None:
         # NOTE: no stored tensors: the random floats are quantized in the config's layout
         float_layout, checkpoint = checkpoint, None
-    weights = model_config.num_layers * sum(o * i for o, i in projection_shapes(model_config))
+    shapes = projection_shapes(model_config)
+    weights = model_config.num_layers * sum(o * i for o, i in shapes)
     weights += model_config.vocab_size * model_config.hidden_size
-    elem = torch.empty((), dtype=dtype).element_size()
-    pack = min(config.cpu_packed_batch, config.max_num_seqs) if device.type == "cpu" else 0
-    if pack < MIN_PACKED_BATCH or not packing_available(dtype):
-        pack = 0
-    elif 1.3 * weights * elem > available_bytes // 2:
-        log.warning("packed GEMM weights skipped: too little free memory")
-        pack = 0
-    transpose = device.type == "cpu" and dtype == torch.float32
-    if pack and not _packing_works(dtype, DenseOptions(transpose, pack), model_config.hidden_size):
-        log.warning("the packed GEMM disagrees with F.linear here: packing turned off")
-        pack = 0
-    dense = DenseOptions(transpose=transpose, pack_batch=pack)
+    dense = _dense_options(config, device, dtype, weights, available_bytes, model_config)
     cpu_quant = quant if quant in CPU_ONLY else "none"  # NOTE: the CPU kernels' planning
     if _fits_cpu_planes(checkpoint, quant, device, dtype):
         cpu_quant = quant
@@ -296,7 +284,6 @@ def plan_linears(
     if cpu_quant in CHECKPOINT_FORMATS and kernel != "int8-dot":
         cpu_quant = "none"  # NOTE: torch's int4 GEMM would round the scales to bf16
     _warn_if_slow(cpu_quant, kernel, dtype)
-    shapes = projection_shapes(model_config)
     copy_too_big = 2 * weights > available_bytes // 2
     max_rows = _int4_max_rows(config, cpu_quant, kernel, shapes, copy_too_big)
     lm_rows = _lm_head_max_rows(config, cpu_quant, kernel, model_config)
@@ -312,6 +299,27 @@ def plan_linears(
     return LinearPlan(dtype, device, quant, dense, max_rows, kernel, lm_rows,
                       checkpoint=checkpoint, cpu_planes=cpu_planes,
                       float_layout=float_layout)  # fmt: skip
+
+
+def _dense_options(config, device, dtype, weights: int, available_bytes: int,
+                   model_config) -> DenseOptions:  # fmt: skip
+    """The dense layout: transposed float32 on the CPU, and library-packed copies (about
+    1.3x the dense weights) only where they fit in half the available memory and agree
+    with F.linear."""
+    from kernels.linear import packing_available
+
+    elem = torch.empty((), dtype=dtype).element_size()
+    pack = min(config.cpu_packed_batch, config.max_num_seqs) if device.type == "cpu" else 0
+    if pack < MIN_PACKED_BATCH or not packing_available(dtype):
+        pack = 0
+    elif 1.3 * weights * elem > available_bytes // 2:
+        log.warning("packed GEMM weights skipped: too little free memory")
+        pack = 0
+    transpose = device.type == "cpu" and dtype == torch.float32
+    if pack and not _packing_works(dtype, DenseOptions(transpose, pack), model_config.hidden_size):
+        log.warning("the packed GEMM disagrees with F.linear here: packing turned off")
+        pack = 0
+    return DenseOptions(transpose=transpose, pack_batch=pack)
 
 
 def _fits_cpu_planes(checkpoint, quant: str, device: torch.device, dtype: torch.dtype) -> bool:
