@@ -5,12 +5,11 @@
 Random 4-bit weights in the default model's shapes (read from its GGUF; SmolLM2-135M: 30
 layers, hidden 576, 9 heads over 3 KV heads of 64, MLP 1536) through
 `kernels.cpu_decode_layer.decode_layer`, and its Q8_0 LM head (49152 x 576) through the
-int8-dot `q8_linear`. A step of R rows is one
-sequence verifying R - 1 proposals (R = 1: a plain decode step): R rows at consecutive
-positions from the context length on, sharing one decode-context row. Cases run interleaved
-and each reports its best time over `--reps` (the least disturbed on a noisy machine); the
-LM head runs right after each case's layers, as in a step. The attention's share is a
-context's time minus the smallest context's.
+int8-dot `q8_linear`. A step of R rows is one sequence verifying R - 1 proposals (R = 1: a
+plain decode step): R rows at consecutive positions from the context length on, sharing one
+decode-context row. Cases run interleaved and each reports its best time over `--reps` (the
+least disturbed on a noisy machine); the LM head runs right after each case's layers, as in
+a step. The attention's share is a context's time minus the smallest context's.
 """
 
 from __future__ import annotations

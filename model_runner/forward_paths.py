@@ -186,11 +186,7 @@ class ForwardPaths:
         new_tokens = [1 + len(c.draft_token_ids) if c.num_tokens == 1 else 0 for c in step.chunks]
         decode_only = 0 not in new_tokens and sum(new_tokens) == inputs.input_ids.shape[0]
         # NOTE: verifying rows (several tokens) attend in the fused C++ layer only.
-        fused = (
-            may_fuse
-            and isinstance(self.compiled, FusedDecode)
-            and self.compiled.max_rows >= sum(new_tokens)
-        )
+        fused = may_fuse and self.max_verify_tokens >= sum(new_tokens)
         if not decode_only or step.block_copies or (max(new_tokens) > 1 and not fused):
             ctx.reset()
             return meta
